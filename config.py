@@ -1,0 +1,125 @@
+"""Typed configuration from Python config files and --key=value overrides.
+
+A config is a dataclass whose fields carry a default and a one-line help text.
+`python train.py configs/x.py --batch_size=32` reads x.py (plain assignments,
+as in nanoGPT), then the overrides, checking every key and every type.
+"""
+
+import difflib
+import sys
+import types
+import typing
+from dataclasses import MISSING, field, fields
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message says what is wrong and how to fix it."""
+
+
+def option(default, help, choices=None):
+    """A config field with its default, one line of help and, optionally, the allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _type_name(tp):
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(key, raw, tp, choices):
+    """Turn a command-line string or a config-file value into the field's type."""
+    if isinstance(raw, str) and tp is not str:
+        text = raw.strip()
+        if tp is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                value = True
+            elif lowered in ("false", "0", "no"):
+                value = False
+            else:
+                raise ConfigError(f"{key} expects a bool (True or False), got {raw!r}")
+        else:
+            try:
+                value = tp(text)
+            except ValueError:
+                raise ConfigError(f"{key} expects {_type_name(tp)}, got {raw!r}") from None
+    else:
+        value = raw
+        ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"{key} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def _field_types(cls):
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _unknown_key_error(key, known):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else "; run with --help to list the keys"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _read_config_file(path):
+    """Run a config file and return the names it assigns (modules and _private names left out)."""
+    try:
+        source = open(path).read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    namespace = {}
+    exec(compile(source, path, "exec"), namespace)  # config files are Python, as in nanoGPT
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+
+
+def help_text(cls, prog):
+    lines = [f"usage: python {prog} [CONFIG.py ...] [--key=value ...]", "", "keys (default: help):"]
+    for f in fields(cls):
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+        lines.append(f"  --{f.name}={f.default!r}{extra}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def parse_config(cls, argv, prog="train.py"):
+    """Build a `cls` from config files and --key=value overrides, in the order given."""
+    types_ = _field_types(cls)
+    meta = {f.name: f.metadata for f in fields(cls)}
+    values = {}
+
+    def set_value(key, raw):
+        if key not in types_:
+            raise _unknown_key_error(key, list(types_))
+        values[key] = _convert(key, raw, types_[key], meta[key].get("choices"))
+
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(help_text(cls, prog))
+            sys.exit(0)
+        if arg.startswith("--"):
+            key, sep, raw = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"override {arg!r} needs a value: write --{key}=VALUE")
+            set_value(key, raw)
+        elif arg.endswith(".py"):
+            for key, raw in _read_config_file(arg).items():
+                set_value(key, raw)
+        else:
+            raise ConfigError(f"cannot read argument {arg!r}: give config files (*.py) or --key=value")
+    for f in fields(cls):
+        if f.name not in values and f.default is MISSING:
+            raise ConfigError(f"{f.name} is required: pass --{f.name}=VALUE")
+    return cls(**values)
+
+
+def run_cli(main):
+    """Call main(), turning a ConfigError into a one-line message and exit status 2."""
+    try:
+        return main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

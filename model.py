@@ -1,0 +1,217 @@
+"""A GPT language model in one file, read top to bottom like the equations.
+
+Token and position embeddings -> n_layer pre-LayerNorm residual blocks
+(causal self-attention, then a GELU MLP) -> final LayerNorm -> lm_head tied to
+the token embedding. Parameter names follow GPT-2's so its weights map one to one.
+Nothing here knows about devices, precision, compile or distribution: the
+trainer applies those.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+POS_EMBEDDINGS = ("learned", "sinusoidal")
+ATTENTION_IMPLS = ("sdpa", "explicit")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context the model sees
+    vocab_size: int = 50304  # GPT-2's 50257 rounded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+    pos_embedding: str = "learned"  # "learned" (GPT-2) or "sinusoidal" (fixed)
+    attention: str = "sdpa"  # "sdpa" (fused kernels) or "explicit" (the equation)
+
+    def __post_init__(self):
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise ValueError(f"pos_embedding must be one of {POS_EMBEDDINGS}, got {self.pos_embedding!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+
+def sinusoidal_positions(block_size: int, n_embd: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)); shape (T, d)."""
+    pos = torch.arange(block_size, dtype=torch.float64).unsqueeze(1)  # (T, 1)
+    two_i = torch.arange(0, n_embd, 2, dtype=torch.float64)  # (d/2,)
+    angle = pos / 10000.0 ** (two_i / n_embd)  # (T, d/2)
+    pe = torch.zeros(block_size, n_embd, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : n_embd // 2])
+    return pe.float()
+
+
+def explicit_attention(q, k, v, causal=True, dropout=None):
+    """softmax(Q K^T / sqrt(d_k)) V with future positions masked out; q, k, v: (B, nh, T, hs)."""
+    T, S = q.size(-2), k.size(-2)
+    att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
+    if causal:
+        # Query t may look at keys 0..t only: set the upper triangle to -inf before softmax.
+        # When S > T (queries are the last T of S positions) the diagonal shifts by S - T.
+        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=S - T + 1)
+        att = att.masked_fill(future, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    if dropout is not None:
+        att = dropout(att)
+    return att @ v  # (B, nh, T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.attention = config.attention
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        if self.attention == "sdpa":
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = explicit_attention(q, k, v, causal=True, dropout=self.attn_dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        if config.pos_embedding == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            # A fixed buffer, not a parameter, and not saved: it is a function of the config.
+            self.register_buffer("pe", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the output projection is the token embedding, read backwards.
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        # GPT-2: projections that write into the residual stream are scaled by 1/sqrt(2 * n_layer),
+        # two per block, so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; position embeddings are left out by default (they do no matmul work)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.pos_embedding == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def position_embedding(self, T, device):
+        pos = torch.arange(T, device=device)  # (T,)
+        if self.config.pos_embedding == "learned":
+            return self.transformer.wpe(pos)  # (T, C)
+        return self.pe[:T]
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids. Returns logits (B, T, V) and the mean cross-entropy when
+        targets (B, T) are given; otherwise logits for the last position only, (B, 1, V)."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        x = self.transformer.wte(idx) + self.position_embedding(T, idx.device)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6N for the matmuls of forward and backward, plus
+        12 * n_layer * n_embd * T for attention's QK^T and AV (PaLM appendix B)."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_s, peak_flops):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        return self.flops_per_token() * tokens_per_s / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Extend idx (B, T) by max_new_tokens, recomputing the cropped context each step.
+        temperature 0 picks the most likely token."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]
+            logits, _ = self(context)
+            logits = logits[:, -1, :]  # (B, V)
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx

@@ -1,0 +1,35 @@
+"""Raw text sources: a local file when given, else a download checked against its known hash."""
+
+import hashlib
+import urllib.request
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+class SourceError(RuntimeError):
+    """The raw text could not be had; the message says how to supply it."""
+
+
+def download(url, sha256, flag="--input", timeout=30):
+    """Fetch url and check its sha256; offline, fail at once with a message naming `flag`."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except OSError as e:
+        raise SourceError(f"cannot download {url} ({e}); offline, pass {flag}=PATH to a local copy") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise SourceError(f"{url} has sha256 {digest}, expected {sha256}; pass {flag}=PATH to a good copy")
+    return data
+
+
+def tiny_shakespeare(path=None):
+    """The 1,115,394-character tiny Shakespeare text, from `path` or from char-rnn's repository."""
+    if path is None:
+        return download(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256).decode("utf-8")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"cannot read --input {path}: {e}") from None

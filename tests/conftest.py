@@ -1,0 +1,53 @@
+"""Shared fixtures: the local copies of the data (no network in tests) and small prepared datasets."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GPTCRAFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+GPT2_TIKTOKEN = SHARED_DATA / "gpt2.tiktoken"
+
+
+def run_script(*args, check=True, env=None, timeout=600, cwd=ROOT):
+    """Run one of the project's scripts (`train.py`, `sample.py`, ...) in a fresh interpreter."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    result = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path():
+    if not SHAKESPEARE.exists():
+        pytest.fail(f"{SHAKESPEARE} is missing: set GPTCRAFT_SHARED_DATA to the folder holding tinyshakespeare.txt")
+    return SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def char_data_dir(tmp_path_factory, shakespeare_path):
+    """A data_dir holding shakespeare_char, prepared once per test session from the local text."""
+    data_dir = tmp_path_factory.mktemp("data")
+    run_script(ROOT / "prepare" / "shakespeare_char.py", "--input", shakespeare_path,
+               "--out_dir", data_dir / "shakespeare_char")  # fmt: skip
+    return data_dir
+
+
+def tiny_train_args(data_dir, out_dir, **overrides):
+    """train.py arguments for a seconds-long CPU run on shakespeare_char."""
+    args = {
+        "dataset": "shakespeare_char", "data_dir": data_dir, "out_dir": out_dir, "device": "cpu",
+        "dtype": "float32", "compile": False, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
+        "batch_size": 8, "gradient_accumulation_steps": 1, "max_iters": 40, "eval_interval": 20,
+        "eval_iters": 5, "log_interval": 10, "learning_rate": 3e-3, "warmup_iters": 5, "lr_decay_iters": 40,
+        "min_lr": 3e-4, "dropout": 0.0,
+    }  # fmt: skip
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]

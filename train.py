@@ -1,0 +1,345 @@
+"""Train a GPT: one process on CPU or GPU, or many through torchrun (DDP).
+
+python train.py configs/train_shakespeare_char_cpu.py --max_iters=500
+torchrun --standalone --nproc_per_node=8 train.py configs/train_shakespeare_char.py
+"""
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import distributed
+import hardware
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from config import ConfigError, option, parse_config, run_cli
+from loader import TRAIN_STREAM, VAL_STREAM, WindowSampler
+from model import ATTENTION_IMPLS, GPT, POS_EMBEDDINGS, GPTConfig
+from tokens import open_tokens, read_meta, write_meta
+from tracking import RunLog
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout", "pos_embedding", "attention")
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = option("out", "directory for ckpt.pt, log.jsonl and meta.json")
+    eval_interval: int = option(2000, "evaluate train and val loss every this many iterations")
+    log_interval: int = option(1, "print and log the training loss every this many iterations")
+    eval_iters: int = option(200, "batches per split in each evaluation")
+    eval_only: bool = option(False, "evaluate once and exit")
+    always_save_checkpoint: bool = option(True, "save at every eval, not only when val loss improves")
+    init_from: str = option("scratch", "scratch: a new model; resume: continue from out_dir/ckpt.pt",
+                            ("scratch", "resume"))  # fmt: skip
+    seed: int = option(1337, "seed for initialisation, data order and dropout")
+    # data
+    dataset: str = option("openwebtext", "dataset name: token files are read from data_dir/dataset/")
+    data_dir: str = option("data", "directory that holds the prepared datasets")
+    gradient_accumulation_steps: int = option(40, "micro-batches per optimizer step, over all ranks together")
+    batch_size: int = option(12, "sequences per micro-batch on each rank")
+    block_size: int = option(1024, "context length in tokens")
+    # model
+    n_layer: int = option(12, "transformer blocks")
+    n_head: int = option(12, "attention heads per block")
+    n_embd: int = option(768, "width of the residual stream")
+    dropout: float = option(0.0, "dropout probability (0 for pretraining, 0.1+ for finetuning)")
+    bias: bool = option(False, "biases in Linear and LayerNorm layers")
+    pos_embedding: str = option("learned", "position encoding", POS_EMBEDDINGS)
+    attention: str = option("sdpa", "sdpa: fused kernels; explicit: the written-out equation", ATTENTION_IMPLS)
+    # optimizer
+    learning_rate: float = option(6e-4, "peak learning rate")
+    max_iters: int = option(600000, "optimizer steps in all")
+    weight_decay: float = option(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradient norm to this value; 0 disables")
+    # learning-rate schedule
+    decay_lr: bool = option(True, "cosine decay after warmup; False keeps learning_rate constant")
+    warmup_iters: int = option(2000, "linear warmup steps")
+    lr_decay_iters: int = option(600000, "step at which the cosine reaches min_lr (about max_iters)")
+    min_lr: float = option(6e-5, "floor of the schedule (about learning_rate / 10)")
+    # system
+    backend: str = option("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo",
+                          ("auto", "nccl", "gloo"))  # fmt: skip
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
+                        ("auto", "float32", "bfloat16", "float16"))  # fmt: skip
+    compile: bool = option(True, "torch.compile the model (pays off on GPUs, not on small CPU runs)")
+
+    def __post_init__(self):
+        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                    "block_size", "n_layer", "n_head", "n_embd", "lr_decay_iters")  # fmt: skip
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("max_iters", "warmup_iters", "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+
+
+def learning_rate(cfg, it):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW with weight decay on matrices (embeddings, Linear weights) only, not on biases or gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def ensure_dataset(cfg, d):
+    """Prepare a known dataset that is missing (rank 0 only), and return its directory."""
+    path = os.path.join(cfg.data_dir, cfg.dataset)
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return path
+    if cfg.dataset != "shakespeare_char":
+        raise ConfigError(f"dataset {cfg.dataset!r} not found in {path}; run its script in prepare/ first")
+    if d.master:
+        from prepare import shakespeare_char
+        from prepare.sources import SourceError
+
+        try:
+            shakespeare_char.prepare(path)
+        except SourceError as e:
+            raise ConfigError(
+                f"dataset shakespeare_char is not prepared and {e}; offline, run "
+                f"python prepare/shakespeare_char.py --input PATH/TO/tinyshakespeare.txt --out_dir {path}"
+            ) from None
+    if d.enabled:
+        torch.distributed.barrier()
+    return path
+
+
+def check_out_dir(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
+
+
+def rng_state():
+    """Every RNG state, as plain values and tensors so that weights_only loading accepts them."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
+                   "has_gauss": has_gauss, "gauss": gauss}  # fmt: skip
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def estimate_loss(model, samplers, cfg, device, dtype, d):
+    """Mean loss over eval_iters fixed batches per split, shared out across ranks."""
+    model.eval()
+    out = {}
+    for split, sampler in samplers.items():
+        losses = []
+        for j in range(d.rank, cfg.eval_iters, d.world_size):
+            x, y = sampler.batch(j)
+            with hardware.autocast(device, dtype):
+                _, loss = model(x, y)
+            losses.append(loss.item())
+        total = distributed.all_mean(sum(losses), d) * d.world_size
+        out[split] = total / cfg.eval_iters
+    model.train()
+    return out
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, prog="train.py")
+    device = hardware.resolve_device(cfg.device)
+    d, device = distributed.init(device, cfg.backend)
+    try:
+        train(cfg, d, device)
+    finally:
+        distributed.shutdown()
+
+
+def train(cfg, d, device):
+    dtype = hardware.resolve_dtype(cfg.dtype, device)
+    if cfg.gradient_accumulation_steps % d.world_size:
+        raise ConfigError(
+            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
+            f"number of processes ({d.world_size})"
+        )
+    accum = cfg.gradient_accumulation_steps // d.world_size  # micro-steps on this rank
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if d.master:
+        check_out_dir(cfg.out_dir)
+    checkpoint = None
+    if cfg.init_from == "resume":
+        try:
+            checkpoint = load_checkpoint(ckpt_path)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+
+    data_path = ensure_dataset(cfg, d)
+    meta = read_meta(data_path)
+    train_data = [open_tokens(os.path.join(data_path, "train.bin"))]
+    val_data = [open_tokens(os.path.join(data_path, "val.bin"))]
+
+    model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    model_args["vocab_size"] = meta.get("vocab_size", 50304)
+    if checkpoint is not None:
+        model_args = checkpoint["model_args"]
+    try:
+        samplers = {
+            split: WindowSampler(data, model_args["block_size"], cfg.batch_size, cfg.seed, stream, device)
+            for split, data, stream in (("train", train_data, TRAIN_STREAM), ("val", val_data, VAL_STREAM))
+        }
+    except ValueError as e:
+        raise ConfigError(f"dataset {cfg.dataset}: {e}") from None
+
+    torch.manual_seed(cfg.seed + d.rank)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = GPT(GPTConfig(**model_args)).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+    iter_num, best_val_loss = 0, float("inf")
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        if d.master:
+            set_rng_state(checkpoint["rng"])
+        checkpoint = None  # free the memory
+    start_iter = iter_num
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if d.enabled:
+        model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
+
+    log = RunLog(cfg.out_dir, d.master, start_iter, cfg.max_iters, resumed=cfg.init_from == "resume")
+    if d.master:
+        log.print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+        log.print(f"device {device}, dtype {dtype}, {d.world_size} process(es), "
+                  f"{raw_model.num_params() / 1e6:.2f}M parameters")  # fmt: skip
+        write_meta(cfg.out_dir, meta)  # sample.py decodes with the run's own copy
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_args["block_size"]
+    peak = hardware.peak_flops(device, dtype) if d.master else None
+
+    def save(iter_num, best_val_loss):
+        state = {
+            "model": raw_model.state_dict(),
+            "model_args": model_args,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "config": asdict(cfg),
+            "rng": rng_state(),
+        }
+        save_checkpoint(ckpt_path, state)
+
+    def next_batch(it, micro):
+        # Global micro-batch number: ranks take consecutive slices of each step's batches.
+        return samplers["train"].batch((it * d.world_size + d.rank) * accum + micro)
+
+    x, y = next_batch(iter_num, 0)
+    t_last, iters_since_log = time.time(), 0
+    while True:
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
+            if not (iter_num == start_iter and cfg.init_from == "resume" and not cfg.eval_only):
+                losses = estimate_loss(model, samplers, cfg, device, dtype, d)
+                log.print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if d.master and iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                    save(iter_num, best_val_loss)
+                    log.print(f"saved {ckpt_path}")
+                t_last = time.time()  # evaluation time is not training time
+        if cfg.eval_only or iter_num >= cfg.max_iters:
+            break
+
+        lr = learning_rate(cfg, iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        for micro in range(accum):
+            # Only the last micro-step all-reduces gradients: forward and backward of the
+            # others both run inside no_sync (DDP records the reduction during forward).
+            sync = not d.enabled or micro == accum - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with hardware.autocast(device, dtype):
+                    _, loss = model(x, y)
+                    loss = loss / accum
+                step_loss += loss.detach()
+                if micro == accum - 1:
+                    x, y = next_batch(iter_num + 1, 0)  # fetch while the device still works
+                else:
+                    x, y = next_batch(iter_num, micro + 1)
+                scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        iters_since_log += 1
+        log.step()
+
+        if iter_num % cfg.log_interval == 0:
+            # Reading the loss waits for the device: only at log steps.
+            train_loss = distributed.all_mean(step_loss.item(), d)
+            dt = (time.time() - t_last) / iters_since_log
+            tokens_per_s = tokens_per_iter / dt
+            mfu = raw_model.estimate_mfu(tokens_per_s / d.world_size, peak) if peak else None
+            mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
+            log.print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms/iter, "
+                      f"{tokens_per_s:,.0f} tok/s{mfu_text}")  # fmt: skip
+            log.write({"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": 1000 * dt,
+                       "tokens_per_s": tokens_per_s, "mfu": mfu})  # fmt: skip
+            t_last, iters_since_log = time.time(), 0
+    log.close()
+    return best_val_loss
+
+
+if __name__ == "__main__":
+    run_cli(main)
