@@ -51,3 +51,15 @@ def tiny_train_args(data_dir, out_dir, **overrides):
     }  # fmt: skip
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run wherever a GPU is present and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
