@@ -25,9 +25,9 @@ def _type_name(tp):
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(key, raw, tp, choices):
-    """Turn a command-line string or a config-file value into the field's type."""
-    if isinstance(raw, str) and tp is not str:
+def _convert(key, raw, tp, choices, from_text):
+    """Turn a command-line string (from_text) or a config-file value into the field's type."""
+    if from_text and tp is not str:
         text = raw.strip()
         if tp is bool:
             lowered = text.lower()
@@ -91,10 +91,10 @@ def parse_config(cls, argv, prog="train.py"):
     meta = {f.name: f.metadata for f in fields(cls)}
     values = {}
 
-    def set_value(key, raw):
+    def set_value(key, raw, from_text):
         if key not in types_:
             raise _unknown_key_error(key, list(types_))
-        values[key] = _convert(key, raw, types_[key], meta[key].get("choices"))
+        values[key] = _convert(key, raw, types_[key], meta[key].get("choices"), from_text)
 
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -104,10 +104,10 @@ def parse_config(cls, argv, prog="train.py"):
             key, sep, raw = arg[2:].partition("=")
             if not sep:
                 raise ConfigError(f"override {arg!r} needs a value: write --{key}=VALUE")
-            set_value(key, raw)
+            set_value(key, raw, from_text=True)
         elif arg.endswith(".py"):
             for key, raw in _read_config_file(arg).items():
-                set_value(key, raw)
+                set_value(key, raw, from_text=False)
         else:
             raise ConfigError(f"cannot read argument {arg!r}: give config files (*.py) or --key=value")
     for f in fields(cls):

@@ -46,8 +46,8 @@ def tiny_train_args(data_dir, out_dir, **overrides):
         "dataset": "shakespeare_char", "data_dir": data_dir, "out_dir": out_dir, "device": "cpu",
         "dtype": "float32", "compile": False, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
         "batch_size": 8, "gradient_accumulation_steps": 1, "max_iters": 40, "eval_interval": 20,
-        "eval_iters": 5, "log_interval": 10, "learning_rate": 3e-3, "warmup_iters": 5, "lr_decay_iters": 40,
-        "min_lr": 3e-4, "dropout": 0.0,
+        "eval_iters": 5, "log_interval": 10, "learning_rate": 1e-2, "warmup_iters": 5, "lr_decay_iters": 40,
+        "min_lr": 1e-3, "dropout": 0.0,
     }  # fmt: skip
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]

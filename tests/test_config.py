@@ -1,0 +1,82 @@
+"""Typed configuration: files, overrides, and clear errors for bad keys and values."""
+
+from dataclasses import dataclass
+
+import pytest
+from conftest import run_script
+
+from config import ConfigError, option, parse_config
+from train import TrainConfig
+
+
+@dataclass
+class Toy:
+    batch_size: int = option(12, "sequences per batch")
+    learning_rate: float = option(1e-3, "peak learning rate")
+    compile: bool = option(True, "compile the model")
+    dtype: str = option("auto", "precision", ("auto", "float32"))
+
+
+def test_overrides_are_typed():
+    cfg = parse_config(Toy, ["--batch_size=32", "--learning_rate=3e-4", "--compile=False", "--dtype=float32"])
+    assert cfg == Toy(batch_size=32, learning_rate=3e-4, compile=False, dtype="float32")
+    assert parse_config(Toy, ["--learning_rate=1"]).learning_rate == 1.0
+
+
+def test_config_file_then_overrides_in_order(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("import math\nbatch_size = 64\nlearning_rate = 2 * 1e-3\n_private = 5\n")
+    cfg = parse_config(Toy, [str(path), "--batch_size=8"])
+    assert cfg.batch_size == 8 and cfg.learning_rate == pytest.approx(2e-3)
+
+
+def test_unknown_key_names_the_closest():
+    with pytest.raises(ConfigError, match="unknown config key 'batch_sise'; did you mean batch_size"):
+        parse_config(Toy, ["--batch_sise=3"])
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--batch_size=3.5", "batch_size expects int, got '3.5'"),
+        ("--compile=maybe", "compile expects a bool"),
+        ("--learning_rate=fast", "learning_rate expects float"),
+        ("--dtype=float64", "dtype must be one of auto, float32"),
+        ("--batch_size", "needs a value"),
+    ],
+)
+def test_bad_values_name_the_expected_type(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(Toy, [arg])
+
+
+def test_wrong_type_in_a_config_file(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("batch_size = '64'\n")
+    with pytest.raises(ConfigError, match="batch_size expects int, got str '64'"):
+        parse_config(Toy, [str(path)])
+
+
+def test_train_config_checks_values():
+    with pytest.raises(ConfigError, match="n_embd .* divisible by n_head"):
+        parse_config(TrainConfig, ["--n_embd=100", "--n_head=3"])
+    with pytest.raises(ConfigError, match="batch_size must be positive"):
+        parse_config(TrainConfig, ["--batch_size=0"])
+
+
+def test_train_cli_errors_exit_nonzero_with_one_line():
+    result = run_script("train.py", "--batch_sise=3", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown config key 'batch_sise'; did you mean batch_size?"
+    result = run_script("train.py", "--max_iters=ten", check=False)
+    assert result.returncode == 2
+    assert "max_iters expects int, got 'ten'" in result.stderr
+    result = run_script("sample.py", "--temprature=0.5", check=False)
+    assert result.returncode == 2 and "did you mean temperature?" in result.stderr
+
+
+def test_help_lists_every_key_with_default():
+    result = run_script("train.py", "--help")
+    for key in ("out_dir", "eval_interval", "gradient_accumulation_steps", "pos_embedding", "compile", "seed"):
+        assert f"--{key}=" in result.stdout
+    assert "--batch_size=12" in result.stdout and "sequences per micro-batch" in result.stdout

@@ -1,0 +1,39 @@
+"""The Shakespeare-char pipeline: prepared files, their vocabulary, and the offline message."""
+
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from prepare import shakespeare_char
+from prepare.sources import SourceError
+from tokenizer import CharTokenizer
+
+
+def test_prepared_files_round_trip(char_data_dir, shakespeare_path):
+    path = char_data_dir / "shakespeare_char"
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == 65
+    train = np.fromfile(path / "train.bin", dtype="<u2")
+    val = np.fromfile(path / "val.bin", dtype="<u2")
+    assert (len(train), len(val)) == (1_003_854, 111_540)  # the 90/10 split of 1,115,394 characters
+    tok = CharTokenizer(meta["chars"])
+    text = shakespeare_path.read_text()
+    assert tok.decode(np.concatenate([train, val]).tolist()) == text
+
+
+def test_offline_download_names_the_input_flag(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(SourceError, match="--input"):
+        shakespeare_char.prepare(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_unknown_characters_are_listed():
+    with pytest.raises(ValueError, match="'é'"):
+        CharTokenizer.from_text("abc").encode("abé")
