@@ -3,6 +3,8 @@
 Token and position embeddings -> n_layer pre-LayerNorm residual blocks
 (causal self-attention, then a GELU MLP) -> final LayerNorm -> lm_head tied to
 the token embedding. Parameter names follow GPT-2's so its weights map one to one.
+Newer switches (rotary positions, QK-norm, ReLU^2, untied head, zero-initialised
+projections, logit soft-capping) are GPTConfig fields, all off by default.
 Nothing here knows about devices, precision, compile or distribution: the
 trainer applies those.
 """
@@ -14,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-POS_EMBEDDINGS = ("learned", "sinusoidal")
+POS_EMBEDDINGS = ("learned", "sinusoidal", "rope")
 ATTENTION_IMPLS = ("sdpa", "explicit")
+ACTIVATIONS = ("gelu", "relu2")
 
 
 @dataclass
@@ -27,16 +30,27 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
-    pos_embedding: str = "learned"  # "learned" (GPT-2) or "sinusoidal" (fixed)
+    pos_embedding: str = "learned"  # "learned" (GPT-2), "sinusoidal" (fixed) or "rope" (rotary q, k)
     attention: str = "sdpa"  # "sdpa" (fused kernels) or "explicit" (the equation)
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before the dot product
+    activation: str = "gelu"  # MLP non-linearity: "gelu" (GPT-2) or "relu2" (relu(x)^2)
+    tie_embeddings: bool = True  # lm_head shares the token embedding's weight (GPT-2)
+    zero_init_proj: bool = False  # output projections start at zero: each block starts as the identity
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 disables
 
     def __post_init__(self):
         if self.pos_embedding not in POS_EMBEDDINGS:
             raise ValueError(f"pos_embedding must be one of {POS_EMBEDDINGS}, got {self.pos_embedding!r}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope rotates pairs of channels: head size {self.n_embd // self.n_head} must be even")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
 
 
 def sinusoidal_positions(block_size: int, n_embd: int) -> torch.Tensor:
@@ -48,6 +62,22 @@ def sinusoidal_positions(block_size: int, n_embd: int) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(angle)
     pe[:, 1::2] = torch.cos(angle[:, : n_embd // 2])
     return pe.float()
+
+
+def rope_tables(block_size: int, head_size: int, base: float = 10000.0):
+    """cos and sin of the rotary angles pos * base^(-2i/hs), each of shape (T, hs/2)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
+    angle = torch.arange(block_size, dtype=torch.float64).unsqueeze(1) * inv_freq  # (T, hs/2)
+    return torch.cos(angle).float(), torch.sin(angle).float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by their position's angle;
+    cos, sin: (T, hs/2) for the T positions of x. Dot products of rotated q and k then depend
+    only on the distance between the two positions."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # each (B, nh, T, hs/2)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
 
 
 def explicit_attention(q, k, v, causal=True, dropout=None):
@@ -76,14 +106,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            # Unit-RMS queries and keys bound the attention logits, whatever the weights grow to.
+            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head)
+            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
+        """x: (B, T, C); rope: (cos, sin) of the T positions of x, each (T, hs/2), or None."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.attention == "sdpa":
             p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -99,9 +138,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)  # (B, T, 4C)
+        h = F.gelu(h, approximate="tanh") if self.activation == "gelu" else F.relu(h).square()
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -114,8 +156,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.ln_1(x), rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -132,21 +174,30 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
+        # Fixed tables are buffers, not parameters, and not saved: they are functions of the config.
         if config.pos_embedding == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        else:
-            # A fixed buffer, not a parameter, and not saved: it is a function of the config.
+        elif config.pos_embedding == "sinusoidal":
             self.register_buffer("pe", sinusoidal_positions(config.block_size, config.n_embd), persistent=False)
+        else:
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: the output projection is the token embedding, read backwards.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying: the output projection is the token embedding, read backwards.
+            self.transformer.wte.weight = self.lm_head.weight
 
         self.apply(self._init_weights)
         # GPT-2: projections that write into the residual stream are scaled by 1/sqrt(2 * n_layer),
-        # two per block, so the stream's variance does not grow with depth.
+        # two per block, so the stream's variance does not grow with depth. Zero-initialised, each
+        # block starts as the identity and the gradient still reaches them (their inputs are not zero).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -157,17 +208,28 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; position embeddings are left out by default (they do no matmul work)."""
+        """Parameter count; by default without the lookup tables that do no matmul work: position
+        embeddings, and the token embedding when it is not tied to lm_head."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.pos_embedding == "learned":
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
         return n
 
-    def position_embedding(self, T, device):
-        pos = torch.arange(T, device=device)  # (T,)
+    def position_embedding(self, pos):
+        """Added to the token embeddings for positions pos (T,): (T, C), or 0 with rope."""
         if self.config.pos_embedding == "learned":
             return self.transformer.wpe(pos)  # (T, C)
-        return self.pe[:T]
+        if self.config.pos_embedding == "sinusoidal":
+            return self.pe[pos]
+        return 0.0
+
+    def rope(self, pos):
+        """(cos, sin) of the rotary angles at positions pos (T,), each (T, hs/2); None without rope."""
+        if self.config.pos_embedding != "rope":
+            return None
+        return self.rope_cos[pos], self.rope_sin[pos]
 
     def forward(self, idx, targets=None):
         """idx: (B, T) token ids. Returns logits (B, T, V) and the mean cross-entropy when
@@ -175,16 +237,26 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        x = self.transformer.wte(idx) + self.position_embedding(T, idx.device)  # (B, T, C)
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.position_embedding(pos)  # (B, T, C)
         x = self.transformer.drop(x)
+        rope = self.rope(pos)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, rope)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
+            return self.logits(x[:, [-1], :]), None
+        logits = self.logits(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def logits(self, x):
+        """lm_head, soft-capped when logit_softcap > 0: cap * tanh(z / cap) keeps |z| below cap."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls of forward and backward, plus

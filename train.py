@@ -20,12 +20,15 @@ import distributed
 import hardware
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import ConfigError, option, parse_config, run_cli
+from full_val import full_val_loss
 from loader import TRAIN_STREAM, VAL_STREAM, WindowSampler
-from model import ATTENTION_IMPLS, GPT, POS_EMBEDDINGS, GPTConfig
+from model import ACTIVATIONS, ATTENTION_IMPLS, GPT, POS_EMBEDDINGS, GPTConfig
+from optimizer import OPTIMIZERS, make_optimizer
 from tokens import open_tokens, read_meta, write_meta
 from tracking import RunLog
 
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout", "pos_embedding", "attention")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout", "pos_embedding", "attention",
+              "qk_norm", "activation", "tie_embeddings", "zero_init_proj", "logit_softcap")  # fmt: skip
 
 
 @dataclass
@@ -36,6 +39,7 @@ class TrainConfig:
     log_interval: int = option(1, "print and log the training loss every this many iterations")
     eval_iters: int = option(200, "batches per split in each evaluation")
     eval_only: bool = option(False, "evaluate once and exit")
+    full_val: bool = option(False, "at the last iteration also score the whole val split (log.jsonl: full_val_loss)")
     always_save_checkpoint: bool = option(True, "save at every eval, not only when val loss improves")
     init_from: str = option("scratch", "scratch: a new model; resume: continue from out_dir/ckpt.pt",
                             ("scratch", "resume"))  # fmt: skip
@@ -54,7 +58,15 @@ class TrainConfig:
     bias: bool = option(False, "biases in Linear and LayerNorm layers")
     pos_embedding: str = option("learned", "position encoding", POS_EMBEDDINGS)
     attention: str = option("sdpa", "sdpa: fused kernels; explicit: the written-out equation", ATTENTION_IMPLS)
+    qk_norm: bool = option(False, "RMS-normalise queries and keys per head")
+    activation: str = option("gelu", "MLP non-linearity: gelu (GPT-2) or relu2 (relu(x)^2)", ACTIVATIONS)
+    tie_embeddings: bool = option(True, "lm_head shares the token embedding's weight (False: a separate head)")
+    zero_init_proj: bool = option(False, "initialise the blocks' output projections to zero")
+    logit_softcap: float = option(0.0, "cap the logits smoothly at +-this value with tanh; 0 disables")
     # optimizer
+    optimizer: str = option("adamw", "adamw; or muon: Muon for hidden matrices, AdamW for the rest", OPTIMIZERS)
+    muon_lr: float = option(0.02, "peak learning rate of Muon's matrices (follows the same schedule)")
+    muon_momentum: float = option(0.95, "Muon's momentum")
     learning_rate: float = option(6e-4, "peak learning rate")
     max_iters: int = option(600000, "optimizer steps in all")
     weight_decay: float = option(0.1, "AdamW weight decay, applied to matrices only")
@@ -66,6 +78,8 @@ class TrainConfig:
     warmup_iters: int = option(2000, "linear warmup steps")
     lr_decay_iters: int = option(600000, "step at which the cosine reaches min_lr (about max_iters)")
     min_lr: float = option(6e-5, "floor of the schedule (about learning_rate / 10)")
+    warmdown_iters: int = option(0, "> 0: instead of the cosine, hold learning_rate, then decay linearly to "
+                                    "min_lr over the last warmdown_iters steps before max_iters")  # fmt: skip
     # system
     backend: str = option("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo",
                           ("auto", "nccl", "gloo"))  # fmt: skip
@@ -80,38 +94,38 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("max_iters", "warmup_iters", "weight_decay", "grad_clip", "min_lr"):
+        for key in ("max_iters", "warmup_iters", "weight_decay", "grad_clip", "min_lr", "warmdown_iters"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for key in ("learning_rate", "muon_lr"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.logit_softcap < 0:
+            raise ConfigError(f"logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
+        if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"rope needs an even head size; n_embd / n_head is {self.n_embd // self.n_head}")
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
 
 
 def learning_rate(cfg, it):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, or with
+    warmdown_iters a constant rate and a linear decay to min_lr at max_iters."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if cfg.warmdown_iters:
+        left = (cfg.max_iters - it) / cfg.warmdown_iters  # 1 where the warmdown starts, 0 at the end
+        return cfg.min_lr + min(1.0, left) * (cfg.learning_rate - cfg.min_lr)
     if it >= cfg.lr_decay_iters:
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def make_optimizer(model, cfg, device):
-    """AdamW with weight decay on matrices (embeddings, Linear weights) only, not on biases or gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def ensure_dataset(cfg, d):
@@ -287,7 +301,12 @@ def train(cfg, d, device):
             if not (iter_num == start_iter and cfg.init_from == "resume" and not cfg.eval_only):
                 losses = estimate_loss(model, samplers, cfg, device, dtype, d)
                 log.print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+                row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+                if cfg.full_val and (iter_num == cfg.max_iters or cfg.eval_only):
+                    row["full_val_loss"] = full_val_loss(model, val_data[0], model_args["block_size"],
+                                                         cfg.batch_size, device, dtype, d)  # fmt: skip
+                    log.print(f"full val loss {row['full_val_loss']:.4f} ({len(val_data[0]) - 1:,} tokens)")
+                log.write(row)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if d.master and iter_num > start_iter and (improved or cfg.always_save_checkpoint):
@@ -299,7 +318,7 @@ def train(cfg, d, device):
 
         lr = learning_rate(cfg, iter_num)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for micro in range(accum):
             # Only the last micro-step all-reduces gradients: forward and backward of the

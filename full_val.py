@@ -1,0 +1,36 @@
+"""Whole-split evaluation: every token scored once, a noise-free number to compare runs by.
+
+The split is cut into non-overlapping windows of block_size inputs; window i predicts tokens
+i*T+1 .. i*T+T from tokens i*T .. i*T+T-1, so every token but the first is a target exactly once
+(the last window may be shorter). Ranks take every world_size-th batch and sum their losses.
+"""
+
+import torch
+
+import distributed
+import hardware
+
+
+@torch.no_grad()
+def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d):
+    """Mean cross-entropy over every target token of `tokens` (a 1-D array of token ids)."""
+    T = block_size
+    n_targets = len(tokens) - 1
+    starts = list(range(0, n_targets, T))  # window i covers inputs [s, s+T), targets [s+1, s+T+1)
+    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
+    # The last window may be short: it goes alone, so every batch is a rectangle.
+    if n_targets % T and len(batches[-1]) > 1:
+        batches[-1:] = [batches[-1][:-1], batches[-1][-1:]]
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for batch in batches[d.rank :: d.world_size]:
+        length = min(T, n_targets - batch[0]) if len(batch) == 1 else T
+        window = torch.stack([torch.from_numpy(tokens[s : s + length + 1].astype("int64")) for s in batch])
+        window = window.to(device)  # (B, length + 1)
+        x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+        with hardware.autocast(device, dtype):
+            _, loss = model(x, y)
+        total += loss.item() * y.numel()  # back from a mean to a sum
+    model.train(was_training)
+    return distributed.all_mean(total, d) * d.world_size / n_targets

@@ -1,0 +1,163 @@
+"""The architecture and optimizer switches: off by default, and each does what it says when on."""
+
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, apply_rope, rope_tables
+from optimizer import Optimizers, make_optimizer
+from train import TrainConfig, learning_rate
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, **kw))
+
+
+def batch(B=2, T=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 65, (B, T), generator=g), torch.randint(0, 65, (B, T), generator=g)
+
+
+def test_defaults_keep_gpt2_layout():
+    m = tiny()
+    c = m.config
+    assert (c.pos_embedding, c.qk_norm, c.activation, c.tie_embeddings, c.zero_init_proj, c.logit_softcap) == (
+        "learned", False, "gelu", True, False, 0.0)  # fmt: skip
+    assert m.lm_head.weight is m.transformer.wte.weight
+    names = set(m.state_dict())
+    assert "transformer.wpe.weight" in names
+    assert not any("norm" in n for n in names)  # GPT-2's names only: ln_1, ln_2, ln_f
+    assert TrainConfig().optimizer == "adamw"
+
+
+def test_rope_dot_products_depend_only_on_distance():
+    hs = 8
+    cos, sin = rope_tables(32, hs)
+    q, k = torch.randn(1, 1, 1, hs), torch.randn(1, 1, 1, hs)
+
+    def score(m, n):
+        return (apply_rope(q, cos[[m]], sin[[m]]) * apply_rope(k, cos[[n]], sin[[n]])).sum()
+
+    assert torch.allclose(score(5, 2), score(20, 17), atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+    # A rotation keeps the norm.
+    assert torch.allclose(apply_rope(q, cos[[9]], sin[[9]]).norm(), q.norm(), atol=1e-5)
+
+
+def test_rope_model_has_no_position_table_and_takes_offsets():
+    m = tiny(pos_embedding="rope")
+    assert "transformer.wpe.weight" not in m.state_dict()
+    cos, sin = m.rope(torch.arange(4, 9))  # positions 4..8, as a KV cache continuing at 4 asks
+    assert torch.equal(cos, m.rope_cos[4:9]) and torch.equal(sin, m.rope_sin[4:9])
+    assert m.rope(torch.arange(3)) is not None and tiny().rope(torch.arange(3)) is None
+    # Without a position table the model still tells order apart: reversing the prompt changes the output.
+    x, _ = batch()
+    logits, _ = m(x)
+    flipped, _ = m(torch.cat((x[:, :-1].flip(1), x[:, -1:]), dim=1))
+    assert not torch.allclose(logits, flipped, atol=1e-4)
+    with pytest.raises(ValueError, match="even"):
+        GPTConfig(n_embd=30, n_head=2, pos_embedding="rope")
+
+
+def test_qk_norm_makes_attention_blind_to_query_key_scale():
+    m = tiny(qk_norm=True, bias=False)
+    attn = m.transformer.h[0].attn
+    x = torch.randn(2, 16, 32)
+    before = attn(x)
+    with torch.no_grad():
+        attn.c_attn.weight[: 2 * 32] *= 10.0  # the q and k rows
+    assert torch.allclose(attn(x), before, atol=1e-4)
+    plain = tiny(bias=False).transformer.h[0].attn
+    y = plain(x)
+    with torch.no_grad():
+        plain.c_attn.weight[: 2 * 32] *= 10.0
+    assert not torch.allclose(plain(x), y, atol=1e-3)
+
+
+def test_relu2_mlp():
+    mlp = tiny(activation="relu2").transformer.h[0].mlp
+    x = torch.randn(3, 32)
+    assert torch.allclose(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2), atol=1e-6)
+    with pytest.raises(ValueError, match="activation"):
+        GPTConfig(activation="swish")
+
+
+def test_untied_head_is_its_own_parameter():
+    m = tiny(tie_embeddings=False)
+    assert m.lm_head.weight is not m.transformer.wte.weight
+    assert "lm_head.weight" in m.state_dict() and "transformer.wte.weight" in m.state_dict()
+    # The token table does no matmul once untied: it leaves the FLOP count like the position table.
+    assert m.num_params() == tiny().num_params()
+    assert m.num_params(non_embedding=False) == tiny().num_params(non_embedding=False) + 65 * 32
+
+
+def test_zero_init_projections_make_blocks_identities():
+    m = tiny(zero_init_proj=True)
+    projections = [p for n, p in m.named_parameters() if n.endswith("c_proj.weight")]
+    assert len(projections) == 4 and all(p.abs().sum() == 0 for p in projections)
+    block, x = m.transformer.h[0], torch.randn(2, 16, 32)
+    assert torch.allclose(block(x), x)
+    # The gradient still reaches them, so they learn.
+    _, loss = m(*batch())
+    loss.backward()
+    assert all(p.grad.abs().sum() > 0 for p in projections)
+
+
+def test_logit_softcap_bounds_logits():
+    capped, plain = tiny(logit_softcap=2.0), tiny()
+    with torch.no_grad():
+        capped.lm_head.weight.mul_(100.0)
+    plain.load_state_dict(capped.state_dict())  # same weights, no cap
+    x, _ = batch()
+    logits, raw = capped(x, x)[0], plain(x, x)[0]
+    assert raw.abs().max() > 10.0 and logits.abs().max() <= 2.0
+    assert torch.allclose(logits, 2.0 * torch.tanh(raw / 2.0), atol=1e-5)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        GPTConfig(logit_softcap=-1.0)
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    m = tiny(tie_embeddings=False)
+    cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02)
+    opt = make_optimizer(m, cfg, "cpu")
+    assert isinstance(opt, Optimizers)
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in m.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in m.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight"} <= in_adamw
+    assert not in_muon & in_adamw and len(in_muon | in_adamw) == len(names)
+    assert muon.param_groups[0]["lr_scale"] == pytest.approx(20.0)
+
+    x, y = batch()
+    losses = []
+    for _ in range(5):
+        _, loss = m(x, y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0] - 0.5
+    state = opt.state_dict()
+    fresh = make_optimizer(m, cfg, "cpu")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.optimizers[0].state[m.transformer.h[0].attn.c_attn.weight]["momentum_buffer"],
+                       muon.state[m.transformer.h[0].attn.c_attn.weight]["momentum_buffer"])  # fmt: skip
+
+
+def test_adamw_default_single_optimizer():
+    opt = make_optimizer(tiny(), TrainConfig(), "cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)
+
+
+def test_warmdown_schedule():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.0, warmup_iters=10, max_iters=100, warmdown_iters=40)
+    assert learning_rate(cfg, 0) < 0.2
+    assert learning_rate(cfg, 10) == 1.0 and learning_rate(cfg, 60) == 1.0
+    assert math.isclose(learning_rate(cfg, 80), 0.5)
+    assert learning_rate(cfg, 100) == 0.0
