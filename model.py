@@ -5,6 +5,8 @@ Token and position embeddings -> n_layer pre-LayerNorm residual blocks
 the token embedding. Parameter names follow GPT-2's so its weights map one to one.
 Newer switches (rotary positions, QK-norm, ReLU^2, untied head, zero-initialised
 projections, logit soft-capping) are GPTConfig fields, all off by default.
+A KVCache keeps each layer's keys and values so that generation (generate.py)
+feeds one new token per step instead of the whole context.
 Nothing here knows about devices, precision, compile or distribution: the
 trainer applies those.
 """
@@ -80,19 +82,44 @@ def apply_rope(x, cos, sin):
     return rotated.type_as(x)
 
 
+def causal_mask(T, S, device):
+    """(T, S) bool, True where a query may look at a key. The T queries are the last T of the S
+    key positions (S > T with a KV cache), so query t sees keys 0 .. t + S - T: the diagonal shifts."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
 def explicit_attention(q, k, v, causal=True, dropout=None):
-    """softmax(Q K^T / sqrt(d_k)) V with future positions masked out; q, k, v: (B, nh, T, hs)."""
+    """softmax(Q K^T / sqrt(d_k)) V with future positions masked out; q: (B, nh, T, hs), k, v: (B, nh, S, hs)."""
     T, S = q.size(-2), k.size(-2)
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
     if causal:
-        # Query t may look at keys 0..t only: set the upper triangle to -inf before softmax.
-        # When S > T (queries are the last T of S positions) the diagonal shifts by S - T.
-        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=S - T + 1)
-        att = att.masked_fill(future, float("-inf"))
+        att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))  # -inf: weight 0 after softmax
     att = F.softmax(att, dim=-1)
     if dropout is not None:
         att = dropout(att)
     return att @ v  # (B, nh, T, hs)
+
+
+class KVCache:
+    """One attention layer's keys and values for the positions processed so far, so that a new
+    token computes only its own: a prefill writes the prompt's, each decoding step appends one."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.length = 0  # positions held
+        self.k = self.v = None  # (B, nh, max_len, hs), allocated by the first write, in its dtype and device
+
+    def update(self, k, v):
+        """Append k, v (B, nh, T, hs); return the keys and values of every position held, (B, nh, length, hs)."""
+        B, nh, T, hs = k.shape
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.length} of {self.max_len} positions, no room for {T} more")
+        if self.k is None:
+            self.k, self.v = k.new_empty(B, nh, self.max_len, hs), v.new_empty(B, nh, self.max_len, hs)
+        self.k[:, :, self.length : self.length + T] = k
+        self.v[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -111,8 +138,9 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(config.n_embd // config.n_head)
             self.k_norm = nn.RMSNorm(config.n_embd // config.n_head)
 
-    def forward(self, x, rope=None):
-        """x: (B, T, C); rope: (cos, sin) of the T positions of x, each (T, hs/2), or None."""
+    def forward(self, x, rope=None, cache=None):
+        """x: (B, T, C); rope: (cos, sin) of the T positions of x, each (T, hs/2), or None;
+        cache: this layer's KVCache, whose earlier positions the T new ones follow."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         hs = C // self.n_head
@@ -123,9 +151,17 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nh, S, hs): the cached positions' keys and values, then these
+        S = k.size(2)
         if self.attention == "sdpa":
             p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            if T == S or T == 1:
+                # Queries and keys at the same positions (training, prefill) take the fused causal kernel;
+                # a single new query may look at every key, so it needs no mask at all.
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=p)
         else:
             y = explicit_attention(q, k, v, causal=True, dropout=self.attn_dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
@@ -156,8 +192,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None):
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -231,18 +267,24 @@ class GPT(nn.Module):
             return None
         return self.rope_cos[pos], self.rope_sin[pos]
 
-    def forward(self, idx, targets=None):
+    def new_cache(self):
+        """An empty KV cache, one KVCache per block, for forward(..., cache=)."""
+        return [KVCache(self.config.block_size) for _ in self.transformer.h]
+
+    def forward(self, idx, targets=None, cache=None):
         """idx: (B, T) token ids. Returns logits (B, T, V) and the mean cross-entropy when
-        targets (B, T) are given; otherwise logits for the last position only, (B, 1, V)."""
+        targets (B, T) are given; otherwise logits for the last position only, (B, 1, V).
+        With a cache (from new_cache) idx continues the positions it holds, and adds its own."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        start = cache[0].length if cache is not None else 0  # positions before idx
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.position_embedding(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         rope = self.rope(pos)
-        for block in self.transformer.h:
-            x = block(x, rope)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, cache[i] if cache is not None else None)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.logits(x[:, [-1], :]), None
@@ -267,23 +309,3 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_s, peak_flops):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
         return self.flops_per_token() * tokens_per_s / peak_flops
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Extend idx (B, T) by max_new_tokens, recomputing the cropped context each step.
-        temperature 0 picks the most likely token."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]
-            logits, _ = self(context)
-            logits = logits[:, -1, :]  # (B, V)
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, next_id), dim=1)
-        return idx

@@ -63,3 +63,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_run_dir(tmp_path, shakespeare_path):
+    """A run directory as train.py leaves it (ckpt.pt and meta.json) with a random 2-layer char model."""
+    import torch
+
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    from tokenizer import CharTokenizer
+    from tokens import write_meta
+
+    tok = CharTokenizer.from_text(shakespeare_path.read_text())
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, dropout=0.0,
+                      vocab_size=tok.vocab_size, pos_embedding="learned", attention="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**model_args))
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    save_checkpoint(out_dir / "ckpt.pt", {"model": model.state_dict(), "model_args": model_args})
+    write_meta(out_dir, tok.meta())
+    return out_dir

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from generate import generate
 from model import GPT, GPTConfig, explicit_attention, sinusoidal_positions
 
 SMALL = dict(block_size=16, vocab_size=50, n_layer=2, n_head=4, n_embd=32)
@@ -159,8 +160,8 @@ def test_flops_per_token_follows_6n_plus_attention():
 
 def test_generate_extends_past_block_size_with_tokens_in_vocab():
     model = small_model()
-    out = model.generate(torch.zeros(2, 1, dtype=torch.long), max_new_tokens=20, temperature=1.0, top_k=5)
+    out = generate(model, torch.zeros(2, 1, dtype=torch.long), 20, temperature=1.0, top_k=5)
     assert out.shape == (2, 21)
     assert out.min() >= 0 and out.max() < 50
-    greedy = model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4, temperature=0)
-    assert torch.equal(greedy, model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4, temperature=0))
+    greedy = generate(model, torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
+    assert torch.equal(greedy, generate(model, torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))

@@ -1,0 +1,109 @@
+"""sample.py: prompts, streaming, batches, and the bad inputs it refuses with a clear message."""
+
+import io
+import os
+
+import pytest
+import tiktoken
+from conftest import GPT2_TIKTOKEN, run_script
+from tiktoken.load import load_tiktoken_bpe
+
+import sample
+from config import ConfigError
+
+# GPT-2's pre-tokenizer split pattern (tiktoken's r50k_base).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def run(capsys, run_dir, *args):
+    sample.main([f"--out_dir={run_dir}", "--device=cpu", *args])
+    return capsys.readouterr()
+
+
+def samples(stdout):
+    return stdout.split("---------------\n")[:-1]
+
+
+def test_streamed_single_sample_equals_batch_output(capsys, tiny_run_dir):
+    """The same seed gives the same text streamed token by token and printed whole, across block_size."""
+    common = ["--start=ROMEO:", "--max_new_tokens=80", "--num_samples=1", "--seed=3"]
+    streamed = run(capsys, tiny_run_dir, *common)
+    whole = run(capsys, tiny_run_dir, *common, "--stream=False")
+    uncached = run(capsys, tiny_run_dir, *common, "--use_cache=False")
+    assert samples(streamed.out) == samples(whole.out) == samples(uncached.out)
+    text = samples(streamed.out)[0]
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 80 + 1  # + print's newline
+    assert "tokens/s" in streamed.err and "KV cache" in streamed.err
+    assert "full recomputation" in uncached.err
+
+
+def test_num_samples_are_one_batch_of_different_samples(capsys, tiny_run_dir):
+    out = run(capsys, tiny_run_dir, "--num_samples=3", "--max_new_tokens=20", "--top_p=0.9", "--top_k=0")
+    texts = samples(out.out)
+    assert len(texts) == 3 and len(set(texts)) == 3
+    assert "20 tokens x 3 sample(s)" in out.err
+
+
+def test_prompt_from_file_and_stdin(capsys, tiny_run_dir, tmp_path, monkeypatch):
+    (tmp_path / "prompt.txt").write_text("JULIET:\n")
+    common = ["--num_samples=1", "--max_new_tokens=5", "--temperature=0"]
+    from_file = run(capsys, tiny_run_dir, f"--start=FILE:{tmp_path / 'prompt.txt'}", *common)
+    monkeypatch.setattr("sys.stdin", io.StringIO("JULIET:\n"))
+    from_stdin = run(capsys, tiny_run_dir, "--start=-", *common)
+    assert from_file.out == from_stdin.out and from_file.out.startswith("JULIET:\n")
+
+
+def test_empty_prompt_starts_from_a_newline(capsys, tiny_run_dir):
+    empty = run(capsys, tiny_run_dir, "--start=", "--num_samples=1", "--max_new_tokens=5", "--temperature=0")
+    newline = run(capsys, tiny_run_dir, "--start=\n", "--num_samples=1", "--max_new_tokens=5", "--temperature=0")
+    assert samples(empty.out)[0] == samples(newline.out)[0][1:]  # same tokens, the newline is not echoed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--start=ROMEO é ☃"], "characters not in the vocabulary: 'é', '☃'"),
+        (["--top_p=0"], "top_p must be in (0, 1]"),
+        (["--top_p=1.5"], "top_p must be in (0, 1]"),
+        (["--temperature=-0.1"], "temperature must be >= 0"),
+        (["--window_keep=33"], "window_keep (33) must not exceed the model's block_size (32)"),
+        (["--start=FILE:/no/such/prompt.txt"], "cannot read prompt file /no/such/prompt.txt"),
+    ],
+)
+def test_bad_input_is_refused(tiny_run_dir, args, message):
+    with pytest.raises(ConfigError) as e:
+        sample.main([f"--out_dir={tiny_run_dir}", "--device=cpu", *args])
+    assert message in str(e.value)
+
+
+def test_checkpoint_without_meta_json(tiny_run_dir):
+    os.remove(tiny_run_dir / "meta.json")
+    result = run_script("sample.py", f"--out_dir={tiny_run_dir}", "--device=cpu", check=False)
+    assert result.returncode == 2
+    assert "meta.json not found" in result.stderr
+    assert f"copy the dataset's meta.json into {tiny_run_dir}" in result.stderr
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint at"):
+        sample.main([f"--out_dir={tmp_path}", "--device=cpu"])
+
+
+def gpt2_encoding():
+    ranks = load_tiktoken_bpe(str(GPT2_TIKTOKEN))
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})  # fmt: skip
+
+
+def test_bpe_stream_decodes_characters_split_across_tokens():
+    enc = gpt2_encoding()
+    text = "Ünïcödé — 日本語のテキスト 🎭🦜 naïve café"
+    ids = enc.encode(text)
+    assert any(not enc.decode_single_token_bytes(i).decode("utf-8", "ignore") for i in ids)  # split chars
+    stream = sample.TextStream(enc)
+    pieces = [stream.push([i]) for i in ids] + [stream.flush()]
+    assert "\ufffd" not in "".join(pieces) and "".join(pieces) == text
+    # Arbitrary ids (invalid UTF-8 included) still give exactly what decoding them at once gives.
+    ids = list(range(150, 260)) + list(range(1000, 50000, 997)) + ids[:3]
+    stream = sample.TextStream(enc)
+    assert "".join([stream.push([i]) for i in ids] + [stream.flush()]) == enc.decode(ids)
