@@ -1,9 +1,14 @@
-"""Random training windows from memory-mapped token files.
+"""Random training windows from a dataset's token files (shards or legacy .bin files).
 
 Batch number g is drawn from its own generator, seeded by (seed, stream, g): the
-stream of batches is a pure function of the seed, so a resumed run continues with
-exactly the batches an uninterrupted one would have seen, and ranks split the
-global batches between them without talking to each other.
+stream of batches is a pure function of the seed and the data, so a resumed run continues
+with exactly the batches an uninterrupted one would have seen, and ranks split the global
+batches between them without talking to each other. state() names that stream (dataset
+fingerprint, seed, shapes) for the checkpoint; check_state() refuses to continue another.
+
+Each batch maps the files it reads afresh and drops the maps afterwards: pages read through
+a long-lived memmap count as the process's resident memory, which would then grow towards
+the size of the dataset.
 """
 
 import numpy as np
@@ -12,32 +17,72 @@ import torch
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
 
+class LoaderStateError(ValueError):
+    """A checkpoint's loader state does not match the data or settings of this run."""
+
+
 class WindowSampler:
-    def __init__(self, arrays, block_size, batch_size, seed, stream, device="cpu"):
-        """arrays: 1-D token arrays (memmaps); each window is block_size + 1 consecutive tokens."""
-        starts = np.array([len(a) - block_size for a in arrays], dtype=np.int64)  # valid starts per array
+    def __init__(self, files, block_size, batch_size, seed, stream, device="cpu", fingerprint=None):
+        """files: TokenFiles; each window is block_size + 1 consecutive tokens of one file."""
+        starts = np.array([f.count - block_size for f in files], dtype=np.int64)  # valid starts per file
         if starts.max(initial=0) <= 0:
-            longest = max((len(a) for a in arrays), default=0)
+            longest = max((f.count for f in files), default=0)
             raise ValueError(f"block_size {block_size} needs more than {longest} tokens in one file; lower block_size")
-        self.arrays = arrays
-        self.offsets = np.concatenate(([0], np.cumsum(np.maximum(starts, 0))))  # windows before each array
+        self.files = files
+        self.offsets = np.concatenate(([0], np.cumsum(np.maximum(starts, 0))))  # windows before each file
         self.block_size = block_size
         self.batch_size = batch_size
         self.seed = seed
         self.stream = stream
         self.device = device
+        self.fingerprint = fingerprint
+
+    def windows(self, g):
+        """The g-th batch as an int64 array (batch_size, block_size + 1)."""
+        rng = np.random.default_rng([self.seed, self.stream, g])
+        flat = rng.integers(0, self.offsets[-1], size=self.batch_size)
+        which = np.searchsorted(self.offsets, flat, side="right") - 1  # file holding each window
+        starts = flat - self.offsets[which]
+        out = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+        for a in np.unique(which):
+            tokens = self.files[a].memmap()
+            for i in np.flatnonzero(which == a):
+                out[i] = tokens[starts[i] : starts[i] + self.block_size + 1]
+            del tokens  # unmap now: see the module docstring
+        return out
 
     def batch(self, g):
         """The g-th batch: x, y of shape (batch_size, block_size), y shifted one token on."""
-        rng = np.random.default_rng([self.seed, self.stream, g])
-        flat = rng.integers(0, self.offsets[-1], size=self.batch_size)
-        which = np.searchsorted(self.offsets, flat, side="right") - 1  # array holding each window
-        T = self.block_size
-        starts = flat - self.offsets[which]
-        windows = np.stack([self.arrays[a][s : s + T + 1] for a, s in zip(which, starts, strict=True)])
-        windows = torch.from_numpy(windows.astype(np.int64))  # (B, T+1)
+        windows = torch.from_numpy(self.windows(g))  # (B, T+1)
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
         if self.device.startswith("cuda"):
             # Pinned host memory lets the copy overlap with work already queued on the GPU.
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
+
+    def state(self, next_batch):
+        """What a checkpoint records so that a resumed run draws the same batches from batch next_batch on."""
+        return {
+            "dataset": self.fingerprint,
+            "seed": self.seed,
+            "stream": self.stream,
+            "batch_size": self.batch_size,
+            "block_size": self.block_size,
+            "next_batch": next_batch,
+        }
+
+    def check_state(self, state, next_batch):
+        """Refuse to resume a batch stream other than the one the checkpoint was drawing."""
+        if state["dataset"] != self.fingerprint:
+            raise LoaderStateError(
+                "the checkpoint was trained on other data: the dataset's token files differ from those it "
+                "recorded; resume with the same dataset, or start a new run (init_from=scratch)"
+            )
+        mine = self.state(next_batch)
+        changed = [f"{k} {state[k]} -> {mine[k]}" for k in ("seed", "batch_size", "block_size", "next_batch")
+                   if state[k] != mine[k]]  # fmt: skip
+        if changed:
+            raise LoaderStateError(
+                f"resuming would draw other batches than the interrupted run ({', '.join(changed)}); "
+                "keep seed, batch_size and gradient_accumulation_steps as they were"
+            )

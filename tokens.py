@@ -1,13 +1,33 @@
-"""The on-disk token format: flat little-endian uint16 token ids (`train.bin`, `val.bin`)
-beside a `meta.json` that names the tokenizer. Files are read through numpy memmap,
-so a corpus never has to fit in memory."""
+"""On-disk token files and the dataset directory that holds them.
 
+A dataset directory holds `meta.json` (the tokenizer, and for sharded datasets the list of
+shards) beside its token files. Two layouts are read:
+
+- shards, the format of llm.c and the NanoGPT speedrun: a header of 256 little-endian int32
+  (magic 20240520, version, token count, the rest zero), then the tokens, uint16 in version 1
+  and uint32 in version 2 (vocabularies above 65,536 ids). meta.json lists them per split.
+- legacy: one flat little-endian uint16 file per split, `train.bin` and `val.bin`.
+
+Files are read through numpy memmap, so a corpus never has to fit in memory.
+"""
+
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 META = "meta.json"
+MAGIC = 20240520
+HEADER_INTS = 256
+HEADER_BYTES = 4 * HEADER_INTS
+VERSION_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+SPLITS = ("train", "val")
+
+
+class TokenFileError(ValueError):
+    """A token file or dataset directory is damaged or of the wrong kind; the message names it."""
 
 
 def write_atomic(path, write):
@@ -25,20 +45,163 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- token files
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """Where the tokens of one file lie: `count` ids of `dtype` from byte `offset` on."""
+
+    path: str
+    offset: int
+    count: int
+    dtype: np.dtype
+
+    def memmap(self):
+        """A fresh read-only map, shape (count,). Drop it after use: pages touched through a
+        long-lived map stay in the process's resident memory."""
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.count,))
+
+
+def shard_version(vocab_size):
+    """Version 1 (uint16) when every id fits 16 bits, else version 2 (uint32)."""
+    return 1 if vocab_size <= 1 << 16 else 2
+
+
+def shard_header(count, version):
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, version, count
+    return header.tobytes()
+
+
+def write_shard(path, ids, version=1):
+    """Write a whole shard at once (atomically)."""
+    ids = np.asarray(ids)
+    dtype = VERSION_DTYPES[version]
+    if ids.size and int(ids.max()) > np.iinfo(dtype).max:
+        raise ValueError(f"token id {int(ids.max())} does not fit version {version} shard {path}")
+    write_atomic(path, lambda f: (f.write(shard_header(ids.size, version)), f.write(ids.astype(dtype).tobytes())))
+
+
+def open_shard(path):
+    """Check a shard's header and size against each other; return its TokenFile."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    except OSError as e:
+        raise TokenFileError(f"cannot read shard {path}: {e.strerror}; prepare the dataset again") from None
+    if len(header) < HEADER_INTS:
+        raise TokenFileError(f"shard {path} is truncated: {size} bytes, shorter than its {HEADER_BYTES}-byte header")
+    magic, version, count = (int(v) for v in header[:3])
+    if magic != MAGIC:
+        raise TokenFileError(f"shard {path} has magic number {magic}, not {MAGIC}: it is not a token shard")
+    if version not in VERSION_DTYPES:
+        raise TokenFileError(f"shard {path} has format version {version}; this code reads versions 1 and 2")
+    dtype = VERSION_DTYPES[version]
+    expected = HEADER_BYTES + count * dtype.itemsize
+    if size != expected:
+        problem = "truncated" if size < expected else "longer than its header says"
+        raise TokenFileError(
+            f"shard {path} is {problem}: {size} bytes, its header promises {count} tokens ({expected} bytes); "
+            "prepare the dataset again"
+        )
+    return TokenFile(path, HEADER_BYTES, count, dtype)
+
+
 def write_tokens(path, ids):
+    """Write a legacy flat uint16 token file."""
     ids = np.asarray(ids)
     if ids.size and int(ids.max()) > np.iinfo(np.uint16).max:
         raise ValueError(f"token id {int(ids.max())} does not fit the uint16 format of {path}")
     write_atomic(path, lambda f: f.write(ids.astype("<u2").tobytes()))
 
 
-def open_tokens(path):
-    """Memory-map a token file read-only: shape (N,), dtype uint16."""
+def open_legacy(path):
+    """A legacy flat uint16 token file as a TokenFile."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"token file {path} not found; prepare the dataset first")
-    if os.path.getsize(path) % 2:
-        raise ValueError(f"token file {path} has an odd byte count: it is truncated or not a uint16 token file")
-    return np.memmap(path, dtype="<u2", mode="r")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise TokenFileError(f"token file {path} has an odd byte count: it is truncated or not a uint16 token file")
+    return TokenFile(path, 0, size // 2, np.dtype("<u2"))
+
+
+class ShardWriter:
+    """Appends tokens to numbered shards `{split}_{index:06d}.bin` of shard_tokens tokens each.
+
+    A shard is written to a `.tmp` file and renamed when full (or at close()), so a file with
+    the final name is always complete. The first `skip` tokens of the stream are dropped: they
+    are already in the `done` shards of an earlier, interrupted run.
+    """
+
+    def __init__(self, out_dir, split, shard_tokens, version, done=(), skip=0, on_shard=None):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.version, self.dtype = version, VERSION_DTYPES[version]
+        self.shards = list(done)  # meta.json entries of the finished shards
+        self.skip = skip
+        self.on_shard = on_shard  # called after each finished shard
+        self.file, self.filled = None, 0
+
+    def write(self, ids):
+        """Append a 1-D array of token ids."""
+        if self.skip:
+            dropped = min(self.skip, len(ids))
+            ids, self.skip = ids[dropped:], self.skip - dropped
+        while len(ids):
+            if self.file is None:
+                self.file = open(self._tmp_path(), "wb")
+                self.file.write(shard_header(0, self.version))
+            take = min(len(ids), self.shard_tokens - self.filled)
+            self.file.write(ids[:take].astype(self.dtype, copy=False).tobytes())
+            self.filled += take
+            ids = ids[take:]
+            if self.filled == self.shard_tokens:
+                self._finish()
+
+    def close(self):
+        """Finish the last, partly filled shard."""
+        if self.file is not None:
+            self._finish()
+        return self.shards
+
+    def discard(self):
+        """Remove the unfinished shard (after an error)."""
+        if self.file is not None:
+            self.file.close()
+            os.remove(self._tmp_path())
+            self.file = None
+
+    def _name(self):
+        return f"{self.split}_{len(self.shards):06d}.bin"
+
+    def _tmp_path(self):
+        return os.path.join(self.out_dir, self._name() + ".tmp")
+
+    def _finish(self):
+        f, name = self.file, self._name()
+        f.seek(0)
+        f.write(shard_header(self.filled, self.version))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        path = os.path.join(self.out_dir, name)
+        os.replace(self._tmp_path(), path)
+        self.shards.append({"file": name, "tokens": self.filled, "sha256": file_sha256(path)})
+        self.file, self.filled = None, 0
+        if self.on_shard:
+            self.on_shard()
+
+
+# ----------------------------------------------------------------------------- dataset directories
 
 
 def write_meta(data_dir, meta):
@@ -54,4 +217,78 @@ def read_meta(data_dir):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: the dataset has no tokenizer description") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); prepare the dataset again") from None
+        raise TokenFileError(f"{path} is not valid JSON ({e}); prepare the dataset again") from None
+
+
+def shard_meta(tokenizer_meta, shard_tokens, splits, source=None):
+    """meta.json of a sharded dataset. splits: {split: {"shards": [...], "documents": n, "max_token": m}}."""
+    meta = dict(tokenizer_meta, format="shards", shard_tokens=shard_tokens)
+    if source is not None:
+        meta["source"] = source
+    meta["splits"] = {
+        split: {**info, "tokens": sum(s["tokens"] for s in info["shards"])} for split, info in splits.items()
+    }
+    return meta
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset: its meta.json and the TokenFiles of each split."""
+
+    path: str
+    meta: dict
+    splits: dict
+
+    @property
+    def fingerprint(self):
+        """Names what the token files hold: sha256 of their names, sizes and recorded hashes."""
+        files = {
+            split: [[os.path.basename(f.path), f.count, _recorded_sha(self.meta, split, i)] for i, f in enumerate(fs)]
+            for split, fs in self.splits.items()
+        }
+        return hashlib.sha256(json.dumps([self.meta.get("tokenizer"), files]).encode()).hexdigest()
+
+    def max_token(self):
+        """The largest token id in the data, as recorded in meta.json (else vocab_size - 1)."""
+        recorded = [info.get("max_token") for info in self.meta.get("splits", {}).values()]
+        if recorded and None not in recorded:
+            return max(recorded)
+        return self.meta["vocab_size"] - 1
+
+    def check_vocab(self, vocab_size):
+        top = self.max_token()
+        if top >= vocab_size:
+            raise TokenFileError(
+                f"{os.path.join(self.path, META)}: the data holds token ids up to {top}, but the model's "
+                f"vocab_size is {vocab_size}; train a model with vocab_size >= {top + 1} on this dataset"
+            )
+
+
+def _recorded_sha(meta, split, i):
+    shards = meta.get("splits", {}).get(split, {}).get("shards")
+    return shards[i].get("sha256") if shards else None
+
+
+def open_dataset(data_dir):
+    """Open a prepared dataset directory, checking each shard's header against meta.json."""
+    meta = read_meta(data_dir)
+    meta_path = os.path.join(data_dir, META)
+    if "splits" not in meta:  # legacy: train.bin / val.bin
+        splits = {split: [open_legacy(os.path.join(data_dir, f"{split}.bin"))] for split in SPLITS}
+        return Dataset(data_dir, meta, splits)
+    splits = {}
+    for split in SPLITS:
+        entries = meta["splits"].get(split, {}).get("shards")
+        if not entries:
+            raise TokenFileError(f"{meta_path} lists no {split} shards; prepare the dataset again")
+        files = []
+        for entry in entries:
+            f = open_shard(os.path.join(data_dir, entry["file"]))
+            if f.count != entry["tokens"]:
+                raise TokenFileError(
+                    f"shard {f.path} holds {f.count} tokens but {meta_path} says {entry['tokens']}; "
+                    "prepare the dataset again"
+                )
+            files.append(f)
+        splits[split] = files
+    return Dataset(data_dir, meta, splits)

@@ -24,7 +24,7 @@ from full_val import full_val_loss
 from loader import TRAIN_STREAM, VAL_STREAM, WindowSampler
 from model import ACTIVATIONS, ATTENTION_IMPLS, GPT, POS_EMBEDDINGS, GPTConfig
 from optimizer import OPTIMIZERS, make_optimizer
-from tokens import open_tokens, read_meta, write_meta
+from tokens import TokenFileError, open_dataset, write_meta
 from tracking import RunLog
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout", "pos_embedding", "attention",
@@ -228,20 +228,28 @@ def train(cfg, d, device):
             raise ConfigError(str(e)) from None
 
     data_path = ensure_dataset(cfg, d)
-    meta = read_meta(data_path)
-    train_data = [open_tokens(os.path.join(data_path, "train.bin"))]
-    val_data = [open_tokens(os.path.join(data_path, "val.bin"))]
+    try:
+        dataset = open_dataset(data_path)
+    except (OSError, TokenFileError) as e:
+        raise ConfigError(str(e)) from None
+    meta = dataset.meta
+    val_data = [f.memmap() for f in dataset.splits["val"]]  # for the whole-split evaluation
 
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_args["vocab_size"] = meta.get("vocab_size", 50304)
     if checkpoint is not None:
         model_args = checkpoint["model_args"]
     try:
+        dataset.check_vocab(model_args["vocab_size"])
+        shape = (model_args["block_size"], cfg.batch_size)
         samplers = {
-            split: WindowSampler(data, model_args["block_size"], cfg.batch_size, cfg.seed, stream, device)
-            for split, data, stream in (("train", train_data, TRAIN_STREAM), ("val", val_data, VAL_STREAM))
+            split: WindowSampler(dataset.splits[split], *shape, cfg.seed, stream, device, dataset.fingerprint)
+            for split, stream in (("train", TRAIN_STREAM), ("val", VAL_STREAM))
         }
-    except ValueError as e:
+        if checkpoint is not None:
+            drawn = checkpoint["iter_num"] * cfg.gradient_accumulation_steps  # global micro-batches so far
+            samplers["train"].check_state(checkpoint["loader"], drawn)
+    except ValueError as e:  # TokenFileError, LoaderStateError
         raise ConfigError(f"dataset {cfg.dataset}: {e}") from None
 
     torch.manual_seed(cfg.seed + d.rank)
@@ -287,6 +295,7 @@ def train(cfg, d, device):
             "best_val_loss": best_val_loss,
             "config": asdict(cfg),
             "rng": rng_state(),
+            "loader": samplers["train"].state(iter_num * cfg.gradient_accumulation_steps),
         }
         save_checkpoint(ckpt_path, state)
 

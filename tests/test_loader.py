@@ -1,0 +1,87 @@
+"""The window loader: valid windows across shards, per-rank streams, exact resume, flat memory."""
+
+import os
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_script, tiny_train_args
+
+from loader import TRAIN_STREAM, LoaderStateError, WindowSampler
+from tokens import open_shard, write_shard
+
+
+def shards(tmp_path, sizes):
+    """Shards whose token at position i of shard k is (k * 10_000 + i) % 65_536: windows are checkable."""
+    files = []
+    for k, n in enumerate(sizes):
+        path = tmp_path / f"train_{k:06d}.bin"
+        write_shard(path, (k * 10_000 + np.arange(n)) % 65_536)
+        files.append(open_shard(path))
+    return files
+
+
+def test_windows_are_consecutive_tokens_of_one_shard_and_cover_every_shard(tmp_path):
+    files = shards(tmp_path, [500, 40, 3000])  # the middle shard is shorter than a window
+    sampler = WindowSampler(files, block_size=64, batch_size=16, seed=0, stream=TRAIN_STREAM)
+    seen = set()
+    for g in range(50):
+        x, y = sampler.batch(g)
+        assert x.shape == y.shape == (16, 64)
+        assert (y[:, :-1] == x[:, 1:]).all()
+        assert ((y[:, -1] - x[:, -1]) % 65_536 == 1).all()  # consecutive, within one shard
+        assert ((x[:, 1:] - x[:, :-1]) % 65_536 == 1).all()
+        seen.update((x[:, 0] // 10_000).tolist())
+    assert seen == {0, 2}
+
+
+def test_batches_are_a_pure_function_of_seed_and_index(tmp_path):
+    files = shards(tmp_path, [5000, 5000])
+    a = WindowSampler(files, 32, 8, seed=1, stream=TRAIN_STREAM, fingerprint="f")
+    b = WindowSampler(files, 32, 8, seed=1, stream=TRAIN_STREAM, fingerprint="f")
+    run = [a.batch(g)[0] for g in range(10)]  # an uninterrupted run draws batches 0..9
+    state = a.state(next_batch=6)  # the checkpoint taken after batch 5
+    b.check_state(state, next_batch=6)  # a fresh process accepts it and goes on from there
+    assert all((b.batch(g)[0] == run[g]).all() for g in range(6, 10))
+    # Ranks draw disjoint batch numbers, hence different windows.
+    assert not (a.batch(0)[0] == a.batch(1)[0]).all()
+    other = WindowSampler(files, 32, 8, seed=2, stream=TRAIN_STREAM, fingerprint="f")
+    with pytest.raises(LoaderStateError, match="seed 1 -> 2"):
+        other.check_state(state, next_batch=6)
+    moved = WindowSampler(files, 32, 8, seed=1, stream=TRAIN_STREAM, fingerprint="g")
+    with pytest.raises(LoaderStateError, match="trained on other data"):
+        moved.check_state(state, next_batch=6)
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_resident_memory_stays_flat_while_reading_a_large_dataset(tmp_path):
+    n = 8_000_000  # 3 shards of 16 MB
+    files = []
+    for k in range(3):
+        path = tmp_path / f"s{k}.bin"
+        write_shard(path, np.full(n, k, dtype=np.uint16))
+        files.append(open_shard(path))
+    sampler = WindowSampler(files, block_size=1024, batch_size=32, seed=0, stream=TRAIN_STREAM)
+    sampler.batch(0)
+    before = resident_bytes()
+    for g in range(1, 400):  # touches about 100 MB of pages, twice the dataset
+        sampler.batch(g)
+    assert resident_bytes() - before < 8 << 20
+
+
+def test_resume_on_other_data_is_refused(tmp_path, char_data_dir):
+    out = tmp_path / "out"
+    run_script(ROOT / "train.py", *tiny_train_args(char_data_dir, out, max_iters=10, eval_interval=10))
+    other = tmp_path / "data" / "shakespeare_char"
+    other.mkdir(parents=True)
+    for name in ("meta.json", "val.bin"):
+        (other / name).write_bytes((char_data_dir / "shakespeare_char" / name).read_bytes())
+    (other / "train.bin").write_bytes((char_data_dir / "shakespeare_char" / "train.bin").read_bytes()[:-1000])
+    args = tiny_train_args(tmp_path / "data", out, max_iters=20, eval_interval=10, init_from="resume")
+    result = run_script(ROOT / "train.py", *args, check=False)
+    assert result.returncode == 2
+    assert "trained on other data" in result.stderr

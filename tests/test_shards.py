@@ -1,0 +1,96 @@
+"""The shard format: round trips, llm.c's header layout, and the errors for damaged files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tokens import (
+    HEADER_BYTES,
+    MAGIC,
+    ShardWriter,
+    TokenFileError,
+    open_dataset,
+    open_shard,
+    shard_meta,
+    write_meta,
+    write_shard,
+    write_tokens,
+)
+
+
+@pytest.mark.parametrize("version, top", [(1, 65535), (2, 100_000)])
+def test_round_trip_and_header_layout(tmp_path, version, top):
+    ids = np.array([0, 1, 50256, top], dtype=np.int64)
+    path = tmp_path / "s.bin"
+    write_shard(path, ids, version)
+    raw = path.read_bytes()
+    header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
+    assert header[:3].tolist() == [MAGIC, version, 4] and not header[3:].any()
+    assert len(raw) == HEADER_BYTES + 4 * (2 if version == 1 else 4)
+    np.testing.assert_array_equal(open_shard(path).memmap(), ids)
+
+
+def test_version_1_refuses_ids_above_16_bits(tmp_path):
+    with pytest.raises(ValueError, match="does not fit"):
+        write_shard(tmp_path / "s.bin", [70_000], 1)
+
+
+def test_wrong_magic_truncated_and_overlong_shards_are_named(tmp_path):
+    path = tmp_path / "s.bin"
+    write_shard(path, np.arange(100), 1)
+    good = path.read_bytes()
+    cases = {
+        "not a token shard": good[:4][::-1] + good[4:],
+        "truncated": good[:-2],
+        "longer than its header": good + b"\0\0",
+        "shorter than its 1024-byte header": good[:100],
+        "format version 7": good[:4] + np.int32(7).tobytes() + good[8:],
+    }
+    for expected, data in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(TokenFileError, match=expected) as e:
+            open_shard(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_writer_splits_into_fixed_size_shards_and_records_them(tmp_path):
+    writer = ShardWriter(tmp_path, "train", 1000, 1)
+    for _ in range(5):
+        writer.write(np.arange(450) % 50257)
+    shards = writer.close()
+    assert [s["tokens"] for s in shards] == [1000, 1000, 250]
+    assert [s["file"] for s in shards] == ["train_000000.bin", "train_000001.bin", "train_000002.bin"]
+    joined = np.concatenate([open_shard(tmp_path / s["file"]).memmap() for s in shards])
+    np.testing.assert_array_equal(joined, np.tile(np.arange(450), 5))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_dataset_checks_meta_against_shards_and_vocab(tmp_path):
+    for split in ("train", "val"):
+        write_shard(tmp_path / f"{split}_000000.bin", np.arange(300))
+    entry = {"file": "train_000000.bin", "tokens": 300, "sha256": "x"}
+    splits = {"train": {"shards": [entry], "max_token": 299},
+              "val": {"shards": [dict(entry, file="val_000000.bin")], "max_token": 299}}  # fmt: skip
+    write_meta(tmp_path, shard_meta({"tokenizer": "gpt2", "vocab_size": 50257}, 1000, splits))
+    ds = open_dataset(tmp_path)
+    assert [f.count for f in ds.splits["train"]] == [300]
+    ds.check_vocab(300)
+    with pytest.raises(TokenFileError, match="token ids up to 299, but the model's vocab_size is 299"):
+        ds.check_vocab(299)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["splits"]["val"]["shards"][0]["tokens"] = 301
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TokenFileError, match="val_000000.bin holds 300 tokens but .*meta.json says 301"):
+        open_dataset(tmp_path)
+
+
+def test_legacy_train_and_val_bin_stay_readable(tmp_path):
+    write_tokens(tmp_path / "train.bin", np.arange(50))
+    write_tokens(tmp_path / "val.bin", np.arange(20))
+    write_meta(tmp_path, {"tokenizer": "char", "vocab_size": 65, "chars": []})
+    ds = open_dataset(tmp_path)
+    np.testing.assert_array_equal(ds.splits["val"][0].memmap(), np.arange(20))
+    (tmp_path / "val.bin").write_bytes(b"\0" * 41)
+    with pytest.raises(TokenFileError, match="val.bin has an odd byte count"):
+        open_dataset(tmp_path)
