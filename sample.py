@@ -18,7 +18,7 @@ from checkpoint import CheckpointError, load_checkpoint
 from config import ConfigError, option, parse_config, run_cli
 from generate import decode_n_tokens
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
+from tokenizer import TokenizerError, load_tokenizer
 from tokens import read_meta
 
 
@@ -40,6 +40,7 @@ class SampleConfig:
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
                         ("auto", "float32", "bfloat16", "float16"))  # fmt: skip
+    tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
 
     def __post_init__(self):
         if self.num_samples <= 0 or self.max_new_tokens <= 0:
@@ -68,7 +69,7 @@ def read_prompt(start):
     return start
 
 
-def load_run(out_dir, device):
+def load_run(out_dir, device, tokenizer_file=None):
     """The model and tokenizer of a training run directory."""
     try:
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), map_location=device)
@@ -80,7 +81,11 @@ def load_run(out_dir, device):
         raise ConfigError(f"{e}; copy the dataset's meta.json into {out_dir}") from None
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), load_tokenizer(meta)
+    try:
+        tok = load_tokenizer(meta, tokenizer_file or None)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    return model.to(device).eval(), tok
 
 
 def end_of_text(tok):
@@ -129,7 +134,7 @@ def main(argv=None):
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     prompt = read_prompt(cfg.start)
-    model, tok = load_run(cfg.out_dir, device)
+    model, tok = load_run(cfg.out_dir, device, cfg.tokenizer_file)
     block_size = model.config.block_size
     if cfg.window_keep > block_size:
         raise ConfigError(f"window_keep ({cfg.window_keep}) must not exceed the model's block_size ({block_size})")

@@ -5,8 +5,12 @@ use; offline (CI, clusters), a local copy is named by --tokenizer_file or the en
 variable GPTCRAFT_TIKTOKEN_FILE and checked against the known sha256.
 """
 
+import base64
 import hashlib
 import os
+
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str
 
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # r50k_base.tiktoken
 GPT2_EOT = 50256  # <|endoftext|>, the last id of GPT-2's 50,257
@@ -46,10 +50,6 @@ class CharTokenizer:
 def gpt2_encoding(tokenizer_file=None):
     """GPT-2's tiktoken Encoding (r50k_base): from tokenizer_file, else $GPTCRAFT_TIKTOKEN_FILE,
     else tiktoken's own cache or download."""
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-    from tiktoken_ext.openai_public import r50k_pat_str
-
     path = tokenizer_file or os.environ.get(TIKTOKEN_FILE_ENV)
     if not path:
         try:
@@ -70,10 +70,13 @@ def gpt2_encoding(tokenizer_file=None):
             f"--tokenizer_file {path} has sha256 {digest}, not GPT-2's r50k_base.tiktoken ({GPT2_SHA256}); "
             "pass a good copy"
         )
+    # The .tiktoken format: one "base64(token bytes) rank" line per token. (tiktoken's own
+    # load_tiktoken_bpe would also copy a local file into its download cache.)
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,
-        mergeable_ranks=load_tiktoken_bpe(path, expected_hash=GPT2_SHA256),
+        mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": GPT2_EOT},
         explicit_n_vocab=GPT2_EOT + 1,
     )
@@ -85,7 +88,7 @@ class GPT2Tokenizer:
     def __init__(self, tokenizer_file=None):
         self.enc = gpt2_encoding(tokenizer_file)
         self.vocab_size = self.enc.n_vocab
-        self.eot = GPT2_EOT
+        self.eot_token = GPT2_EOT
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)
@@ -97,8 +100,12 @@ class GPT2Tokenizer:
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
+    def decode_bytes(self, ids):
+        """The bytes of ids: a token may end inside a multi-byte UTF-8 character."""
+        return self.enc.decode_bytes(list(ids))
+
     def meta(self):
-        return {"tokenizer": "gpt2", "vocab_size": self.vocab_size, "eot_token": self.eot}
+        return {"tokenizer": "gpt2", "vocab_size": self.vocab_size, "eot_token": self.eot_token}
 
 
 def load_tokenizer(meta, tokenizer_file=None):

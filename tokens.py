@@ -148,11 +148,18 @@ class ShardWriter:
         self.version, self.dtype = version, VERSION_DTYPES[version]
         self.shards = list(done)  # meta.json entries of the finished shards
         self.skip = skip
-        self.on_shard = on_shard  # called after each finished shard
+        self.position = self.finished - skip  # tokens of the stream passed to write(), in all runs
+        self.on_shard = on_shard  # on_shard(writer) is called after each finished shard
         self.file, self.filled = None, 0
+
+    @property
+    def finished(self):
+        """Tokens in finished shards."""
+        return sum(s["tokens"] for s in self.shards)
 
     def write(self, ids):
         """Append a 1-D array of token ids."""
+        self.position += len(ids)
         if self.skip:
             dropped = min(self.skip, len(ids))
             ids, self.skip = ids[dropped:], self.skip - dropped
@@ -198,7 +205,7 @@ class ShardWriter:
         self.shards.append({"file": name, "tokens": self.filled, "sha256": file_sha256(path)})
         self.file, self.filled = None, 0
         if self.on_shard:
-            self.on_shard()
+            self.on_shard(self)
 
 
 # ----------------------------------------------------------------------------- dataset directories
@@ -220,11 +227,10 @@ def read_meta(data_dir):
         raise TokenFileError(f"{path} is not valid JSON ({e}); prepare the dataset again") from None
 
 
-def shard_meta(tokenizer_meta, shard_tokens, splits, source=None):
-    """meta.json of a sharded dataset. splits: {split: {"shards": [...], "documents": n, "max_token": m}}."""
-    meta = dict(tokenizer_meta, format="shards", shard_tokens=shard_tokens)
-    if source is not None:
-        meta["source"] = source
+def shard_meta(tokenizer_meta, splits, **extra):
+    """meta.json of a sharded dataset. splits: {split: {"shards": [{"file", "tokens", "sha256"}], ...}};
+    extra: more top-level fields (how it was made)."""
+    meta = dict(tokenizer_meta, format="shards", **extra)
     meta["splits"] = {
         split: {**info, "tokens": sum(s["tokens"] for s in info["shards"])} for split, info in splits.items()
     }

@@ -72,7 +72,7 @@ def test_dataset_checks_meta_against_shards_and_vocab(tmp_path):
     entry = {"file": "train_000000.bin", "tokens": 300, "sha256": "x"}
     splits = {"train": {"shards": [entry], "max_token": 299},
               "val": {"shards": [dict(entry, file="val_000000.bin")], "max_token": 299}}  # fmt: skip
-    write_meta(tmp_path, shard_meta({"tokenizer": "gpt2", "vocab_size": 50257}, 1000, splits))
+    write_meta(tmp_path, shard_meta({"tokenizer": "gpt2", "vocab_size": 50257}, splits))
     ds = open_dataset(tmp_path)
     assert [f.count for f in ds.splits["train"]] == [300]
     ds.check_vocab(300)
