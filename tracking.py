@@ -1,4 +1,13 @@
-"""What a run reports: a console line per logged step, a tqdm bar on terminals, and out_dir/log.jsonl."""
+"""What a run reports: a console line per logged step (with an ETA), a tqdm bar on terminals,
+out_dir/log.jsonl, optionally Weights & Biases and out_dir/loss.png, and a summary at the end.
+
+log.jsonl is the record every other view is drawn from. Its rows:
+  train rows  {"time_s", "iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "grad_norm", "tokens_seen"}
+  eval rows   {"time_s", "iter", "train_loss", "val_loss", "tokens_seen"}
+  {"time_s", "event": "start", "iter", "wandb_id"}  where a run (or a resumed run) starts at iter
+  {"time_s", "event": "summary", ...}  at the end of training (see `summarize`)
+time_s counts from the first start: a resumed run carries on from the time its log ends at.
+"""
 
 import json
 import os
@@ -7,21 +16,152 @@ import time
 
 from tqdm import tqdm
 
+from config import ConfigError
+
+WANDB_INSTALL = 'pip install -e ".[wandb]"'
+
+
+def require_wandb():
+    """The wandb module, or a ConfigError that says how to install it."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(f"wandb_log=True needs the wandb package; install it with: {WANDB_INSTALL}") from None
+    return wandb
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_rows(path):
+    """Every row of a log.jsonl that parses; a line that does not (the last line of a killed run)
+    is skipped with a warning."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                warn(f"{path}: line {number} is incomplete or corrupt (a run killed while writing?); skipped")
+    return rows
+
+
+def metric_rows(rows):
+    """The train and eval rows of a log, as the run stands now: where a resumed run restarted
+    from its checkpoint at iter k, the rows the first run logged after k are dropped."""
+    kept = []
+    for row in rows:
+        if row.get("event") == "start":
+            kept = [r for r in kept if r["iter"] <= row["iter"]]
+        elif "event" not in row and "iter" in row:
+            kept.append(row)
+    return kept
+
+
+def read_log(out_dir):
+    """The train and eval rows of out_dir/log.jsonl (see `metric_rows`)."""
+    return metric_rows(read_rows(os.path.join(out_dir, "log.jsonl")))
+
+
+def summarize(rows):
+    """What a finished run achieved, computed from its train and eval rows."""
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+    mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
+    full_val = [r["full_val_loss"] for r in evals if "full_val_loss" in r]
+    return {
+        "iters": rows[-1]["iter"] if rows else 0,
+        "best_val_loss": best["val_loss"] if best else None,
+        "best_val_iter": best["iter"] if best else None,
+        "tokens_seen": max((r.get("tokens_seen", 0) for r in rows), default=0),
+        "mean_tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train) if train else None,
+        "mean_mfu": sum(mfus) / len(mfus) if mfus else None,
+        "full_val_loss": full_val[-1] if full_val else None,
+    }
+
+
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def train_line(row, eta_s):
+    text = (f"iter {row['iter']}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, {row['ms_per_iter']:.1f} ms/iter, "
+            f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
+    if row.get("mfu") is not None:
+        text += f", mfu {100 * row['mfu']:.1f}%"
+    if row.get("grad_norm") is not None:
+        text += f", grad norm {row['grad_norm']:.3f}"
+    if eta_s is not None:
+        text += f", eta {format_duration(eta_s)}"
+    return text
+
+
+def summary_lines(summary):
+    lines = [f"done: {summary['iters']} iters, {summary['tokens_seen']:,} tokens seen, "
+             f"wall time {format_duration(summary['wall_time_s'])}"]  # fmt: skip
+    if summary["best_val_loss"] is not None:
+        lines.append(f"  best val loss {summary['best_val_loss']:.4f} at iter {summary['best_val_iter']}")
+    if summary["full_val_loss"] is not None:
+        lines.append(f"  full val loss {summary['full_val_loss']:.4f} (the whole val split, last eval)")
+    if summary["mean_tokens_per_s"] is not None:
+        mfu = summary["mean_mfu"]
+        mfu_text = f", mean mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        lines.append(f"  mean {summary['mean_tokens_per_s']:,.0f} tok/s{mfu_text}")
+    lines += [f"  checkpoint {path}" for path in summary["checkpoints"]]
+    return lines
+
 
 class RunLog:
-    """Rank 0 writes; other ranks hold a RunLog that does nothing."""
+    """Rank 0 reports; other ranks hold a RunLog that does nothing.
 
-    def __init__(self, out_dir, enabled, start_iter, max_iters, resumed=False):
+    config: the resolved run config as a dict; its keys wandb_log, wandb_project, wandb_run_name
+    and plot_loss switch on Weights & Biases and the loss plot, and wandb records it as the run config.
+    """
+
+    def __init__(self, out_dir, enabled, start_iter, max_iters, resumed=False, config=None):
+        config = config or {}
         self.enabled = enabled
-        self.t0 = time.time()
-        self.file = None
-        self.bar = None
+        self.out_dir = out_dir
+        self.start_iter, self.max_iters = start_iter, max_iters
+        self.plot = config.get("plot_loss", False)
+        self.session_t0 = self.t0 = time.time()
+        self.file = self.bar = self.wandb_run = None
         if not enabled:
             return
-        # A resumed run appends to the log of the run it continues.
-        self.file = open(os.path.join(out_dir, "log.jsonl"), "a" if resumed else "w")
+        path = os.path.join(out_dir, "log.jsonl")
+        previous = read_rows(path) if resumed and os.path.exists(path) else []
+        # A resumed run appends to the log of the run it continues, and its clock carries on.
+        self.t0 -= max((r.get("time_s", 0) for r in previous), default=0)
+        self.file = open(path, "a" if resumed else "w")
+        if resumed and self.file.tell() > 0:
+            self.file.write("\n")  # ends a line the killed run left incomplete (a blank line otherwise)
+        if config.get("wandb_log"):
+            resume_id = next((r["wandb_id"] for r in reversed(previous) if r.get("wandb_id")), None)
+            self.wandb_run = self._start_wandb(config, resume_id)
+        self.write({"event": "start", "iter": start_iter,
+                    "wandb_id": self.wandb_run.id if self.wandb_run else None})  # fmt: skip
         if sys.stderr.isatty():
             self.bar = tqdm(total=max_iters, initial=start_iter, unit="it", dynamic_ncols=True, leave=False)
+
+    def _start_wandb(self, config, resume_id):
+        wandb = require_wandb()
+        name = config.get("wandb_run_name") or os.path.basename(os.path.normpath(self.out_dir))
+        run = wandb.init(project=config.get("wandb_project"), name=name, config=config, dir=self.out_dir,
+                         id=resume_id, resume="allow" if resume_id else None)  # fmt: skip
+        # Plot against the iteration: a resumed run logs iterations again from its checkpoint.
+        run.define_metric("iter")
+        run.define_metric("*", step_metric="iter")
+        return run
 
     def elapsed(self):
         return time.time() - self.t0
@@ -33,6 +173,47 @@ class RunLog:
         row = {"time_s": round(self.elapsed(), 3), **row}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        return row
+
+    def record(self, row):
+        """Report a train row (it has "loss") or an eval row (it has "val_loss") everywhere."""
+        if not self.enabled:
+            return
+        row = self.write(row)
+        if "val_loss" in row:
+            self.print(f"eval {row['iter']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}")
+        else:
+            self.print(train_line(row, self.eta(row["iter"])))
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in row.items() if v is not None})
+        if self.plot and "val_loss" in row:
+            import plot  # matplotlib loads only for runs that draw
+
+            plot.draw([self.out_dir], os.path.join(self.out_dir, "loss.png"))
+
+    def eta(self, it):
+        """Seconds left at this run's mean wall time per iteration so far, evaluations included."""
+        done = it - self.start_iter
+        if done <= 0:
+            return None
+        return (time.time() - self.session_t0) / done * (self.max_iters - it)
+
+    def summary(self, checkpoints):
+        """Print and log what the run achieved, from log.jsonl; checkpoints: paths saved by the run."""
+        if not self.enabled:
+            return None
+        self.file.flush()
+        summary = summarize(read_log(self.out_dir))
+        summary["wall_time_s"] = round(self.elapsed(), 3)
+        summary["checkpoints"] = [p for p in checkpoints if os.path.exists(p)]
+        for line in summary_lines(summary):
+            self.print(line)
+        self.write({"event": "summary", **summary})
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+        return summary
 
     def print(self, line):
         if not self.enabled:
@@ -51,3 +232,5 @@ class RunLog:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -25,7 +25,7 @@ from loader import TRAIN_STREAM, VAL_STREAM, WindowSampler
 from model import ACTIVATIONS, ATTENTION_IMPLS, GPT, POS_EMBEDDINGS, GPTConfig
 from optimizer import OPTIMIZERS, make_optimizer
 from tokens import TokenFileError, open_dataset, write_meta
-from tracking import RunLog
+from tracking import RunLog, require_wandb
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout", "pos_embedding", "attention",
               "qk_norm", "activation", "tie_embeddings", "zero_init_proj", "logit_softcap")  # fmt: skip
@@ -87,6 +87,11 @@ class TrainConfig:
     dtype: str = option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
                         ("auto", "float32", "bfloat16", "float16"))  # fmt: skip
     compile: bool = option(True, "torch.compile the model (pays off on GPUs, not on small CPU runs)")
+    # tracking
+    wandb_log: bool = option(False, 'log to Weights & Biases (install: pip install -e ".[wandb]")')
+    wandb_project: str = option("gptcraft", "Weights & Biases project")
+    wandb_run_name: str = option("", "Weights & Biases run name; empty: the name of out_dir")
+    plot_loss: bool = option(False, "redraw out_dir/loss.png after every evaluation")
 
     def __post_init__(self):
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
@@ -110,6 +115,8 @@ class TrainConfig:
             raise ConfigError(f"rope needs an even head size; n_embd / n_head is {self.n_embd // self.n_head}")
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        if self.wandb_log:
+            require_wandb()
 
 
 def learning_rate(cfg, it):
@@ -276,7 +283,8 @@ def train(cfg, d, device):
     if d.enabled:
         model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
 
-    log = RunLog(cfg.out_dir, d.master, start_iter, cfg.max_iters, resumed=cfg.init_from == "resume")
+    log = RunLog(cfg.out_dir, d.master, start_iter, cfg.max_iters, resumed=cfg.init_from == "resume",
+                 config=asdict(cfg))  # fmt: skip
     if d.master:
         log.print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
         log.print(f"device {device}, dtype {dtype}, {d.world_size} process(es), "
@@ -309,13 +317,14 @@ def train(cfg, d, device):
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
             if not (iter_num == start_iter and cfg.init_from == "resume" and not cfg.eval_only):
                 losses = estimate_loss(model, samplers, cfg, device, dtype, d)
-                log.print(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+                row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                       "tokens_seen": iter_num * tokens_per_iter}  # fmt: skip
                 if cfg.full_val and (iter_num == cfg.max_iters or cfg.eval_only):
                     row["full_val_loss"] = full_val_loss(model, val_data[0], model_args["block_size"],
                                                          cfg.batch_size, device, dtype, d)  # fmt: skip
+                log.record(row)
+                if "full_val_loss" in row:
                     log.print(f"full val loss {row['full_val_loss']:.4f} ({len(val_data[0]) - 1:,} tokens)")
-                log.write(row)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if d.master and iter_num > start_iter and (improved or cfg.always_save_checkpoint):
@@ -343,9 +352,11 @@ def train(cfg, d, device):
                 else:
                     x, y = next_batch(iter_num, micro + 1)
                 scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
+        log_step = (iter_num + 1) % cfg.log_interval == 0
+        if cfg.grad_clip > 0 or log_step:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # max_norm=inf measures the norm without clipping; a tensor, read only at log steps.
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -353,18 +364,17 @@ def train(cfg, d, device):
         iters_since_log += 1
         log.step()
 
-        if iter_num % cfg.log_interval == 0:
+        if log_step:
             # Reading the loss waits for the device: only at log steps.
             train_loss = distributed.all_mean(step_loss.item(), d)
             dt = (time.time() - t_last) / iters_since_log
             tokens_per_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_s / d.world_size, peak) if peak else None
-            mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
-            log.print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms/iter, "
-                      f"{tokens_per_s:,.0f} tok/s{mfu_text}")  # fmt: skip
-            log.write({"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": 1000 * dt,
-                       "tokens_per_s": tokens_per_s, "mfu": mfu})  # fmt: skip
+            log.record({"iter": iter_num, "loss": train_loss, "lr": lr, "ms_per_iter": 1000 * dt,
+                        "tokens_per_s": tokens_per_s, "mfu": mfu, "grad_norm": grad_norm.item(),
+                        "tokens_seen": iter_num * tokens_per_iter})  # fmt: skip
             t_last, iters_since_log = time.time(), 0
+    log.summary([ckpt_path])
     log.close()
     return best_val_loss
 

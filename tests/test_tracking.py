@@ -1,0 +1,161 @@
+"""Run tracking: log.jsonl rows, the end-of-run summary, Weights & Biases (offline), the ETA and resumed logs."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, run_script, tiny_train_args
+
+from tracking import RunLog, metric_rows, read_log, read_rows, summarize
+
+TOKENS_PER_ITER = 8 * 32  # tiny_train_args: batch_size 8, block_size 32, one micro-step
+TRAIN_KEYS = {"loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "tokens_seen"}
+
+
+@pytest.fixture(scope="module")
+def wandb_run(char_data_dir, tmp_path_factory):
+    """A 40-iteration run that logs to wandb offline and redraws its loss plot at every eval."""
+    out_dir = tmp_path_factory.mktemp("run") / "tiny"
+    args = tiny_train_args(char_data_dir, out_dir, wandb_log=True, wandb_project="gptcraft-test", plot_loss=True)
+    result = run_script("train.py", *args, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    return out_dir, result
+
+
+def lines(out_dir):
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_rows_hold_grad_norm_and_tokens_seen(wandb_run):
+    out_dir, _ = wandb_run
+    rows = read_log(out_dir)
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["iter"] for r in train] == [10, 20, 30, 40]
+    assert [r["iter"] for r in evals] == [0, 20, 40]
+    for r in rows:
+        assert r["tokens_seen"] == r["iter"] * TOKENS_PER_ITER
+    for r in train:
+        assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+    times = [r["time_s"] for r in lines(out_dir)]
+    assert times == sorted(times)
+
+
+def test_summary_matches_log(wandb_run):
+    out_dir, result = wandb_run
+    *rows, last = lines(out_dir)
+    assert last["event"] == "summary"
+    evals = [r for r in rows if "val_loss" in r]
+    train = [r for r in rows if "loss" in r]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert last["best_val_loss"] == best["val_loss"] and last["best_val_iter"] == best["iter"]
+    assert last["iters"] == 40 and last["tokens_seen"] == 40 * TOKENS_PER_ITER
+    assert last["mean_tokens_per_s"] == pytest.approx(sum(r["tokens_per_s"] for r in train) / len(train))
+    assert last["checkpoints"] == [str(out_dir / "ckpt.pt")]
+    assert rows[-1]["time_s"] <= last["wall_time_s"]
+    assert f"best val loss {best['val_loss']:.4f} at iter {best['iter']}" in result.stdout
+    assert f"{40 * TOKENS_PER_ITER:,} tokens seen" in result.stdout
+    assert f"checkpoint {out_dir / 'ckpt.pt'}" in result.stdout
+
+
+def test_console_lines_have_eta_and_no_bar_off_a_terminal(wandb_run):
+    _, result = wandb_run
+    iter_lines = [line for line in result.stdout.splitlines() if line.startswith("iter ")]
+    assert len(iter_lines) == 4 and all(", eta " in line and "grad norm" in line for line in iter_lines)
+    assert iter_lines[-1].endswith("eta 0:00")
+    assert "\r" not in result.stdout + result.stderr  # no progress bar when the output is a pipe
+
+
+def test_wandb_offline_records_the_rows_and_config(wandb_run):
+    out_dir, _ = wandb_run
+    (run_dir,) = (out_dir / "wandb").glob("offline-run-*")
+    # wandb's own reader of the run's transaction log (run-<id>.wandb), one JSON record per line.
+    dump = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+                          capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    records = [json.loads(line) for line in dump.stdout.splitlines() if line.startswith("{")]
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    keys = set().union(*history)
+    assert TRAIN_KEYS | {"iter", "train_loss"} <= keys
+    assert [h["iter"] for h in history if "loss" in h] == [10, 20, 30, 40]
+    logged = read_log(out_dir)
+    assert [h["val_loss"] for h in history if "val_loss" in h] == pytest.approx(
+        [r["val_loss"] for r in logged if "val_loss" in r]
+    )
+    (run,) = [r["run"] for r in records if r["type"] == "run"]
+    assert run["project"] == "gptcraft-test" and run["display_name"] == "tiny"
+    config = run["config"]["update"]
+    assert config["n_layer"] == 2 and config["max_iters"] == 40 and config["wandb_log"] is True
+    start = lines(out_dir)[0]
+    assert start["event"] == "start" and start["wandb_id"] == run["run_id"]
+
+
+def test_plot_loss_redraws_a_png_at_each_eval(wandb_run):
+    out_dir, _ = wandb_run
+    assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out_dir.glob("*.tmp.png"))
+
+
+def test_wandb_missing_fails_at_start_with_the_install_command(tmp_path, char_data_dir):
+    shadow = tmp_path / "no_wandb" / "wandb"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
+    out_dir = tmp_path / "out"
+    args = tiny_train_args(char_data_dir, out_dir, wandb_log=True)
+    result = run_script("train.py", *args, check=False, env={"PYTHONPATH": f"{shadow.parent}:{ROOT}"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        'error: wandb_log=True needs the wandb package; install it with: pip install -e ".[wandb]"'
+    ]
+    assert not out_dir.exists()
+
+
+def test_resumed_log_drops_rows_past_the_checkpoint_and_keeps_the_clock(tmp_path):
+    path = tmp_path / "log.jsonl"
+    rows = [
+        {"time_s": 0.0, "event": "start", "iter": 0, "wandb_id": "abc"},
+        {"time_s": 1.0, "iter": 10, "loss": 3.0},
+        {"time_s": 2.0, "iter": 20, "loss": 2.5},
+        {"time_s": 2.5, "iter": 20, "train_loss": 2.4, "val_loss": 2.6},
+        {"time_s": 3.0, "iter": 30, "loss": 2.2},
+    ]
+    # A run killed while writing its last row, then resumed from its checkpoint at iter 20.
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"time_s": 3.5, "iter": 4')
+    log = RunLog(str(tmp_path), True, start_iter=20, max_iters=40, resumed=True)
+    log.write({"iter": 30, "loss": 2.1})
+    log.close()
+    text = path.read_text()
+    assert '{"time_s": 3.5, "iter": 4\n' in text  # the broken line is kept, on its own line
+    kept = read_log(str(tmp_path))
+    assert [(r["iter"], r.get("loss")) for r in kept] == [(10, 3.0), (20, 2.5), (20, None), (30, 2.1)]
+    start = read_rows(str(path))[-2]
+    assert start["event"] == "start" and start["iter"] == 20 and start["time_s"] >= 3.0
+
+
+def test_truncated_line_is_skipped_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"iter": 10, "loss": 3.0}\n{"iter": 20, "lo')
+    assert metric_rows(read_rows(str(path))) == [{"iter": 10, "loss": 3.0}]
+    assert "line 2 is incomplete" in capsys.readouterr().err
+
+
+def test_summary_of_an_empty_run():
+    summary = summarize([])
+    assert summary["iters"] == 0 and summary["best_val_loss"] is None and summary["mean_tokens_per_s"] is None
+
+
+def test_eta_from_the_wall_time_per_iteration(tmp_path):
+    log = RunLog(str(tmp_path), True, start_iter=100, max_iters=400)
+    log.session_t0 -= 20.0  # 20 s for the first 100 iterations of this session
+    assert log.eta(100) is None
+    assert log.eta(200) == pytest.approx(20.0 / 100 * 200, rel=0.05)
+    log.close()
+
+
+def test_other_ranks_report_nothing(tmp_path, capsys):
+    log = RunLog(str(tmp_path), False, start_iter=0, max_iters=10, config={"wandb_log": True, "plot_loss": True})
+    log.record({"iter": 1, "loss": 1.0, "lr": 1e-3, "ms_per_iter": 1.0, "tokens_per_s": 1.0})
+    log.print("hello")
+    assert log.summary([]) is None
+    log.close()
+    assert not list(tmp_path.iterdir()) and capsys.readouterr().out == ""
