@@ -53,6 +53,16 @@ def read_rows(path):
     return rows
 
 
+def ends_a_line(path):
+    """Whether a file is empty or ends with a newline."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def metric_rows(rows):
     """The train and eval rows of a log, as the run stands now: where a resumed run restarted
     from its checkpoint at iter k, the rows the first run logged after k are dropped."""
@@ -142,9 +152,10 @@ class RunLog:
         previous = read_rows(path) if resumed and os.path.exists(path) else []
         # A resumed run appends to the log of the run it continues, and its clock carries on.
         self.t0 -= max((r.get("time_s", 0) for r in previous), default=0)
+        if resumed and os.path.exists(path) and not ends_a_line(path):
+            with open(path, "a") as f:
+                f.write("\n")  # ends the line a killed run left incomplete, so that the next row parses
         self.file = open(path, "a" if resumed else "w")
-        if resumed and self.file.tell() > 0:
-            self.file.write("\n")  # ends a line the killed run left incomplete (a blank line otherwise)
         if config.get("wandb_log"):
             resume_id = next((r["wandb_id"] for r in reversed(previous) if r.get("wandb_id")), None)
             self.wandb_run = self._start_wandb(config, resume_id)
