@@ -1,0 +1,67 @@
+"""bench.py: trains through train.py on random tokens, samples through generate.py, writes JSON."""
+
+import json
+
+import pytest
+from conftest import run_script
+
+import bench
+from config import run_cli
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--gradient_accumulation_steps=2", "--vocab_size=65", "--compile=False", "--dtype=float32"]  # fmt: skip
+
+
+def test_bench_cpu_writes_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_script("bench.py", *TINY, "--device=cpu", "--bench_iters=2", "--sample_tokens=40", "--json", out)
+    r = json.loads(out.read_text())
+    t, s = r["training"], r["sampling"]
+    assert t["tokens_per_iter"] == 2 * 4 * 32
+    assert t["ms_per_iter"] > 0 and t["tokens_per_s"] == pytest.approx(t["tokens_per_iter"] / t["ms_per_iter"] * 1e3)
+    assert r["peak_flops"] > 1e9 and 0 < t["mfu"] < 1  # against the measured fp32 matmul peak
+    assert t["mfu"] == pytest.approx(r["flops_per_token"] * t["tokens_per_s"] / r["peak_flops"])
+    assert t["peak_memory_bytes"] > 10 * 2**20
+    assert s["prompt_tokens"] == 16 and s["new_tokens"] == 40
+    assert s["decode_tokens_per_s_cached"] > 0 and s["decode_tokens_per_s_full"] > 0
+    assert r["config"]["n_embd"] == 32 and r["device"].startswith("cpu")
+    for line in ("tokens/s", "MFU", "decode tokens/s, KV cache", "KV cache speed-up"):
+        assert line in result.stdout
+
+
+def test_bench_reads_config_files_and_skips_parts(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.hardware, "peak_flops", lambda device, dtype: 1e11)  # skip the matmul measurement
+    out = tmp_path / "b.json"
+    args = ["configs/train_shakespeare_char_cpu.py", *TINY, "--bench_iters=0", "--sample_tokens=5", f"--json={out}"]
+    bench.main(args)
+    r = json.loads(out.read_text())
+    assert "training" not in r and r["sampling"]["new_tokens"] == 5
+    assert r["config"]["dataset"] == "shakespeare_char" and r["config"]["eval_interval"] == 250
+
+
+def test_vocab_size_falls_back_to_known_datasets(tmp_path):
+    cfg = bench.parse_args(["--dataset=shakespeare_char", f"--data_dir={tmp_path}"])
+    assert bench.vocab_size(cfg) == 65
+    assert bench.vocab_size(bench.parse_args([f"--data_dir={tmp_path}"])) == 50304
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--json"], "--json needs a path"), (["--bench_iters=-1"], "bench_iters must not be negative"),
+     (["--prompt_tokens=99", "--block_size=32"], "prompt_tokens (99) must not exceed block_size")],
+)  # fmt: skip
+def test_bad_arguments_fail_fast(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: bench.main(args))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_bench_cuda_compiled_bf16(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [a for a in TINY if not a.startswith(("--compile", "--dtype"))]
+    run_script("bench.py", *args, "--device=cuda", "--bench_iters=3", "--sample_tokens=20", "--json", out)
+    r = json.loads(out.read_text())
+    assert r["dtype"] in ("bfloat16", "float16") and r["compile"] is True
+    assert r["training"]["tokens_per_s"] > 0 and r["training"]["peak_memory_bytes"] > 0
+    assert r["sampling"]["decode_tokens_per_s_cached"] > 0
