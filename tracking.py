@@ -152,13 +152,13 @@ class RunLog:
         previous = read_rows(path) if resumed and os.path.exists(path) else []
         # A resumed run appends to the log of the run it continues, and its clock carries on.
         self.t0 -= max((r.get("time_s", 0) for r in previous), default=0)
+        if config.get("wandb_log"):  # first: a run wandb refuses leaves the old log as it was
+            resume_id = next((r["wandb_id"] for r in reversed(previous) if r.get("wandb_id")), None)
+            self.wandb_run = self._start_wandb(config, resume_id)
         if resumed and os.path.exists(path) and not ends_a_line(path):
             with open(path, "a") as f:
                 f.write("\n")  # ends the line a killed run left incomplete, so that the next row parses
         self.file = open(path, "a" if resumed else "w")
-        if config.get("wandb_log"):
-            resume_id = next((r["wandb_id"] for r in reversed(previous) if r.get("wandb_id")), None)
-            self.wandb_run = self._start_wandb(config, resume_id)
         self.write({"event": "start", "iter": start_iter,
                     "wandb_id": self.wandb_run.id if self.wandb_run else None})  # fmt: skip
         if sys.stderr.isatty():
@@ -167,8 +167,12 @@ class RunLog:
     def _start_wandb(self, config, resume_id):
         wandb = require_wandb()
         name = config.get("wandb_run_name") or os.path.basename(os.path.normpath(self.out_dir))
-        run = wandb.init(project=config.get("wandb_project"), name=name, config=config, dir=self.out_dir,
-                         id=resume_id, resume="allow" if resume_id else None)  # fmt: skip
+        try:
+            run = wandb.init(project=config.get("wandb_project"), name=name, config=config, dir=self.out_dir,
+                             id=resume_id, resume="allow" if resume_id else None)  # fmt: skip
+        except wandb.errors.Error as e:  # no login, no network, a bad project name
+            hint = "to log without a network: WANDB_MODE=offline"
+            raise ConfigError(f"wandb could not start a run: {e} ({hint})") from None
         # Plot against the iteration: a resumed run logs iterations again from its checkpoint.
         run.define_metric("iter")
         run.define_metric("*", step_metric="iter")

@@ -1,13 +1,16 @@
 """Run tracking: log.jsonl rows, the end-of-run summary, Weights & Biases (offline), the ETA and resumed logs."""
 
+import io
 import json
 import math
 import subprocess
 import sys
+import types
 
 import pytest
 from conftest import ROOT, run_script, tiny_train_args
 
+from config import ConfigError
 from tracking import RunLog, metric_rows, read_log, read_rows, summarize
 
 TOKENS_PER_ITER = 8 * 32  # tiny_train_args: batch_size 8, block_size 32, one micro-step
@@ -159,3 +162,37 @@ def test_other_ranks_report_nothing(tmp_path, capsys):
     assert log.summary([]) is None
     log.close()
     assert not list(tmp_path.iterdir()) and capsys.readouterr().out == ""
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_bar_on_a_terminal_keeps_lines_above_it(tmp_path, monkeypatch, capsys):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    log = RunLog(str(tmp_path), True, start_iter=0, max_iters=20)
+    assert log.bar is not None
+    for _ in range(10):
+        log.step()
+    log.record({"iter": 10, "loss": 2.5, "lr": 1e-3, "ms_per_iter": 3.0, "tokens_per_s": 1000.0, "grad_norm": 0.5})
+    log.close()
+    assert "10/20" in terminal.getvalue()  # the bar, on stderr
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter")]
+    assert line.startswith("iter 10: loss 2.5000, lr 1.00e-03, 3.0 ms/iter, 1,000 tok/s, grad norm 0.500, eta ")
+
+
+def test_a_run_wandb_refuses_stops_with_its_reason_and_keeps_the_log(tmp_path, monkeypatch):
+    class WandbError(Exception):
+        pass
+
+    def init(**kwargs):
+        raise WandbError("No API key configured. Use `wandb login` to log in.")
+
+    fake = types.SimpleNamespace(init=init, errors=types.SimpleNamespace(Error=WandbError))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    (tmp_path / "log.jsonl").write_text('{"iter": 10, "loss": 3.0}\n')
+    with pytest.raises(ConfigError, match="wandb login.*WANDB_MODE=offline"):
+        RunLog(str(tmp_path), True, start_iter=10, max_iters=20, resumed=True, config={"wandb_log": True})
+    assert (tmp_path / "log.jsonl").read_text() == '{"iter": 10, "loss": 3.0}\n'
