@@ -1,0 +1,192 @@
+"""prepare/corpus.py and prepare/shakespeare.py: exact tokens, determinism, resume, bad input, memory."""
+
+import json
+import random
+import sys
+
+import numpy as np
+import pytest
+from conftest import GPT2_TIKTOKEN, ROOT, run_script
+
+from prepare import corpus
+from tokenizer import GPT2Tokenizer
+from tokens import open_dataset, open_shard
+
+EOT = 50256
+
+
+def documents(shakespeare_path, n, seed=0):
+    """n documents of 5 to 60 random tiny-Shakespeare paragraphs."""
+    paragraphs = shakespeare_path.read_text().split("\n\n")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(5, 60)
+        start = rng.randrange(len(paragraphs) - k)
+        out.append("\n\n".join(paragraphs[start : start + k]))
+    return out
+
+
+def write_jsonl(path, texts, key="text"):
+    with open(path, "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({key: text, "id": i}) + "\n")
+    return path
+
+
+def run(input_path, out_dir, *extra):
+    args = corpus.parser().parse_args(
+        ["--input", str(input_path), "--out_dir", str(out_dir), "--tokenizer_file", str(GPT2_TIKTOKEN), *extra]
+    )
+    return corpus.prepare(args)
+
+
+def split_tokens(out_dir, split):
+    meta = json.loads((out_dir / "meta.json").read_text())
+    return np.concatenate([open_shard(out_dir / s["file"]).memmap() for s in meta["splits"][split]["shards"]])
+
+
+def test_tokens_are_tiktokens_encoding_of_each_document_plus_end_of_text(tmp_path, shakespeare_path):
+    texts = documents(shakespeare_path, 60)
+    texts[3] = "text that spells <|endoftext|> is plain text, and ünïcödé 🙂"
+    texts[7] = ""  # empty documents are skipped
+    meta = run(write_jsonl(tmp_path / "c.jsonl", texts), tmp_path / "out", "--val_fraction", "0.1", "--num_proc", "1")
+    kept = [t for t in texts if t]
+    is_val = np.random.default_rng(2357).random(len(kept)) < 0.1  # the documented draw: one per document
+    enc = GPT2Tokenizer(GPT2_TIKTOKEN).enc
+    for split, mask in (("train", ~is_val), ("val", is_val)):
+        expected = [i for t, m in zip(kept, mask, strict=True) if m for i in enc.encode_ordinary(t) + [EOT]]
+        assert split_tokens(tmp_path / "out", split).tolist() == expected
+        assert meta["splits"][split]["documents"] == mask.sum()
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    ds = open_dataset(tmp_path / "out")  # what train.py opens
+    assert ds.max_token() == max(enc.encode_ordinary(" ".join(kept))) or ds.max_token() == EOT
+
+
+def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path, shakespeare_path, monkeypatch):
+    monkeypatch.setattr(corpus, "CHUNK_CHARS", 100_000)  # several chunks in flight
+    source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 300))
+    for n in (1, 2):
+        run(source, tmp_path / f"out{n}", "--num_proc", str(n), "--shard_tokens", "100000", "--val_fraction", "0.02")
+    names = sorted(p.name for p in (tmp_path / "out1").iterdir())
+    assert len([n for n in names if n.startswith("train_")]) >= 4 and "val_000000.bin" in names
+    assert names == sorted(p.name for p in (tmp_path / "out2").iterdir())
+    for name in names:
+        assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes(), name
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(tmp_path, shakespeare_path, capsys):
+    source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 20))
+    out = tmp_path / "out"
+    run(source, out, "--num_proc", "1")
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    run(source, out, "--num_proc", "2")  # workers do not change the output: same dataset
+    assert "nothing to do" in capsys.readouterr().out
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(corpus.CorpusError, match="holds a different dataset; .*--force"):
+        run(source, out, "--num_proc", "1", "--seed", "1")
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}  # nothing lost
+    meta = run(source, out, "--num_proc", "1", "--seed", "1", "--force")
+    assert meta["source"]["seed"] == 1
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, monkeypatch):
+    monkeypatch.setattr(corpus, "CHUNK_CHARS", 50_000)
+    source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 200))
+    settings = ("--num_proc", "1", "--shard_tokens", "60000", "--val_fraction", "0.05")
+    run(source, tmp_path / "whole", *settings)
+
+    on_shard = corpus.Pipeline.on_shard
+    finished = []
+
+    def interrupt_after_three(self, writer):
+        on_shard(self, writer)
+        finished.append(writer.split)
+        if finished.count("train") == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus.Pipeline, "on_shard", interrupt_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(source, tmp_path / "cut", *settings)
+    left = sorted(p.name for p in (tmp_path / "cut").iterdir())
+    assert left == ["progress.json", "train_000000.bin", "train_000001.bin", "train_000002.bin"]
+    with pytest.raises(FileNotFoundError):
+        open_dataset(tmp_path / "cut")  # not mistaken for a dataset
+    monkeypatch.setattr(corpus.Pipeline, "on_shard", on_shard)
+    run(source, tmp_path / "cut", *settings)
+    whole = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert whole == sorted(p.name for p in (tmp_path / "cut").iterdir())
+    for name in whole:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes(), name
+
+
+def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path, shakespeare_path):
+    out = tmp_path / "out"
+    cases = {
+        "holds no documents with text": write_jsonl(tmp_path / "empty.jsonl", ["", ""]),
+        "has no column 'text' \\(it has body, id\\); pass --text_column": write_jsonl(
+            tmp_path / "other.jsonl", ["a", "b"], key="body"
+        ),
+        "cannot read --input file .*missing.jsonl": tmp_path / "missing.jsonl",
+        "cannot read .*broken.jsonl": tmp_path / "broken.jsonl",
+        "holds a single document": write_jsonl(tmp_path / "one.jsonl", ["only one"]),
+    }
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n')
+    for message, path in cases.items():
+        with pytest.raises(corpus.CorpusError, match=message) as e:
+            run(path, out, "--num_proc", "1")
+        assert "\n" not in str(e.value)
+        assert not (out / "meta.json").exists()
+    (out / "meta.json").unlink(missing_ok=True)
+    for p in out.iterdir():
+        p.unlink()
+    (out / "train_000000.bin").write_bytes(b"someone else's")
+    with pytest.raises(corpus.CorpusError, match="holds token files of an unknown dataset"):
+        run(write_jsonl(tmp_path / "ok.jsonl", ["a", "b"]), out, "--num_proc", "1")
+
+
+def test_text_files_and_the_command_line(tmp_path, shakespeare_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    texts = documents(shakespeare_path, 4)
+    for i, text in enumerate(texts):
+        (folder / f"{i}.txt").write_text(text)
+    result = run_script(ROOT / "prepare" / "corpus.py", "--input", folder, "--out_dir", tmp_path / "out",
+                        "--tokenizer_file", GPT2_TIKTOKEN, "--val_fraction", "0.3", "--num_proc", "1")  # fmt: skip
+    assert "train" in result.stdout
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 4
+    with pytest.raises(SystemExit, match="^error: cannot read --input file .*nope.txt"):
+        corpus.main(["--input", str(folder / "nope.txt"), "--out_dir", str(tmp_path / "o2")])
+
+
+def test_shakespeare_in_gpt2_tokens(tmp_path, shakespeare_path):
+    from prepare import shakespeare
+
+    shakespeare.prepare(tmp_path, shakespeare_path, GPT2_TIKTOKEN)
+    text = shakespeare_path.read_text()
+    n = int(0.9 * len(text))
+    enc = GPT2Tokenizer(GPT2_TIKTOKEN).enc
+    ds = open_dataset(tmp_path)
+    assert ds.splits["val"][0].memmap().tolist() == enc.encode_ordinary(text[n:])
+    assert ds.splits["train"][0].count == len(enc.encode_ordinary(text[:n]))
+
+
+def peak_rss_mb(source, out_dir):
+    # VmHWM, the peak resident memory of this process image (ru_maxrss would carry over the
+    # parent's peak through fork and exec).
+    code = ("import sys; from prepare.corpus import main; main(sys.argv[1:]); "
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")  # fmt: skip
+    result = run_script("-c", code, "--input", source, "--out_dir", out_dir, "--tokenizer_file", GPT2_TIKTOKEN,
+                        "--num_proc", "1", "--shard_tokens", "1000000")  # fmt: skip
+    return int(result.stdout.split()[-1]) / 1024  # kB
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+def test_memory_stays_flat_as_the_corpus_grows(tmp_path, shakespeare_path):
+    texts = documents(shakespeare_path, 125)  # about 0.6 MB
+    small = write_jsonl(tmp_path / "small.jsonl", texts * 5)  # 3 MB
+    large = write_jsonl(tmp_path / "large.jsonl", texts * 60)  # 38 MB, 11M tokens
+    small_mb, large_mb = peak_rss_mb(small, tmp_path / "small"), peak_rss_mb(large, tmp_path / "large")
+    # Holding the extra 10M tokens, even as uint16, would add 20 MB.
+    assert large_mb - small_mb < 16, f"peak RSS grew from {small_mb:.0f} MB to {large_mb:.0f} MB"
