@@ -2,17 +2,22 @@
 
 python bench.py configs/train_gpt2.py --device=cuda --json bench-gpt2.json
 python bench.py configs/train_shakespeare_char.py --device=cpu --compile=False --bench_iters=5
+python bench.py configs/speedrun_shakespeare_char_cpu.py --speedrun=3
 
 Training is timed by running train.py itself (same step, same compile and precision) on random
 tokens for 2 x bench_iters steps: the first bench_iters warm up (compile, allocator), the last
 bench_iters are timed with one host sync at their end. Sampling is timed through generate.py:
 prefill of a prompt, then decoding with the KV cache and by full recomputation.
+--speedrun=N instead runs the whole training N times, each in a fresh process, and reports the
+seconds from process start to the last training step and the whole-val loss (their medians).
 """
 
 import json
 import os
 import platform
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,12 +43,16 @@ class BenchConfig(train.TrainConfig):
     prompt_tokens: int = option(0, "prompt length for sampling (0: block_size // 2)")
     vocab_size: int = option(0, "vocabulary (0: the prepared dataset's, else a known one, else GPT-2's 50304)")
     json: str = option("", "also write the results to this JSON file")
+    speedrun: int = option(0, "> 0: instead time this many complete training runs (process start to last step)")
 
     def __post_init__(self):
         super().__post_init__()
-        for key in ("bench_iters", "sample_tokens", "prompt_tokens", "vocab_size"):
+        for key in ("bench_iters", "sample_tokens", "prompt_tokens", "vocab_size", "speedrun"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
+        if self.speedrun and self.max_iters % self.log_interval:
+            raise ConfigError(f"--speedrun reads the log line of the last step: log_interval ({self.log_interval}) "
+                              f"must divide max_iters ({self.max_iters})")  # fmt: skip
         if self.prompt_tokens > self.block_size:
             raise ConfigError(f"prompt_tokens ({self.prompt_tokens}) must not exceed block_size ({self.block_size})")
 
@@ -91,6 +100,43 @@ def peak_memory_bytes(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def train_args(cfg, **overrides):
+    """train.py arguments that reproduce cfg's training keys, with overrides."""
+    train_keys = {f.name for f in fields(train.TrainConfig)}
+    values = {k: v for k, v in asdict(cfg).items() if k in train_keys} | overrides
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def timed_run(cfg):
+    """One training run in a fresh interpreter: (seconds from its start to the log line of the last
+    step, the whole-val loss it logged). The final evaluation runs after the clock stops."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    last_step = f"iter {cfg.max_iters}:"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, script, *train_args(cfg, full_val=True, init_from="scratch")],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    seconds = None
+    for line in proc.stdout:
+        if seconds is None and line.startswith(last_step):
+            seconds = time.perf_counter() - t0
+    if proc.wait() != 0 or seconds is None:
+        raise RuntimeError(f"train.py exited with status {proc.returncode} before its last step")
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    return seconds, [r["full_val_loss"] for r in rows if "full_val_loss" in r][-1]
+
+
+def bench_speedrun(cfg):
+    """cfg.speedrun complete runs, one after another; the data must be prepared (preparation is not timed)."""
+    if not os.path.exists(os.path.join(cfg.data_dir, cfg.dataset, "meta.json")):
+        raise ConfigError(f"dataset {cfg.dataset} is not prepared in {cfg.data_dir}: prepare it first (not timed)")
+    runs = [timed_run(cfg) for _ in range(cfg.speedrun)]
+    for i, (seconds, loss) in enumerate(runs):
+        print(f"run {i + 1}: {seconds:.1f} s to the last step, full val loss {loss:.4f}")
+    return {"runs": [{"seconds": s, "full_val_loss": v} for s, v in runs],
+            "median_seconds": statistics.median(s for s, _ in runs),
+            "median_full_val_loss": statistics.median(v for _, v in runs)}  # fmt: skip
+
+
 def bench_training(cfg, device, vocab, flops_per_token, peak):
     """Run train.py for 2 x bench_iters steps on random tokens; the second half is timed."""
     n = cfg.bench_iters
@@ -101,11 +147,9 @@ def bench_training(cfg, device, vocab, flops_per_token, peak):
                      "max_iters": 2 * n, "log_interval": n, "eval_interval": 2 * n, "eval_iters": 1,
                      "eval_only": False, "full_val": False, "init_from": "scratch", "device": device,
                      "always_save_checkpoint": False, "warmup_iters": 0}  # fmt: skip
-        train_keys = {f.name for f in fields(train.TrainConfig)}
-        values = {k: v for k, v in asdict(cfg).items() if k in train_keys} | overrides
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
-        train.main([f"--{k}={v}" for k, v in values.items()])
+        train.main(train_args(cfg, **overrides))
         memory = peak_memory_bytes(device)
         rows = [json.loads(line) for line in open(os.path.join(tmp, "out", "log.jsonl"))]
     timed = [r for r in rows if r.get("iter") == 2 * n and "ms_per_iter" in r][0]
@@ -173,6 +217,10 @@ def table(results):
                 ("KV cache speed-up", f"{s['cache_speedup']:.1f}x")]  # fmt: skip
         lines += ["", f"sampling: prompt of {s['prompt_tokens']}, {s['new_tokens']} new tokens, batch 1"]
         lines += [f"  {name:28s}{value:>12}" for name, value in rows]
+    if "speedrun" in results:
+        r = results["speedrun"]
+        lines += ["", f"speedrun: {len(r['runs'])} runs, median {r['median_seconds']:.1f} s from process start "
+                      f"to the last step, median full val loss {r['median_full_val_loss']:.4f}"]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -189,9 +237,11 @@ def main(argv=None):
                "compile": cfg.compile, "params": shape.num_params(), "flops_per_token": shape.flops_per_token(),
                "peak_flops": hardware.peak_flops(device, dtype),
                "config": {k: v for k, v in asdict(cfg).items() if k != "json"}}  # fmt: skip
-    if cfg.bench_iters:
+    if cfg.speedrun:
+        results["speedrun"] = bench_speedrun(cfg)
+    elif cfg.bench_iters:
         results["training"] = bench_training(cfg, device, vocab, results["flops_per_token"], results["peak_flops"])
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and not cfg.speedrun:
         results["sampling"] = bench_sampling(cfg, device, dtype, vocab)
     print(table(results))
     if cfg.json:

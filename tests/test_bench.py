@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from conftest import run_script
+from conftest import run_script, tiny_train_args
 
 import bench
-from config import run_cli
+from config import ConfigError, run_cli
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--vocab_size=65", "--compile=False", "--dtype=float32"]  # fmt: skip
@@ -65,3 +65,19 @@ def test_bench_cuda_compiled_bf16(tmp_path):
     assert r["dtype"] in ("bfloat16", "float16") and r["compile"] is True
     assert r["training"]["tokens_per_s"] > 0 and r["training"]["peak_memory_bytes"] > 0
     assert r["sampling"]["decode_tokens_per_s_cached"] > 0
+
+
+def test_speedrun_times_whole_runs(char_data_dir, tmp_path):
+    out = tmp_path / "s.json"
+    args = tiny_train_args(char_data_dir, tmp_path / "run", max_iters=4, eval_interval=4, log_interval=2, eval_iters=1)
+    result = run_script("bench.py", *args, "--speedrun=2", "--json", out)
+    r = json.loads(out.read_text())["speedrun"]
+    assert len(r["runs"]) == 2 and "training" not in json.loads(out.read_text())
+    assert all(0 < run["seconds"] < 120 and 2.0 < run["full_val_loss"] < 4.5 for run in r["runs"])
+    assert r["median_full_val_loss"] == pytest.approx(r["runs"][0]["full_val_loss"])  # same seed, same run
+    assert "run 2:" in result.stdout and "median" in result.stdout
+
+
+def test_speedrun_needs_the_last_step_logged():
+    with pytest.raises(ConfigError, match="log_interval"):
+        bench.parse_args(["--speedrun=1", "--max_iters=10", "--log_interval=3"])
