@@ -235,6 +235,14 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, block_size=None, dropout=0.0):
+        """OpenAI's GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl from the Hugging Face hub)
+        or a local folder in Hugging Face's GPT-2 format; the conversion lives in hf_gpt2.py."""
+        from hf_gpt2 import load_pretrained
+
+        return load_pretrained(name_or_path, block_size, dropout)
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -3,10 +3,10 @@
 python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
 python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
 echo "ROMEO:" | python sample.py --out_dir=out-shakespeare-char --start=- --num_samples=1
+python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=1
 """
 
 import codecs
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -14,17 +14,15 @@ from dataclasses import dataclass
 import torch
 
 import hardware
-from checkpoint import CheckpointError, load_checkpoint
 from config import ConfigError, option, parse_config, run_cli
 from generate import decode_n_tokens
-from model import GPT, GPTConfig
-from tokenizer import TokenizerError, load_tokenizer
-from tokens import read_meta
+from loading import INIT_FROM_HELP, check_init_from, load_model
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = option("out", "run directory holding ckpt.pt and meta.json")
+    init_from: str = option("resume", INIT_FROM_HELP)
+    out_dir: str = option("out", "run directory holding ckpt.pt and meta.json (init_from=resume)")
     start: str = option("\n", "prompt text; FILE:path reads it from a file, - from stdin; empty starts "
                               "from end-of-text (BPE) or a newline (characters)")  # fmt: skip
     num_samples: int = option(10, "samples drawn together as one batch")
@@ -43,6 +41,7 @@ class SampleConfig:
     tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
 
     def __post_init__(self):
+        check_init_from(self.init_from)
         if self.num_samples <= 0 or self.max_new_tokens <= 0:
             raise ConfigError("num_samples and max_new_tokens must be positive")
         if self.temperature < 0:
@@ -67,25 +66,6 @@ def read_prompt(start):
         except OSError as e:
             raise ConfigError(f"cannot read prompt file {path}: {e.strerror}") from None
     return start
-
-
-def load_run(out_dir, device, tokenizer_file=None):
-    """The model and tokenizer of a training run directory."""
-    try:
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), map_location=device)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        meta = read_meta(out_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"{e}; copy the dataset's meta.json into {out_dir}") from None
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    try:
-        tok = load_tokenizer(meta, tokenizer_file or None)
-    except TokenizerError as e:
-        raise ConfigError(str(e)) from None
-    return model.to(device).eval(), tok
 
 
 def end_of_text(tok):
@@ -134,7 +114,7 @@ def main(argv=None):
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     prompt = read_prompt(cfg.start)
-    model, tok = load_run(cfg.out_dir, device, cfg.tokenizer_file)
+    model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
     block_size = model.config.block_size
     if cfg.window_keep > block_size:
         raise ConfigError(f"window_keep ({cfg.window_keep}) must not exceed the model's block_size ({block_size})")

@@ -21,7 +21,9 @@ import hardware
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import ConfigError, option, parse_config, run_cli
 from full_val import full_val_loss
+from hf_gpt2 import HUB_MODELS
 from loader import TRAIN_STREAM, VAL_STREAM, WindowSampler
+from loading import check_init_from, load_gpt2
 from model import ACTIVATIONS, ATTENTION_IMPLS, GPT, POS_EMBEDDINGS, GPTConfig
 from optimizer import OPTIMIZERS, make_optimizer
 from tokens import TokenFileError, open_dataset, write_meta
@@ -41,8 +43,8 @@ class TrainConfig:
     eval_only: bool = option(False, "evaluate once and exit")
     full_val: bool = option(False, "at the last iteration also score the whole val split (log.jsonl: full_val_loss)")
     always_save_checkpoint: bool = option(True, "save at every eval, not only when val loss improves")
-    init_from: str = option("scratch", "scratch: a new model; resume: continue from out_dir/ckpt.pt",
-                            ("scratch", "resume"))  # fmt: skip
+    init_from: str = option("scratch", "scratch: a new model; resume: continue from out_dir/ckpt.pt; gpt2, gpt2-medium,"
+                            " gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder: finetune those weights")  # fmt: skip
     seed: int = option(1337, "seed for initialisation, data order and dropout")
     # data
     dataset: str = option("openwebtext", "dataset name: token files are read from data_dir/dataset/")
@@ -94,6 +96,7 @@ class TrainConfig:
     plot_loss: bool = option(False, "redraw out_dir/loss.png after every evaluation")
 
     def __post_init__(self):
+        check_init_from(self.init_from, ("scratch", "resume"))
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
                     "block_size", "n_layer", "n_head", "n_embd", "lr_decay_iters")  # fmt: skip
         for key in positive:
@@ -156,6 +159,16 @@ def ensure_dataset(cfg, d):
     if d.enabled:
         torch.distributed.barrier()
     return path
+
+
+def check_pretrained_vocab(cfg, meta, vocab_size):
+    """The dataset's token ids must mean to the pretrained model what they meant to its training."""
+    if cfg.init_from in HUB_MODELS and meta.get("tokenizer") != "gpt2":
+        raise ConfigError(f"init_from={cfg.init_from} needs a dataset tokenized with GPT-2 BPE; {cfg.dataset} "
+                          f"uses {meta.get('tokenizer')!r}")  # fmt: skip
+    if meta.get("vocab_size", 0) > vocab_size:
+        raise ConfigError(f"dataset {cfg.dataset} has {meta['vocab_size']} token ids, more than the "
+                          f"{vocab_size} of {cfg.init_from}")  # fmt: skip
 
 
 def check_out_dir(out_dir):
@@ -246,6 +259,12 @@ def train(cfg, d, device):
     model_args["vocab_size"] = meta.get("vocab_size", 50304)
     if checkpoint is not None:
         model_args = checkpoint["model_args"]
+    pretrained = None
+    if cfg.init_from not in ("scratch", "resume"):
+        # Finetuning: GPT-2's architecture and weights, with this config's block_size and dropout.
+        pretrained = load_gpt2(cfg.init_from, cfg.block_size, cfg.dropout)
+        model_args = asdict(pretrained.config)
+        check_pretrained_vocab(cfg, meta, model_args["vocab_size"])
     try:
         dataset.check_vocab(model_args["vocab_size"])
         shape = (model_args["block_size"], cfg.batch_size)
@@ -263,7 +282,7 @@ def train(cfg, d, device):
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = GPT(GPTConfig(**model_args)).to(device)
+    model = (pretrained if pretrained is not None else GPT(GPTConfig(**model_args))).to(device)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")

@@ -107,3 +107,29 @@ def test_bpe_stream_decodes_characters_split_across_tokens():
     ids = list(range(150, 260)) + list(range(1000, 50000, 997)) + ids[:3]
     stream = sample.TextStream(enc)
     assert "".join([stream.push([i]) for i in ids] + [stream.flush()]) == enc.decode(ids)
+
+
+def test_gpt2_bpe_run_streams_the_same_text(capsys, tmp_path):
+    """A GPT-2 BPE model: the empty prompt starts from end-of-text, and the streamed text equals the
+    batch-printed one although random tokens split multi-byte characters."""
+    import torch
+
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    from tokens import write_meta
+
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():  # favour the 256 single-byte tokens: many of them are halves of UTF-8 characters
+        model.lm_head.weight[256:] = 0.0
+        model.lm_head.weight[:256] *= 10.0
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": args})
+    write_meta(tmp_path, {"tokenizer": "gpt2", "vocab_size": 50257})
+    common = ["--start=", "--num_samples=1", "--max_new_tokens=40", "--temperature=2.0", "--top_k=100",
+              f"--tokenizer_file={GPT2_TIKTOKEN}"]  # fmt: skip
+    streamed = run(capsys, tmp_path, *common)
+    whole = run(capsys, tmp_path, *common, "--stream=False")
+    assert samples(streamed.out) == samples(whole.out)
+    assert "\ufffd" in streamed.out  # the case worth testing: bytes that do not form whole characters
+    assert "prompt of 1 tokens" in streamed.err

@@ -1,0 +1,175 @@
+"""GPT-2 weights in Hugging Face's format, in and out.
+
+In: OpenAI's checkpoints from the Hugging Face hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl), or
+a local folder in the same format (config.json with model.safetensors or pytorch_model.bin).
+Out: a folder that transformers' GPT2LMHeadModel.from_pretrained loads with the same logits.
+
+The parameter names are GPT-2's on both sides. The one real difference: Hugging Face keeps
+GPT-2's projections as Conv1D, whose weight is (in, out), the transpose of nn.Linear's (out, in).
+"""
+
+import dataclasses
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import GPT, GPTConfig
+
+# OpenAI's GPT-2 checkpoints on the Hugging Face hub: 124M, 350M, 774M and 1558M parameters.
+HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# GPTConfig fields that GPT-2's format can hold whatever their value: its sizes; dropout and the
+# attention kernel, which do not change what an eval-mode model computes; bias=False, written as
+# zero biases; an untied head, written as its own lm_head.weight; and an initialisation choice.
+# Every other field must keep its default (GPT-2's behaviour) to be exported.
+EXPRESSIBLE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "attention", "bias",
+               "tie_embeddings", "zero_init_proj"}  # fmt: skip
+GPT2_EOT = 50256
+
+
+class HFFormatError(ValueError):
+    """A checkpoint that is not GPT-2 in Hugging Face's format, or a model that format cannot hold."""
+
+
+def fetch(name_or_path):
+    """The local folder of a Hugging Face GPT-2 checkpoint: the path itself, or a hub download
+    (kept in the Hugging Face cache, which is used again when offline)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path not in HUB_MODELS:
+        raise HFFormatError(f"{name_or_path!r} is neither a folder nor one of {', '.join(HUB_MODELS)}")
+    from huggingface_hub import snapshot_download
+
+    repo = HUB_MODELS[name_or_path]
+    try:
+        return snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # no network, or no cached copy: the hub's errors are many
+        raise HFFormatError(
+            f"cannot get {repo} from the Hugging Face hub ({type(e).__name__}); on a machine without internet, "
+            f"download config.json and model.safetensors from huggingface.co/{repo} elsewhere and pass their folder"
+        ) from None
+
+
+def config_from_hf(hf):
+    """GPTConfig arguments for a Hugging Face GPT2Config (as its config.json dict); anything our
+    GPT would compute differently is refused."""
+    n_embd = hf["n_embd"]
+    checks = [
+        (hf.get("model_type", "gpt2") == "gpt2", f"model_type is {hf.get('model_type')!r}, not 'gpt2'"),
+        (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+         f"activation_function {hf.get('activation_function')!r} is not GPT-2's tanh GELU"),
+        (hf.get("n_inner") in (None, 4 * n_embd), f"n_inner {hf.get('n_inner')} is not 4 * n_embd"),
+        (hf.get("layer_norm_epsilon", 1e-5) == 1e-5, f"layer_norm_epsilon {hf.get('layer_norm_epsilon')} is not 1e-5"),
+        (hf.get("scale_attn_weights", True), "scale_attn_weights is off"),
+        (not hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is on"),
+    ]  # fmt: skip
+    problems = [why for ok, why in checks if not ok]
+    if problems:
+        raise HFFormatError("this GPT-2 checkpoint differs from the model here: " + "; ".join(problems))
+    return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, block_size=hf["n_positions"],
+                vocab_size=hf["vocab_size"], bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))  # fmt: skip
+
+
+def read_weights(folder):
+    """The state dict in a folder's model.safetensors, or else in its pytorch_model.bin."""
+    safetensors_path, torch_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(safetensors_path):
+        return load_file(safetensors_path)
+    if os.path.exists(torch_path):
+        return torch.load(torch_path, map_location="cpu", weights_only=True)
+    raise HFFormatError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def from_hf_state_dict(hf_sd, tie_embeddings=True):
+    """Our state dict from a Hugging Face GPT-2 one (GPT2LMHeadModel's, or GPT2Model's without
+    the 'transformer.' prefix)."""
+    sd = {}
+    for key, tensor in hf_sd.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the causal mask, stored as a buffer by older versions: not a weight
+        if key.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        sd[key if key == "lm_head.weight" else "transformer." + key] = tensor
+    if tie_embeddings:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def load_pretrained(name_or_path, block_size=None, dropout=0.0):
+    """A GPT with GPT-2 weights from the hub or a local folder (see fetch). block_size, when
+    smaller than the checkpoint's, keeps only the first block_size position embeddings."""
+    folder = fetch(name_or_path)
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            args = config_from_hf(json.load(f))
+    except FileNotFoundError:
+        raise HFFormatError(f"{folder} has no config.json: not a Hugging Face checkpoint folder") from None
+    sd = from_hf_state_dict(read_weights(folder), args["tie_embeddings"])
+    if block_size is not None:
+        if block_size > args["block_size"]:
+            raise HFFormatError(f"block_size {block_size} exceeds the {args['block_size']} positions of {name_or_path}")
+        args["block_size"] = block_size
+        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:block_size]
+    model = GPT(GPTConfig(**args, dropout=dropout))
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        detail = str(e).strip().splitlines()[-1].strip()[:300]
+        raise HFFormatError(f"{folder}: the weights do not fit its config.json ({detail})") from None
+    return model
+
+
+def check_expressible(config):
+    """Refuse, naming each field, a GPTConfig that GPT-2's architecture cannot represent."""
+    default = GPTConfig()
+    odd = [f"{f.name}={getattr(config, f.name)!r} (GPT-2: {getattr(default, f.name)!r})"
+           for f in dataclasses.fields(config)
+           if f.name not in EXPRESSIBLE and getattr(config, f.name) != getattr(default, f.name)]  # fmt: skip
+    if odd:
+        raise HFFormatError(f"GPT-2's format cannot express {', '.join(odd)}; only GPT-2-style models export")
+
+
+def to_hf_state_dict(model):
+    """The Hugging Face GPT2LMHeadModel state dict of our model: Conv1D weights transposed,
+    zero biases where ours has none, lm_head only when it is not the token embedding."""
+    hf_sd = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # transformers ties it back to transformer.wte.weight
+        if key.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        hf_sd[key] = tensor.detach().cpu().contiguous()
+    if not model.config.bias:
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head":
+                out_features = module.weight.shape[0 if isinstance(module, torch.nn.Linear) else -1]
+                hf_sd[f"{name}.bias"] = torch.zeros(out_features, dtype=module.weight.dtype)
+    return hf_sd
+
+
+def hf_config(config):
+    """config.json of a Hugging Face GPT2Config for our GPTConfig."""
+    hf = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+        "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+        "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
+        "tie_word_embeddings": config.tie_embeddings, "dtype": "float32",
+    }  # fmt: skip
+    if config.vocab_size > GPT2_EOT:  # GPT-2's BPE vocabulary: its end-of-text token exists
+        hf.update(bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT)
+    return hf
+
+
+def save_hf(model, folder):
+    """Write model as a Hugging Face GPT-2 folder: config.json and model.safetensors."""
+    check_expressible(model.config)
+    hf_sd = {k: v.float() for k, v in to_hf_state_dict(model).items()}
+    os.makedirs(folder, exist_ok=True)
+    save_file(hf_sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config(model.config), f, indent=2)
