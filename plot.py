@@ -30,14 +30,14 @@ def run_names(out_dirs):
     return [n if names.count(n) == 1 else os.path.normpath(d) for n, d in zip(names, out_dirs, strict=True)]
 
 
-def load_run(out_dir):
+def load_run(out_dir, quiet=False):
     """A run's train and eval rows; PlotError where out_dir has no log.jsonl."""
     if not os.path.isfile(os.path.join(out_dir, "log.jsonl")):
         what = "directory" if os.path.isdir(out_dir) else "path"
         hint = "" if os.path.isdir(out_dir) else " (no such directory)"
         raise PlotError(f"{out_dir}: no log.jsonl in this {what}{hint}; give the out_dir of a train.py run")
     try:
-        return read_log(out_dir)
+        return read_log(out_dir, quiet)
     except OSError as e:
         raise PlotError(f"{out_dir}: cannot read log.jsonl ({e.strerror})") from None
 
@@ -55,12 +55,13 @@ def time_unit(rows):
     return (3600, "h") if longest > 3 * 3600 else (60, "min") if longest > 180 else (1, "s")
 
 
-def draw(out_dirs, path, x="iter"):
+def draw(out_dirs, path, x="iter", quiet=False):
     """Plot the runs in out_dirs against x (iter, time or tokens) into the PNG at path.
-    Runs without rows are skipped with a warning; PlotError if none has any."""
+    Runs without rows are left out with a warning; PlotError if none has any.
+    quiet: no warning for broken lines in a log."""
     runs = []
     for out_dir, name in zip(out_dirs, run_names(out_dirs), strict=True):
-        rows = load_run(out_dir)
+        rows = load_run(out_dir, quiet)
         if not any("loss" in r or "val_loss" in r for r in rows):
             warn(f"{out_dir}: log.jsonl has no loss rows yet (the run logged no step); left out")
             continue

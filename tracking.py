@@ -34,9 +34,9 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def read_rows(path):
+def read_rows(path, quiet=False):
     """Every row of a log.jsonl that parses; a line that does not (the last line of a killed run)
-    is skipped with a warning."""
+    is skipped, with a warning unless quiet."""
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -48,7 +48,7 @@ def read_rows(path):
                 row = None
             if isinstance(row, dict):
                 rows.append(row)
-            else:
+            elif not quiet:
                 warn(f"{path}: line {number} is incomplete or corrupt (a run killed while writing?); skipped")
     return rows
 
@@ -75,9 +75,9 @@ def metric_rows(rows):
     return kept
 
 
-def read_log(out_dir):
+def read_log(out_dir, quiet=False):
     """The train and eval rows of out_dir/log.jsonl (see `metric_rows`)."""
-    return metric_rows(read_rows(os.path.join(out_dir, "log.jsonl")))
+    return metric_rows(read_rows(os.path.join(out_dir, "log.jsonl"), quiet))
 
 
 def summarize(rows):
@@ -143,7 +143,7 @@ class RunLog:
         self.enabled = enabled
         self.out_dir = out_dir
         self.start_iter, self.max_iters = start_iter, max_iters
-        self.plot = config.get("plot_loss", False)
+        self.plot_loss = config.get("plot_loss", False)
         self.session_t0 = self.t0 = time.time()
         self.file = self.bar = self.wandb_run = None
         if not enabled:
@@ -203,10 +203,11 @@ class RunLog:
                 self.bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if v is not None})
-        if self.plot and "val_loss" in row:
+        if self.plot_loss and "val_loss" in row:
             import plot  # matplotlib loads only for runs that draw
 
-            plot.draw([self.out_dir], os.path.join(self.out_dir, "loss.png"))
+            # quiet: a broken line a killed run left was reported once, when this run resumed.
+            plot.draw([self.out_dir], os.path.join(self.out_dir, "loss.png"), quiet=True)
 
     def eta(self, it):
         """Seconds left at this run's mean wall time per iteration so far, evaluations included."""
@@ -220,7 +221,7 @@ class RunLog:
         if not self.enabled:
             return None
         self.file.flush()
-        summary = summarize(read_log(self.out_dir))
+        summary = summarize(read_log(self.out_dir, quiet=True))
         summary["wall_time_s"] = round(self.elapsed(), 3)
         summary["checkpoints"] = [p for p in checkpoints if os.path.exists(p)]
         for line in summary_lines(summary):

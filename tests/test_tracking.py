@@ -196,3 +196,22 @@ def test_a_run_wandb_refuses_stops_with_its_reason_and_keeps_the_log(tmp_path, m
     with pytest.raises(ConfigError, match="wandb login.*WANDB_MODE=offline"):
         RunLog(str(tmp_path), True, start_iter=10, max_iters=20, resumed=True, config={"wandb_log": True})
     assert (tmp_path / "log.jsonl").read_text() == '{"iter": 10, "loss": 3.0}\n'
+
+
+def test_resume_after_a_killed_run(char_data_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    run_script("train.py", *tiny_train_args(char_data_dir, out_dir, max_iters=20))
+    # The run went on past its checkpoint at iter 20 and was killed while writing a row.
+    with open(out_dir / "log.jsonl", "a") as f:
+        f.write('{"time_s": 99.0, "iter": 30, "loss": 9.9}\n{"time_s": 99.5, "it')
+    args = tiny_train_args(char_data_dir, out_dir, max_iters=40, init_from="resume", plot_loss=True)
+    result = run_script("train.py", *args)
+    assert result.stderr.count("is incomplete or corrupt") == 1  # reported once, at the start
+    rows = read_log(out_dir)
+    assert [r["iter"] for r in rows if "loss" in r] == [10, 20, 30, 40]
+    assert all(r["loss"] < 9 for r in rows if "loss" in r)  # the killed run's row at 30 is gone
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 20, 40]
+    assert [r["time_s"] for r in rows] == sorted(r["time_s"] for r in rows) and rows[-1]["time_s"] > 99.0
+    summary = read_rows(str(out_dir / "log.jsonl"), quiet=True)[-1]
+    assert summary["event"] == "summary" and summary["iters"] == 40 and summary["tokens_seen"] == 40 * TOKENS_PER_ITER
+    assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
