@@ -105,3 +105,10 @@ def test_an_empty_run_beside_a_good_one_is_left_out(tmp_path, capsys):
     plot.main([str(tmp_path / "empty"), str(good), "-o", str(out)])
     check_png(out)
     assert "empty: log.jsonl has no loss rows yet" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    run = write_log(tmp_path / "run")
+    out = tmp_path / "no_such_dir" / "loss.png"
+    with pytest.raises(SystemExit, match=f"^error: cannot write {out}: No such file or directory$"):
+        plot.main([str(run), "-o", str(out)])
