@@ -144,7 +144,9 @@ class RunLog:
         self.out_dir = out_dir
         self.start_iter, self.max_iters = start_iter, max_iters
         self.plot_loss = config.get("plot_loss", False)
-        self.session_t0 = self.t0 = time.time()
+        self.training = not config.get("eval_only", False)
+        self.t0 = time.time()
+        self.eta_anchor = (self.t0, start_iter)  # moved to the first logged step: compiling is not the pace
         self.file = self.bar = self.wandb_run = None
         if not enabled:
             return
@@ -159,8 +161,9 @@ class RunLog:
             with open(path, "a") as f:
                 f.write("\n")  # ends the line a killed run left incomplete, so that the next row parses
         self.file = open(path, "a" if resumed else "w")
-        self.write({"event": "start", "iter": start_iter,
-                    "wandb_id": self.wandb_run.id if self.wandb_run else None})  # fmt: skip
+        if self.training:  # an evaluation of a checkpoint continues no run: readers keep every row
+            self.write({"event": "start", "iter": start_iter,
+                        "wandb_id": self.wandb_run.id if self.wandb_run else None})  # fmt: skip
         if sys.stderr.isatty():
             self.bar = tqdm(total=max_iters, initial=start_iter, unit="it", dynamic_ncols=True, leave=False)
 
@@ -199,6 +202,8 @@ class RunLog:
             self.print(f"eval {row['iter']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}")
         else:
             self.print(train_line(row, self.eta(row["iter"])))
+            if self.eta_anchor[1] == self.start_iter:
+                self.eta_anchor = (time.time(), row["iter"])
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         if self.wandb_run is not None:
@@ -210,15 +215,16 @@ class RunLog:
             plot.draw([self.out_dir], os.path.join(self.out_dir, "loss.png"), quiet=True)
 
     def eta(self, it):
-        """Seconds left at this run's mean wall time per iteration so far, evaluations included."""
-        done = it - self.start_iter
-        if done <= 0:
+        """Seconds left at the mean wall time per iteration since the first logged step of this
+        session (since its start at the first logged step itself), evaluations included."""
+        anchor_time, anchor_iter = self.eta_anchor
+        if it <= anchor_iter:
             return None
-        return (time.time() - self.session_t0) / done * (self.max_iters - it)
+        return (time.time() - anchor_time) / (it - anchor_iter) * (self.max_iters - it)
 
     def summary(self, checkpoints):
         """Print and log what the run achieved, from log.jsonl; checkpoints: paths saved by the run."""
-        if not self.enabled:
+        if not (self.enabled and self.training):
             return None
         self.file.flush()
         summary = summarize(read_log(self.out_dir, quiet=True))

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -147,11 +148,16 @@ def test_summary_of_an_empty_run():
     assert summary["iters"] == 0 and summary["best_val_loss"] is None and summary["mean_tokens_per_s"] is None
 
 
-def test_eta_from_the_wall_time_per_iteration(tmp_path):
+def test_eta_from_the_wall_time_per_iteration(tmp_path, capsys):
     log = RunLog(str(tmp_path), True, start_iter=100, max_iters=400)
-    log.session_t0 -= 20.0  # 20 s for the first 100 iterations of this session
+    log.eta_anchor = (time.time() - 20.0, 100)  # 20 s for the first 100 iterations of this session
     assert log.eta(100) is None
     assert log.eta(200) == pytest.approx(20.0 / 100 * 200, rel=0.05)
+    # From the first logged step on, the pace is measured from there (startup and compiling left out).
+    log.record({"iter": 110, "loss": 2.0, "lr": 1e-3, "ms_per_iter": 1.0, "tokens_per_s": 1.0})
+    assert log.eta_anchor[1] == 110
+    log.eta_anchor = (time.time() - 5.0, 110)
+    assert log.eta(210) == pytest.approx(5.0 / 100 * 190, rel=0.05)
     log.close()
 
 
@@ -215,3 +221,14 @@ def test_resume_after_a_killed_run(char_data_dir, tmp_path):
     summary = read_rows(str(out_dir / "log.jsonl"), quiet=True)[-1]
     assert summary["event"] == "summary" and summary["iters"] == 40 and summary["tokens_seen"] == 40 * TOKENS_PER_ITER
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_evaluation_only_run_hides_no_rows(tmp_path):
+    rows = [{"time_s": 0.0, "event": "start", "iter": 0}, {"time_s": 1.0, "iter": 10, "loss": 3.0},
+            {"time_s": 2.0, "iter": 20, "loss": 2.5}]  # fmt: skip
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = RunLog(str(tmp_path), True, start_iter=10, max_iters=20, resumed=True, config={"eval_only": True})
+    log.record({"iter": 10, "train_loss": 2.9, "val_loss": 3.1})
+    assert log.summary([]) is None
+    log.close()
+    assert [r["iter"] for r in read_log(str(tmp_path))] == [10, 20, 10]
