@@ -1,30 +1,59 @@
-"""Checkpoints: plain tensors and Python values, written atomically, read with weights_only=True."""
+"""Checkpoint files in a run directory, written so that no crash can lose one.
 
+out_dir/ckpt.pt     the latest state of the run, everything needed to resume it (one file)
+out_dir/ckpt.dcp/   the same for FSDP runs: a torch.distributed.checkpoint directory, one shard
+                    per rank, plus train_state.pt with everything that is not a sharded tensor
+out_dir/best.pt     the model weights with the lowest validation loss so far, for sampling
+
+A file is written to a temporary name in out_dir, flushed, fsynced and renamed over the old
+one; a directory is written beside the old one and swapped in by two renames. A kill -9 at
+any moment leaves a complete checkpoint behind. .pt files hold only tensors and plain values
+and load with weights_only=True.
+"""
+
+import glob
 import os
 import pickle
+import shutil
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 
 from tokens import write_atomic
 
+LATEST = "ckpt.pt"
+SHARDED = "ckpt.dcp"
+BEST = "best.pt"
+SHARDED_STATE = "train_state.pt"  # inside ckpt.dcp/: the non-sharded part of the state
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt or not safe to load."""
+    """A checkpoint is missing, corrupt, not safe to load, or could not be written."""
 
 
-def save_checkpoint(path, state):
-    """Write `state` to a temporary file, fsync it and rename it over `path`: a crash at any moment
-    leaves either the previous checkpoint or the new one, never a torn file."""
-    write_atomic(path, lambda f: torch.save(state, f))
-    # Make the rename itself durable.
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+def fsync_dir(path):
+    """Make renames inside directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def save_checkpoint(path, state):
+    """Write `state` atomically: `path` holds either its previous content or all of `state`."""
+    try:
+        write_atomic(path, lambda f: torch.save(state, f))
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact, free space and resume"
+        ) from None
+
+
 def load_checkpoint(path, map_location="cpu"):
+    """Read a .pt checkpoint with weights_only=True: tensors and plain values only."""
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}; train first or fix out_dir")
     try:
@@ -32,6 +61,105 @@ def load_checkpoint(path, map_location="cpu"):
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{path} holds objects that are not plain tensors or values, refused ({first})") from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({first}); use another checkpoint") from None
+
+
+def sharded_dir(out_dir):
+    """The complete sharded checkpoint in out_dir, or None: after a crash between the two renames
+    of a save only the previous one, ckpt.dcp.old, is complete."""
+    for name in (SHARDED, SHARDED + ".old"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(os.path.join(path, SHARDED_STATE)):
+            return path
+    return None
+
+
+def latest_path(out_dir):
+    """The checkpoint to resume from: ckpt.pt or a ckpt.dcp directory, whichever exists (a save
+    removes the other kind), or None."""
+    path = os.path.join(out_dir, LATEST)
+    return path if os.path.exists(path) else sharded_dir(out_dir)
+
+
+def sampling_path(out_dir):
+    """The checkpoint to sample from: best.pt when there is one, else ckpt.pt."""
+    best = os.path.join(out_dir, BEST)
+    return best if os.path.exists(best) else os.path.join(out_dir, LATEST)
+
+
+def save_sharded(out_dir, tensors, state, master):
+    """Collective: write `tensors` (a state dict of sharded tensors) with torch.distributed.checkpoint
+    and `state` (plain values, written by rank 0) into a new directory, then swap it in."""
+    final = os.path.join(out_dir, SHARDED)
+    tmp, old = final + ".tmp", final + ".old"
+    if master and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # left by a crash in an earlier save
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        if master:
+            save_checkpoint(os.path.join(tmp, SHARDED_STATE), state)  # written last: it marks the directory complete
+            if os.path.exists(final):
+                if os.path.exists(old):
+                    shutil.rmtree(old)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            fsync_dir(out_dir)
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            remove_file(os.path.join(out_dir, LATEST))
+    except (OSError, CheckpointException) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise CheckpointError(f"could not write {final} ({reason}); the previous checkpoint is intact") from None
+
+
+def load_sharded_state(path):
+    return load_checkpoint(os.path.join(path, SHARDED_STATE))
+
+
+def sharded_shapes(path):
+    """{key: shape} of every tensor in a torch.distributed.checkpoint directory, read from its index."""
+    meta = dcp.FileSystemReader(path).read_metadata()
+    return {k: tuple(v.size) for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def load_sharded(path, tensors):
+    """Collective: fill the (sharded) tensors of the state dict `tensors` in place from `path`."""
+    dcp.load(tensors, storage_reader=dcp.FileSystemReader(path))
+
+
+def save_full(out_dir, state):
+    """Write the resume checkpoint ckpt.pt, then remove a sharded one an earlier run left."""
+    save_checkpoint(os.path.join(out_dir, LATEST), state)
+    for name in (SHARDED, SHARDED + ".old"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+
+
+def remove_file(path):
+    if os.path.exists(path):
+        os.remove(path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def remove_stale_temps(out_dir):
+    """Delete temporary files that a killed save left behind (rank 0, before training starts)."""
+    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp.*")):
+        os.remove(path)
+    tmp = os.path.join(out_dir, SHARDED + ".tmp")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+
+
+def shape_mismatch(expected, found):
+    """Lines naming the keys whose shapes differ between two {key: shape} dicts, or are in only one."""
+    lines = [f"missing from the checkpoint: {k}" for k in expected if k not in found]
+    lines += [f"not in the model: {k}" for k in found if k not in expected]
+    lines += [
+        f"{k}: checkpoint {list(found[k])}, model {list(expected[k])}"
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
+    return lines

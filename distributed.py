@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from config import ConfigError
+
 
 @dataclass
 class Dist:
@@ -26,6 +28,15 @@ def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def resolve_backend(backend, device):
+    """'auto' is nccl on CUDA and gloo elsewhere; nccl needs CUDA devices."""
+    if backend == "auto":
+        return "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl" and not device.startswith("cuda"):
+        raise ConfigError(f"backend nccl needs CUDA devices but the device is {device}; use --backend=gloo or auto")
+    return backend
+
+
 def init(device, backend="auto"):
     """Join the process group torchrun describes in the environment; returns (Dist, device).
     Each rank on a CUDA node takes the GPU of its local rank."""
@@ -33,24 +44,59 @@ def init(device, backend="auto"):
         return Dist(), device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = resolve_backend(backend, device)
     if device.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; lower --nproc_per_node"
+            )
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    if backend == "auto":
-        backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend=backend)
     return Dist(rank, local_rank, world), device
+
+
+def local_accumulation(global_steps, d):
+    """Each rank's share of the global gradient_accumulation_steps (nanoGPT's convention), so a run
+    sees the same batches per optimizer step whatever the number of processes."""
+    if global_steps % d.world_size:
+        raise ConfigError(
+            f"gradient_accumulation_steps ({global_steps}) must be a multiple of the number of processes "
+            f"({d.world_size}); use {max(1, round(global_steps / d.world_size)) * d.world_size}"
+        )
+    return global_steps // d.world_size
+
+
+def _reduce(t, op):
+    """All-reduce a float64 tensor in place on the device the backend needs, and return it on the CPU."""
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return t.cpu()
 
 
 def all_mean(value, d):
     """Mean of a float over all ranks (the value itself in a single process)."""
     if not d.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.item() / d.world_size
+    return _reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.SUM).item() / d.world_size
+
+
+def any_rank(flags, d):
+    """Element-wise OR of a 1-D tensor of flags over all ranks, as a list of bools (one host sync)."""
+    flags = flags.detach().to("cpu", torch.float64)
+    if d.enabled:
+        flags = _reduce(flags, dist.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()]
+
+
+def all_gather(obj, d):
+    """Every rank's `obj`, in rank order."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def shutdown():

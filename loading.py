@@ -3,7 +3,7 @@
 
 import os
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, sampling_path
 from config import ConfigError
 from hf_gpt2 import HUB_MODELS, HFFormatError, load_pretrained
 from model import GPT, GPTConfig
@@ -24,9 +24,9 @@ def check_init_from(init_from, allowed=("resume",)):
 
 
 def load_run_model(out_dir, device):
-    """The GPT saved in a training run's out_dir/ckpt.pt."""
+    """The GPT saved in a training run's out_dir: best.pt (lowest val loss) when there is one, else ckpt.pt."""
     try:
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), map_location=device)
+        ckpt = load_checkpoint(sampling_path(out_dir), map_location=device)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     model = GPT(GPTConfig(**ckpt["model_args"]))

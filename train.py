@@ -4,30 +4,32 @@ python train.py configs/train_shakespeare_char_cpu.py --max_iters=500
 torchrun --standalone --nproc_per_node=8 train.py configs/train_shakespeare_char.py
 """
 
-import contextlib
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import distributed
 import hardware
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+import training_state
+from checkpoint import CheckpointError
 from config import ConfigError, option, parse_config, run_cli
+from divergence import DivergenceGuard, TrainingDiverged, nonfinite
 from full_val import full_val_loss
+from graceful_stop import GracefulStop
 from hf_gpt2 import HUB_MODELS
 from loader import TRAIN_STREAM, VAL_STREAM, WindowSampler
 from loading import check_init_from, load_gpt2
 from model import ACTIVATIONS, ATTENTION_IMPLS, GPT, POS_EMBEDDINGS, GPTConfig
 from optimizer import OPTIMIZERS, make_optimizer
+from parallelize import clip_grad_norm, grad_sync, parallelize
 from tokens import TokenFileError, open_dataset, write_meta
 from tracking import RunLog, require_wandb
+from training_state import Resume
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout", "pos_embedding", "attention",
               "qk_norm", "activation", "tie_embeddings", "zero_init_proj", "logit_softcap")  # fmt: skip
@@ -89,6 +91,9 @@ class TrainConfig:
     dtype: str = option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
                         ("auto", "float32", "bfloat16", "float16"))  # fmt: skip
     compile: bool = option(True, "torch.compile the model (pays off on GPUs, not on small CPU runs)")
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state across ranks (FSDP2) instead of DDP")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
+    max_nonfinite_steps: int = option(10, "stop after this many steps in a row with a NaN/Inf loss or gradient norm")
     # tracking
     wandb_log: bool = option(False, 'log to Weights & Biases (install: pip install -e ".[wandb]")')
     wandb_project: str = option("gptcraft", "Weights & Biases project")
@@ -98,7 +103,7 @@ class TrainConfig:
     def __post_init__(self):
         check_init_from(self.init_from, ("scratch", "resume"))
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "block_size", "n_layer", "n_head", "n_embd", "lr_decay_iters")  # fmt: skip
+                    "block_size", "n_layer", "n_head", "n_embd", "lr_decay_iters", "max_nonfinite_steps")  # fmt: skip
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
@@ -181,26 +186,6 @@ def check_out_dir(out_dir):
         raise ConfigError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
 
 
-def rng_state():
-    """Every RNG state, as plain values and tensors so that weights_only loading accepts them."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
-                   "has_gauss": has_gauss, "gauss": gauss}  # fmt: skip
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @torch.no_grad()
 def estimate_loss(model, samplers, cfg, device, dtype, d):
     """Mean loss over eval_iters fixed batches per split, shared out across ranks."""
@@ -208,11 +193,14 @@ def estimate_loss(model, samplers, cfg, device, dtype, d):
     out = {}
     for split, sampler in samplers.items():
         losses = []
-        for j in range(d.rank, cfg.eval_iters, d.world_size):
-            x, y = sampler.batch(j)
+        # Every rank runs the same number of forwards (FSDP gathers weights collectively in each);
+        # a rank past the end repeats a batch and drops its loss.
+        for j in range(d.rank, math.ceil(cfg.eval_iters / d.world_size) * d.world_size, d.world_size):
+            x, y = sampler.batch(j % cfg.eval_iters)
             with hardware.autocast(device, dtype):
                 _, loss = model(x, y)
-            losses.append(loss.item())
+            if j < cfg.eval_iters:
+                losses.append(loss.item())
         total = distributed.all_mean(sum(losses), d) * d.world_size
         out[split] = total / cfg.eval_iters
     model.train()
@@ -224,28 +212,21 @@ def main(argv=None):
     device = hardware.resolve_device(cfg.device)
     d, device = distributed.init(device, cfg.backend)
     try:
-        train(cfg, d, device)
+        with GracefulStop() as stop:
+            return train(cfg, d, device, stop)
+    except (TrainingDiverged, CheckpointError) as e:
+        sys.exit(f"error: {e}")
     finally:
         distributed.shutdown()
 
 
-def train(cfg, d, device):
+def train(cfg, d, device, stop):
     dtype = hardware.resolve_dtype(cfg.dtype, device)
-    if cfg.gradient_accumulation_steps % d.world_size:
-        raise ConfigError(
-            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the "
-            f"number of processes ({d.world_size})"
-        )
-    accum = cfg.gradient_accumulation_steps // d.world_size  # micro-steps on this rank
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    accum = distributed.local_accumulation(cfg.gradient_accumulation_steps, d)  # micro-steps on this rank
     if d.master:
         check_out_dir(cfg.out_dir)
-    checkpoint = None
-    if cfg.init_from == "resume":
-        try:
-            checkpoint = load_checkpoint(ckpt_path)
-        except CheckpointError as e:
-            raise ConfigError(str(e)) from None
+    model_keys = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    resume = Resume(cfg.out_dir, model_keys) if cfg.init_from == "resume" else None
 
     data_path = ensure_dataset(cfg, d)
     try:
@@ -257,8 +238,8 @@ def train(cfg, d, device):
 
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_args["vocab_size"] = meta.get("vocab_size", 50304)
-    if checkpoint is not None:
-        model_args = checkpoint["model_args"]
+    if resume is not None:
+        model_args = resume.model_args
     pretrained = None
     if cfg.init_from not in ("scratch", "resume"):
         # Finetuning: GPT-2's architecture and weights, with this config's block_size and dropout.
@@ -272,59 +253,59 @@ def train(cfg, d, device):
             split: WindowSampler(dataset.splits[split], *shape, cfg.seed, stream, device, dataset.fingerprint)
             for split, stream in (("train", TRAIN_STREAM), ("val", VAL_STREAM))
         }
-        if checkpoint is not None:
-            drawn = checkpoint["iter_num"] * cfg.gradient_accumulation_steps  # global micro-batches so far
-            samplers["train"].check_state(checkpoint["loader"], drawn)
+        if resume is not None:
+            drawn = resume.iter_num * cfg.gradient_accumulation_steps  # global micro-batches so far
+            samplers["train"].check_state(resume.loader, drawn)
     except ValueError as e:  # TokenFileError, LoaderStateError
         raise ConfigError(f"dataset {cfg.dataset}: {e}") from None
+    if d.master:
+        checkpoint.remove_stale_temps(cfg.out_dir)
 
-    torch.manual_seed(cfg.seed + d.rank)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = (pretrained if pretrained is not None else GPT(GPTConfig(**model_args))).to(device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, which FSDP relies on
+    raw_model = (pretrained if pretrained is not None else GPT(GPTConfig(**model_args))).to(device)
+    torch.manual_seed(cfg.seed + d.rank)  # then each rank its own dropout masks
+    model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, cfg.compile)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        if d.master:
-            set_rng_state(checkpoint["rng"])
-        checkpoint = None  # free the memory
+    if resume is not None:
+        resume.restore(model, optimizer, scaler)
+        iter_num, best_val_loss = resume.iter_num, resume.best_val_loss
     start_iter = iter_num
 
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if d.enabled:
-        model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
-
-    log = RunLog(cfg.out_dir, d.master, start_iter, cfg.max_iters, resumed=cfg.init_from == "resume",
+    log = RunLog(cfg.out_dir, d.master, start_iter, cfg.max_iters, resumed=resume is not None,
                  config=asdict(cfg))  # fmt: skip
     if d.master:
         log.print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
         log.print(f"device {device}, dtype {dtype}, {d.world_size} process(es), "
                   f"{raw_model.num_params() / 1e6:.2f}M parameters")  # fmt: skip
+        if resume is not None:
+            log.print(f"resumed from {resume.path} at iteration {iter_num}")
         write_meta(cfg.out_dir, meta)  # sample.py decodes with the run's own copy
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_args["block_size"]
     peak = hardware.peak_flops(device, dtype) if d.master else None
+    guard = DivergenceGuard(cfg.max_nonfinite_steps)
+    if resume is not None:
+        resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
 
-    def save(iter_num, best_val_loss):
-        state = {
-            "model": raw_model.state_dict(),
-            "model_args": model_args,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "config": asdict(cfg),
-            "rng": rng_state(),
-            "loader": samplers["train"].state(iter_num * cfg.gradient_accumulation_steps),
-        }
-        save_checkpoint(ckpt_path, state)
+    def save(iter_num, best_val_loss, new_best=False):
+        """Collective. Write the resume checkpoint, and best.pt when `new_best`; never weights
+        that are no longer finite."""
+        finite = all(torch.isfinite(p).all() for p in model.parameters())
+        if distributed.any_rank(torch.tensor([not finite]), d)[0]:
+            log.print(f"iter {iter_num}: weights are not finite, checkpoint not saved")
+            return
+        progress = {"iter_num": iter_num, "best_val_loss": best_val_loss, "config": asdict(cfg),
+                    "loader": samplers["train"].state(iter_num * cfg.gradient_accumulation_steps)}  # fmt: skip
+        training_state.save_latest(cfg.out_dir, model, optimizer, scaler, model_args, progress, d, device, cfg.fsdp)
+        saved = checkpoint.SHARDED if cfg.fsdp else checkpoint.LATEST
+        if new_best:
+            training_state.save_best(cfg.out_dir, model, model_args, progress, d)
+            saved += " and " + checkpoint.BEST
+        log.print(f"iter {iter_num}: saved {saved} in {cfg.out_dir}")
 
     def next_batch(it, micro):
         # Global micro-batch number: ranks take consecutive slices of each step's batches.
@@ -334,7 +315,7 @@ def train(cfg, d, device):
     t_last, iters_since_log = time.time(), 0
     while True:
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
-            if not (iter_num == start_iter and cfg.init_from == "resume" and not cfg.eval_only):
+            if not (iter_num == start_iter and resume is not None and not cfg.eval_only):
                 losses = estimate_loss(model, samplers, cfg, device, dtype, d)
                 row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                        "tokens_seen": iter_num * tokens_per_iter}  # fmt: skip
@@ -346,9 +327,8 @@ def train(cfg, d, device):
                     log.print(f"full val loss {row['full_val_loss']:.4f} ({len(val_data[0]) - 1:,} tokens)")
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if d.master and iter_num > start_iter and (improved or cfg.always_save_checkpoint):
-                    save(iter_num, best_val_loss)
-                    log.print(f"saved {ckpt_path}")
+                if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                    save(iter_num, best_val_loss, new_best=improved)
                 t_last = time.time()  # evaluation time is not training time
         if cfg.eval_only or iter_num >= cfg.max_iters:
             break
@@ -356,12 +336,10 @@ def train(cfg, d, device):
         lr = learning_rate(cfg, iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-step
         for micro in range(accum):
-            # Only the last micro-step all-reduces gradients: forward and backward of the
-            # others both run inside no_sync (DDP records the reduction during forward).
-            sync = not d.enabled or micro == accum - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
+            # Only the last micro-step reduces gradients across ranks.
+            with grad_sync(model, micro == accum - 1):
                 with hardware.autocast(device, dtype):
                     _, loss = model(x, y)
                     loss = loss / accum
@@ -371,19 +349,24 @@ def train(cfg, d, device):
                 else:
                     x, y = next_batch(iter_num, micro + 1)
                 scaler.scale(loss).backward()
-        log_step = (iter_num + 1) % cfg.log_interval == 0
-        if cfg.grad_clip > 0 or log_step:
-            scaler.unscale_(optimizer)
-            # max_norm=inf measures the norm without clipping; a tensor, read only at log steps.
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        scaler.step(optimizer)
+        scaler.unscale_(optimizer)  # true gradients, for the norm and clipping (no-op without fp16)
+        grad_norm = clip_grad_norm(model, cfg.grad_clip)
+        # One host sync per step: every rank learns whether any rank diverged or was told to stop.
+        bad = nonfinite(step_loss, grad_norm, scaler.is_enabled())
+        stop_here = torch.tensor(stop.requested is not None, device=device)
+        skip, stopping = distributed.any_rank(torch.stack([bad, stop_here]), d)
+        if not skip:
+            scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         iters_since_log += 1
         log.step()
+        if skip:
+            log.print(f"iter {iter_num}: loss or gradient norm is NaN/Inf, step skipped")
+        guard.record(skip, iter_num)
 
-        if log_step:
+        if iter_num % cfg.log_interval == 0:
             # Reading the loss waits for the device: only at log steps.
             train_loss = distributed.all_mean(step_loss.item(), d)
             dt = (time.time() - t_last) / iters_since_log
@@ -393,7 +376,12 @@ def train(cfg, d, device):
                         "tokens_per_s": tokens_per_s, "mfu": mfu, "grad_norm": grad_norm.item(),
                         "tokens_seen": iter_num * tokens_per_iter})  # fmt: skip
             t_last, iters_since_log = time.time(), 0
-    log.summary([ckpt_path])
+        if stopping:
+            save(iter_num, best_val_loss)
+            log.print(f"stopped by {stop.requested or 'a signal on another rank'} at iteration {iter_num}; "
+                      f"continue with --init_from=resume --out_dir={cfg.out_dir}")  # fmt: skip
+            break
+    log.summary([os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)])
     log.close()
     return best_val_loss
 

@@ -1,0 +1,34 @@
+"""Divergence guard: a step whose loss or gradient norm is NaN or Inf is not applied, and too
+many such steps in a row stop the run before it wastes more compute."""
+
+import torch
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm stayed non-finite for max_nonfinite_steps steps in a row."""
+
+
+def nonfinite(loss, grad_norm, scaled):
+    """A device tensor, True when this step must be skipped. With fp16 loss scaling an infinite
+    gradient norm is the scaler's business (it skips the step and lowers the scale); a
+    non-finite loss is not."""
+    bad = ~torch.isfinite(loss)
+    if not scaled:
+        bad |= ~torch.isfinite(grad_norm)
+    return bad
+
+
+class DivergenceGuard:
+    def __init__(self, max_in_a_row):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+
+    def record(self, skipped, iter_num):
+        """Count a skipped or applied step; raise TrainingDiverged when too many skipped in a row."""
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingDiverged(
+                f"loss or gradient norm was NaN/Inf for {self.in_a_row} steps in a row (up to iteration "
+                f"{iter_num}); the run stopped and the last checkpoint was kept. Lower learning_rate, "
+                "raise warmup_iters, use grad_clip or float32/bfloat16, or check the data"
+            )

@@ -1,0 +1,175 @@
+"""Everything a run needs to continue exactly where it stopped: model, optimizer, grad scaler,
+counters, config and every rank's RNG states; saved and restored the same way whether the
+model is plain, DDP-wrapped or sharded by FSDP2 (torch.distributed.checkpoint.state_dict)."""
+
+import os
+import random
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
+
+import checkpoint
+import distributed
+from config import ConfigError
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def rng_state(device):
+    """This process's RNG states, as plain values and tensors so that weights_only loading accepts them."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
+                   "has_gauss": has_gauss, "gauss": gauss}  # fmt: skip
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Resume:
+    """The latest checkpoint of out_dir, read and checked before any compute; `restore` then
+    loads it into the built model, optimizer and scaler."""
+
+    def __init__(self, out_dir, model_keys):
+        """model_keys: this run's model settings, which must match those the checkpoint was trained with."""
+        path = checkpoint.latest_path(out_dir)
+        if path is None:
+            raise ConfigError(f"init_from=resume but {out_dir} holds no checkpoint ({checkpoint.LATEST}); "
+                              "train first with init_from=scratch, or fix out_dir")  # fmt: skip
+        self.path = path
+        self.sharded = os.path.isdir(path)
+        try:
+            if self.sharded:
+                self.state = checkpoint.load_sharded_state(path)
+                shapes = checkpoint.sharded_shapes(path)
+                shapes = {k.removeprefix("model."): v for k, v in shapes.items() if k.startswith("model.")}
+            else:
+                self.state = checkpoint.load_checkpoint(path)
+                shapes = {k: tuple(v.shape) for k, v in self.state["model"].items()}
+        except checkpoint.CheckpointError as e:
+            raise ConfigError(str(e)) from None
+        self.model_args = self.state["model_args"]
+        self.iter_num = self.state["iter_num"]
+        self.best_val_loss = self.state["best_val_loss"]
+        self.loader = self.state.get("loader")
+        self.check_settings(model_keys)
+        diff = checkpoint.shape_mismatch(model_shapes(self.model_args), shapes)
+        if diff:
+            raise ConfigError(f"{path} is inconsistent: its weights do not fit its own model_args ("
+                              f"{'; '.join(diff[:8])}); use another checkpoint")  # fmt: skip
+
+    def check_settings(self, model_keys):
+        """The run's model settings must be those the checkpoint was trained with."""
+        saved = self.state.get("config", {})
+        differ = {k: v for k, v in model_keys.items() if k in saved and saved[k] != v and k != "dropout"}
+        if not differ:
+            return
+        if differ.get("block_size", 0) > saved["block_size"]:
+            raise ConfigError(f"block_size {differ['block_size']} is larger than the block_size {saved['block_size']} "
+                              f"of the model in {self.path}; use --block_size={saved['block_size']}")  # fmt: skip
+        asked = {**self.model_args, **differ}
+        diff = checkpoint.shape_mismatch(model_shapes(asked), model_shapes(self.model_args))
+        settings = ", ".join(f"{k}={saved[k]} (this run: {v})" for k, v in differ.items())
+        keys = "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "") if diff else "none, but they compute differently"
+        raise ConfigError(f"{self.path} holds a different model: {settings}. Differing weights: {keys}. "
+                          "Resume with the settings it was trained with, or start a new out_dir")  # fmt: skip
+
+    def restore(self, model, optimizer, scaler):
+        """Collective: load weights, optimizer and grad scaler state."""
+        if self.sharded:
+            optim = get_optimizer_state_dict(model, optimizer)
+            tensors = {"model": get_model_state_dict(model), "optim": {"state": optim["state"]}}
+            checkpoint.load_sharded(self.path, tensors)
+            set_model_state_dict(model, tensors["model"])
+            optim = {"state": tensors["optim"]["state"], "param_groups": self.state["param_groups"]}
+            set_optimizer_state_dict(model, optimizer, optim)
+        else:
+            # A full checkpoint also loads into a sharded model: each rank keeps its own shard.
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, self.state["model"], options=options)
+            set_optimizer_state_dict(model, optimizer, self.state["optimizer"], options=options)
+        scaler.load_state_dict(self.state["scaler"])
+        self.rng_states = self.state["rng"]
+        self.state = None  # free the memory the weights and optimizer state took
+
+    def restore_rng(self, d, device):
+        """This rank's RNG states as they were at the save."""
+        states = self.rng_states
+        if len(states) == d.world_size:
+            set_rng_state(states[d.rank], device)
+        elif d.master:
+            print(f"note: {self.path} was saved by {len(states)} process(es), this run has {d.world_size}: "
+                  "RNG states are not restored, so dropout masks differ from an uninterrupted run")  # fmt: skip
+
+
+def model_shapes(model_args):
+    """{name: shape} of the state dict of the model these settings build, without building it."""
+    from model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_args))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def save_latest(out_dir, model, optimizer, scaler, model_args, progress, d, device, sharded):
+    """Collective: write the resume checkpoint (ckpt.pt, or ckpt.dcp/ when `sharded`); progress:
+    plain values such as iter_num, best_val_loss, config and the loader state."""
+    reshard(model)
+    state = {
+        **progress,
+        "model_args": model_args,
+        "scaler": scaler.state_dict(),
+        "rng": distributed.all_gather(rng_state(device), d),
+    }
+    if sharded:
+        optim = get_optimizer_state_dict(model, optimizer)
+        state["param_groups"] = optim["param_groups"]
+        tensors = {"model": get_model_state_dict(model), "optim": {"state": optim["state"]}}
+        agree(lambda: checkpoint.save_sharded(out_dir, tensors, state, d.master), d)
+        return
+    state["model"] = get_model_state_dict(model, options=FULL)
+    state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=FULL)
+    agree(lambda: d.master and checkpoint.save_full(out_dir, state), d)
+
+
+def save_best(out_dir, model, model_args, progress, d):
+    """Collective: write best.pt, the full model weights for sampling (gathered from all shards)."""
+    reshard(model)
+    state = {**progress, "model": get_model_state_dict(model, options=FULL), "model_args": model_args}
+    agree(lambda: d.master and checkpoint.save_checkpoint(os.path.join(out_dir, checkpoint.BEST), state), d)
+
+
+def reshard(model):
+    """FSDP keeps the root module's weights gathered after a forward with no backward (an
+    evaluation); state dicts are made of the sharded parameters the optimizer holds."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
+def agree(write, d):
+    """Run `write`; if it fails on any rank, raise CheckpointError on every rank, so that no rank
+    is left waiting for the others in the next collective."""
+    error = None
+    try:
+        write()
+    except checkpoint.CheckpointError as e:
+        error = e
+    if distributed.any_rank(torch.tensor([error is not None]), d)[0]:
+        raise error or checkpoint.CheckpointError("saving the checkpoint failed on another rank")
