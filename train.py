@@ -296,7 +296,7 @@ def train(cfg, d, device, stop):
         that are no longer finite."""
         finite = all(torch.isfinite(p).all() for p in model.parameters())
         if distributed.any_rank(torch.tensor([not finite]), d)[0]:
-            log.print(f"iter {iter_num}: weights are not finite, checkpoint not saved")
+            log.print(f"checkpoint not saved at iter {iter_num}: the weights are not finite")
             return
         progress = {"iter_num": iter_num, "best_val_loss": best_val_loss, "config": asdict(cfg),
                     "loader": samplers["train"].state(iter_num * cfg.gradient_accumulation_steps)}  # fmt: skip
@@ -305,7 +305,7 @@ def train(cfg, d, device, stop):
         if new_best:
             training_state.save_best(cfg.out_dir, model, model_args, progress, d)
             saved += " and " + checkpoint.BEST
-        log.print(f"iter {iter_num}: saved {saved} in {cfg.out_dir}")
+        log.print(f"saved {saved} in {cfg.out_dir} at iter {iter_num}")
 
     def next_batch(it, micro):
         # Global micro-batch number: ranks take consecutive slices of each step's batches.
@@ -363,7 +363,7 @@ def train(cfg, d, device, stop):
         iters_since_log += 1
         log.step()
         if skip:
-            log.print(f"iter {iter_num}: loss or gradient norm is NaN/Inf, step skipped")
+            log.print(f"skipped step {iter_num}: loss or gradient norm is NaN/Inf")
         guard.record(skip, iter_num)
 
         if iter_num % cfg.log_interval == 0:

@@ -56,7 +56,7 @@ def test_summary_matches_log(wandb_run):
     assert last["best_val_loss"] == best["val_loss"] and last["best_val_iter"] == best["iter"]
     assert last["iters"] == 40 and last["tokens_seen"] == 40 * TOKENS_PER_ITER
     assert last["mean_tokens_per_s"] == pytest.approx(sum(r["tokens_per_s"] for r in train) / len(train))
-    assert last["checkpoints"] == [str(out_dir / "ckpt.pt")]
+    assert last["checkpoints"] == [str(out_dir / "ckpt.pt"), str(out_dir / "best.pt")]
     assert rows[-1]["time_s"] <= last["wall_time_s"]
     assert f"best val loss {best['val_loss']:.4f} at iter {best['iter']}" in result.stdout
     assert f"{40 * TOKENS_PER_ITER:,} tokens seen" in result.stdout
