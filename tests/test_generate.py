@@ -129,3 +129,11 @@ def test_temperature_sharpens_and_flattens():
 def test_keep_out_of_range_is_refused():
     with pytest.raises(ValueError, match="keep must be in"):
         generate(tiny_model(), torch.zeros(1, 1, dtype=torch.long), 3, keep=BLOCK + 1)
+
+
+def test_prompt_longer_than_block_size_is_cropped_the_same_way():
+    model = tiny_model()
+    idx = torch.randint(0, 40, (2, 2 * BLOCK + 3))
+    cached = generate(model, idx, BLOCK, temperature=0)
+    assert torch.equal(cached, generate(model, idx, BLOCK, temperature=0, use_cache=False))
+    assert torch.equal(cached[:, : idx.size(1)], idx)
