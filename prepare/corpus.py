@@ -182,7 +182,7 @@ def check_out_dir(out_dir, source, force):
 
 
 def prepare(args):
-    """Prepare args.out_dir from the corpus args name; returns its meta.json content."""
+    """Write the dataset that args describe into args.out_dir; return its meta.json content."""
     if not 0 < args.val_fraction < 1:
         raise CorpusError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.shard_tokens <= 0 or args.num_proc <= 0:
@@ -209,17 +209,9 @@ class Pipeline:
         # are encoded again, a small fraction of the corpus) dropping what its shards hold.
         self.resume = progress.get("resume", [0, 0])
         skips = {"train": self.resume[1], "val": sum(s["tokens"] for s in done.get("val", ()))}
-        version = shard_version(tokenizer.vocab_size)
+        shape = (args.shard_tokens, shard_version(tokenizer.vocab_size))
         self.writers = {
-            split: ShardWriter(
-                args.out_dir,
-                split,
-                args.shard_tokens,
-                version,
-                done.get(split, ()),
-                skips[split],
-                on_shard=self.on_shard,
-            )  # fmt: skip
+            split: ShardWriter(args.out_dir, split, *shape, done.get(split, ()), skips[split], self.on_shard)
             for split in SPLITS
         }
         self.resume_doc = self.resume[0]
@@ -256,7 +248,7 @@ class Pipeline:
             spans = list(zip(ends - lengths, ends, is_val, strict=True))
             parts = {split: np.concatenate([ids[s:e] for s, e, v in spans if v == (split == "val")])
                      for split in SPLITS if (is_val == (split == "val")).any()}  # fmt: skip
-        for split in SPLITS:  # val first: a train shard finished here may then record this chunk
+        for split in SPLITS:
             if split in parts:
                 self.max_token[split] = max(self.max_token[split], int(parts[split].max()))
                 self.writers[split].write(parts[split])

@@ -94,3 +94,20 @@ def test_legacy_train_and_val_bin_stay_readable(tmp_path):
     (tmp_path / "val.bin").write_bytes(b"\0" * 41)
     with pytest.raises(TokenFileError, match="val.bin has an odd byte count"):
         open_dataset(tmp_path)
+
+
+def test_foreign_llmc_shards_are_indexed_and_load(tmp_path):
+    from prepare import index_shards
+
+    for name, n in (("fineweb_val_000000.bin", 500), ("fineweb_train_000001.bin", 800),
+                    ("fineweb_train_000002.bin", 700)):  # fmt: skip
+        write_shard(tmp_path / name, np.append(np.arange(n - 1), 50256))
+    index_shards.index(tmp_path)
+    ds = open_dataset(tmp_path)
+    assert [f.count for f in ds.splits["train"]] == [800, 700] and ds.max_token() == 50256
+    assert ds.meta["tokenizer"] == "gpt2"
+    with pytest.raises(SystemExit, match="exists already"):
+        index_shards.index(tmp_path)
+    (tmp_path / "fineweb_train_000002.bin").write_bytes((tmp_path / "fineweb_train_000002.bin").read_bytes()[:-4])
+    with pytest.raises(TokenFileError, match="fineweb_train_000002.bin is truncated"):
+        index_shards.index(tmp_path, force=True)
