@@ -7,13 +7,14 @@ The corpus is a jsonl of documents of 5 to 60 random tiny-Shakespeare paragraphs
 and repeated up to --size_mb. The reference approach: datasets.map with one encode_ordinary
 per document (num_proc workers), then one memmap write per split. Each pipeline runs in its
 own process; peak RSS is the largest sum over that process and its workers, sampled every
-50 ms. Both must produce the same number of tokens.
+50 ms; CPU time is theirs together. Both must produce the same number of tokens.
 """
 
 import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -60,9 +61,15 @@ def tree_rss(pid):
     return total
 
 
+def cpu_seconds():
+    """CPU time of the finished children (and theirs, once waited for), user and system."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_measured(cmd, env=None):
-    """Run cmd; return its wall time in seconds and its peak tree RSS in bytes."""
-    start = time.perf_counter()
+    """Run cmd; return its wall time and CPU time in seconds and its peak tree RSS in bytes."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     peak = 0
@@ -72,7 +79,7 @@ def run_measured(cmd, env=None):
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"error: {' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:]}")
-    return wall, peak
+    return wall, cpu_seconds() - cpu, peak
 
 
 def reference(corpus, out_dir, tokenizer_file, num_proc):
@@ -127,27 +134,27 @@ def main():
         ours = os.path.join(work, "ours")
         cmd = [sys.executable, "-m", "prepare.corpus", "--input", corpus, "--out_dir", ours, "--force",
                "--num_proc", str(args.num_proc), "--tokenizer_file", args.tokenizer_file]  # fmt: skip
-        wall, peak = run_measured(cmd)
+        wall, cpu, peak = run_measured(cmd)
         with open(os.path.join(ours, "meta.json")) as f:
             tokens = sum(s["tokens"] for s in json.load(f)["splits"].values())
-        results["prepare/corpus.py"] = (wall, peak, tokens)
+        results["prepare/corpus.py"] = (wall, cpu, peak, tokens)
         if not args.skip_reference:
             ref = os.path.join(work, "reference")
             shutil.rmtree(ref, ignore_errors=True)
             os.makedirs(ref)
             cmd = [sys.executable, __file__, "--reference_only", corpus, ref, "--num_proc", str(args.num_proc),
                    "--tokenizer_file", args.tokenizer_file]  # fmt: skip
-            wall, peak = run_measured(cmd)
+            wall, cpu, peak = run_measured(cmd)
             tokens = sum(os.path.getsize(os.path.join(ref, f"{s}.bin")) // 2 for s in ("train", "val"))
-            results["reference (datasets.map)"] = (wall, peak, tokens)
+            results["reference (datasets.map)"] = (wall, cpu, peak, tokens)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    for name, (wall, peak, tokens) in results.items():
+    for name, (wall, cpu, peak, tokens) in results.items():
         print(f"{name:26s} {tokens:,} tokens in {wall:.1f} s: {tokens / wall / 1e6:.2f}M tokens/s, "
-              f"peak RSS {peak / 1e6:.0f} MB")  # fmt: skip
+              f"{cpu:.1f} CPU s, peak RSS {peak / 1e6:.0f} MB")  # fmt: skip
     if len(results) == 2:
-        (a, _, ta), (b, _, tb) = results.values()
+        (a, _, _, ta), (b, _, _, tb) = results.values()
         if ta != tb:
             sys.exit(f"error: the pipelines disagree on the token count ({ta:,} against {tb:,})")
         print(f"speed-up: {b / a:.2f}x")
