@@ -58,9 +58,9 @@ def test_tokens_are_tiktokens_encoding_of_each_document_plus_end_of_text(tmp_pat
         expected = [i for t, m in zip(kept, mask, strict=True) if m for i in enc.encode_ordinary(t) + [EOT]]
         assert split_tokens(tmp_path / "out", split).tolist() == expected
         assert meta["splits"][split]["documents"] == mask.sum()
+        assert meta["splits"][split]["max_token"] == max(expected)
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
-    ds = open_dataset(tmp_path / "out")  # what train.py opens
-    assert ds.max_token() == max(enc.encode_ordinary(" ".join(kept))) or ds.max_token() == EOT
+    assert open_dataset(tmp_path / "out").max_token() == EOT  # what train.py checks against vocab_size
 
 
 def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path, shakespeare_path, monkeypatch):
@@ -190,3 +190,21 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path, shakespeare_path):
     small_mb, large_mb = peak_rss_mb(small, tmp_path / "small"), peak_rss_mb(large, tmp_path / "large")
     # Holding the extra 7M tokens, even as uint16, would add 14 MB.
     assert large_mb - small_mb < 12, f"peak RSS grew from {small_mb:.0f} MB to {large_mb:.0f} MB"
+
+
+def test_parquet_as_local_file_and_as_a_dataset_folder_give_the_same_tokens(tmp_path, shakespeare_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    texts = documents(shakespeare_path, 30)
+    pq.write_table(pa.table({"content": texts, "n": list(range(30))}), folder / "train.parquet")
+    common = ["--text_column", "content", "--num_proc", "1", "--val_fraction", "0.1"]
+    run(folder / "train.parquet", tmp_path / "local", *common)
+    args = corpus.parser().parse_args(["--dataset", str(folder), "--streaming", "--out_dir", str(tmp_path / "hub_out"),
+                                       "--tokenizer_file", str(GPT2_TIKTOKEN), *common])  # fmt: skip
+    meta = corpus.prepare(args)
+    assert meta["source"]["dataset"] == str(folder)
+    for split in ("train", "val"):
+        assert split_tokens(tmp_path / "local", split).tolist() == split_tokens(tmp_path / "hub_out", split).tolist()
