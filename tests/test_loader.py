@@ -92,3 +92,37 @@ def test_resume_on_other_data_or_a_too_small_vocabulary_is_refused(tmp_path, cha
     shakespeare.prepare(tmp_path / "data" / "shakespeare", shakespeare_path, GPT2_TIKTOKEN)
     with pytest.raises(ConfigError, match=r"token ids up to \d+, but the model.s vocab_size is 65"):
         train.main([*args, "--dataset=shakespeare"])
+
+
+def test_resumed_training_draws_the_batches_of_an_uninterrupted_run(tmp_path, shakespeare_path, monkeypatch):
+    """End to end on GPT-2 shards: which training batches train.py draws, whole and resumed."""
+    import train
+    from prepare import shakespeare
+
+    shakespeare.prepare(tmp_path / "data" / "shakespeare", shakespeare_path, GPT2_TIKTOKEN)
+    drawn, evaluating = [], []
+    batch, estimate = WindowSampler.batch, train.estimate_loss
+
+    def recording(self, g):
+        if self.stream == TRAIN_STREAM and not evaluating:
+            drawn.append(g)
+        return batch(self, g)
+
+    def flagged(*args, **kwargs):
+        evaluating.append(True)
+        try:
+            return estimate(*args, **kwargs)
+        finally:
+            evaluating.pop()
+
+    monkeypatch.setattr(WindowSampler, "batch", recording)
+    monkeypatch.setattr(train, "estimate_loss", flagged)
+    settings = dict(dataset="shakespeare", gradient_accumulation_steps=2, eval_interval=3, eval_iters=1,
+                    max_iters=6, lr_decay_iters=6, warmup_iters=1)  # fmt: skip
+    train.main(tiny_train_args(tmp_path / "data", tmp_path / "whole", **settings))
+    whole = list(drawn)
+    train.main(tiny_train_args(tmp_path / "data", tmp_path / "cut", **{**settings, "max_iters": 3}))
+    drawn.clear()
+    train.main(tiny_train_args(tmp_path / "data", tmp_path / "cut", **settings, init_from="resume"))
+    assert whole == list(range(13))  # 6 steps of 2 micro-batches, and the one fetched ahead
+    assert drawn == whole[6:]
