@@ -10,6 +10,7 @@ time_s counts from the first start: a resumed run carries on from the time its l
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -84,7 +85,8 @@ def summarize(rows):
     """What a finished run achieved, computed from its train and eval rows."""
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
-    best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+    finite = [r for r in evals if math.isfinite(r["val_loss"])]  # a diverged run logs NaN
+    best = min(finite, key=lambda r: r["val_loss"]) if finite else None
     mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
     full_val = [r["full_val_loss"] for r in evals if "full_val_loss" in r]
     return {

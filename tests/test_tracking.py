@@ -148,6 +148,12 @@ def test_summary_of_an_empty_run():
     assert summary["iters"] == 0 and summary["best_val_loss"] is None and summary["mean_tokens_per_s"] is None
 
 
+def test_summary_skips_a_diverged_val_loss():
+    rows = [{"iter": 0, "val_loss": 4.0}, {"iter": 10, "val_loss": 2.0}, {"iter": 20, "val_loss": math.nan}]
+    summary = summarize(rows)
+    assert (summary["best_val_loss"], summary["best_val_iter"], summary["iters"]) == (2.0, 10, 20)
+
+
 def test_eta_from_the_wall_time_per_iteration(tmp_path, capsys):
     log = RunLog(str(tmp_path), True, start_iter=100, max_iters=400)
     log.eta_anchor = (time.time() - 20.0, 100)  # 20 s for the first 100 iterations of this session
