@@ -89,15 +89,17 @@ def summarize(rows):
     best = min(finite, key=lambda r: r["val_loss"]) if finite else None
     mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
     full_val = [r["full_val_loss"] for r in evals if "full_val_loss" in r]
-    return {
+    summary = {
         "iters": rows[-1]["iter"] if rows else 0,
         "best_val_loss": best["val_loss"] if best else None,
         "best_val_iter": best["iter"] if best else None,
         "tokens_seen": max((r.get("tokens_seen", 0) for r in rows), default=0),
         "mean_tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train) if train else None,
         "mean_mfu": sum(mfus) / len(mfus) if mfus else None,
-        "full_val_loss": full_val[-1] if full_val else None,
     }
+    if full_val:  # only runs with --full_val=True score the whole val split
+        summary["full_val_loss"] = full_val[-1]
+    return summary
 
 
 def format_duration(seconds):
@@ -123,7 +125,7 @@ def summary_lines(summary):
              f"wall time {format_duration(summary['wall_time_s'])}"]  # fmt: skip
     if summary["best_val_loss"] is not None:
         lines.append(f"  best val loss {summary['best_val_loss']:.4f} at iter {summary['best_val_iter']}")
-    if summary["full_val_loss"] is not None:
+    if "full_val_loss" in summary:
         lines.append(f"  full val loss {summary['full_val_loss']:.4f} (the whole val split, last eval)")
     if summary["mean_tokens_per_s"] is not None:
         mfu = summary["mean_mfu"]

@@ -152,6 +152,9 @@ def test_summary_skips_a_diverged_val_loss():
     rows = [{"iter": 0, "val_loss": 4.0}, {"iter": 10, "val_loss": 2.0}, {"iter": 20, "val_loss": math.nan}]
     summary = summarize(rows)
     assert (summary["best_val_loss"], summary["best_val_iter"], summary["iters"]) == (2.0, 10, 20)
+    assert "full_val_loss" not in summary  # only runs with --full_val=True have one
+    summary = summarize([{"iter": 10, "val_loss": 2.0}, {"iter": 20, "val_loss": 1.9, "full_val_loss": 1.95}])
+    assert summary["full_val_loss"] == 1.95 and summary["best_val_iter"] == 20
 
 
 def test_eta_from_the_wall_time_per_iteration(tmp_path, capsys):
