@@ -137,3 +137,11 @@ def test_prompt_longer_than_block_size_is_cropped_the_same_way():
     cached = generate(model, idx, BLOCK, temperature=0)
     assert torch.equal(cached, generate(model, idx, BLOCK, temperature=0, use_cache=False))
     assert torch.equal(cached[:, : idx.size(1)], idx)
+
+
+@pytest.mark.cuda
+def test_cached_equals_uncached_on_cuda():
+    model = tiny_model().cuda()
+    idx = torch.randint(0, 40, (3, 5), device="cuda")
+    out = [generate(model, idx, 3 * BLOCK, temperature=0, use_cache=use_cache) for use_cache in (True, False)]
+    assert torch.equal(out[0], out[1])
