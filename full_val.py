@@ -3,6 +3,7 @@
 The split is cut into non-overlapping windows of block_size inputs; window i predicts tokens
 i*T+1 .. i*T+T from tokens i*T .. i*T+T-1, so every token but the first is a target exactly once
 (the last window may be shorter). Ranks take every world_size-th batch and sum their losses.
+A split stored as several files is scored file by file (windows do not cross files).
 """
 
 import torch
@@ -34,3 +35,11 @@ def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d):
         total += loss.item() * y.numel()  # back from a mean to a sum
     model.train(was_training)
     return distributed.all_mean(total, d) * d.world_size / n_targets
+
+
+def full_split_loss(model, pieces, block_size, batch_size, device, dtype, d):
+    """Mean cross-entropy over every target token of a split stored as several token arrays."""
+    pieces = [p for p in pieces if len(p) > 1]  # a one-token file has nothing to predict
+    targets = [len(p) - 1 for p in pieces]
+    losses = [full_val_loss(model, p, block_size, batch_size, device, dtype, d) for p in pieces]
+    return sum(loss * n for loss, n in zip(losses, targets, strict=True)) / sum(targets)

@@ -11,11 +11,15 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 class Optimizers:
-    """Several optimizers that step as one, so that the trainer, GradScaler and checkpoints see
-    a single object with param_groups, step, zero_grad and a state dict."""
+    """Several optimizers that step as one, so that the trainer and GradScaler see a single object
+    with param_groups, step, zero_grad and a state dict. Iterating yields the optimizers, which is
+    how torch.distributed.checkpoint's get/set_optimizer_state_dict take several at once."""
 
     def __init__(self, *optimizers):
         self.optimizers = optimizers
+
+    def __iter__(self):
+        return iter(self.optimizers)
 
     @property
     def param_groups(self):

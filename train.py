@@ -19,7 +19,7 @@ import training_state
 from checkpoint import CheckpointError
 from config import ConfigError, option, parse_config, run_cli
 from divergence import DivergenceGuard, TrainingDiverged, nonfinite
-from full_val import full_val_loss
+from full_val import full_split_loss
 from graceful_stop import GracefulStop
 from hf_gpt2 import HUB_MODELS
 from loader import TRAIN_STREAM, VAL_STREAM, WindowSampler
@@ -320,11 +320,11 @@ def train(cfg, d, device, stop):
                 row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                        "tokens_seen": iter_num * tokens_per_iter}  # fmt: skip
                 if cfg.full_val and (iter_num == cfg.max_iters or cfg.eval_only):
-                    row["full_val_loss"] = full_val_loss(model, val_data[0], model_args["block_size"],
-                                                         cfg.batch_size, device, dtype, d)  # fmt: skip
+                    row["full_val_loss"] = full_split_loss(model, val_data, model_args["block_size"],
+                                                           cfg.batch_size, device, dtype, d)  # fmt: skip
                 log.record(row)
                 if "full_val_loss" in row:
-                    log.print(f"full val loss {row['full_val_loss']:.4f} ({len(val_data[0]) - 1:,} tokens)")
+                    log.print(f"full val loss {row['full_val_loss']:.4f} (every val token)")
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > start_iter and (improved or cfg.always_save_checkpoint):

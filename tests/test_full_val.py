@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import run_script, tiny_train_args
 
 from distributed import Dist
-from full_val import full_val_loss
+from full_val import full_split_loss, full_val_loss
 from model import GPT, GPTConfig
 
 
@@ -50,3 +50,13 @@ def test_full_val_off_by_default(char_data_dir, tmp_path):
     out = tmp_path / "run"
     run_script("train.py", *tiny_train_args(char_data_dir, out, max_iters=5, eval_interval=5))
     assert "full_val_loss" not in (out / "log.jsonl").read_text()
+
+
+def test_split_in_several_files_is_scored_by_target_count():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16))
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 20, size=30).astype(np.uint16), rng.integers(0, 20, size=11).astype(np.uint16)
+    la, lb = (full_val_loss(model, p, 8, 4, "cpu", "float32", Dist()) for p in (a, b))
+    got = full_split_loss(model, [a, b, a[:1]], 8, 4, "cpu", "float32", Dist())  # a 1-token file adds nothing
+    assert abs(got - (29 * la + 10 * lb) / 39) < 1e-6

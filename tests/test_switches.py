@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_script, tiny_train_args
 
 from model import GPT, GPTConfig, apply_rope, rope_tables
 from optimizer import Optimizers, make_optimizer
@@ -161,3 +162,18 @@ def test_warmdown_schedule():
     assert learning_rate(cfg, 10) == 1.0 and learning_rate(cfg, 60) == 1.0
     assert math.isclose(learning_rate(cfg, 80), 0.5)
     assert learning_rate(cfg, 100) == 0.0
+
+
+def test_muon_run_resumes_exactly(char_data_dir, tmp_path):
+    """Both optimizers' state goes into the checkpoint and comes back: a resumed Muon run ends
+    with the same weights as an uninterrupted one."""
+    switches = dict(optimizer="muon", pos_embedding="rope", qk_norm=True, tie_embeddings=False, eval_interval=4)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_script("train.py", *tiny_train_args(char_data_dir, straight, max_iters=8, **switches))
+    run_script("train.py", *tiny_train_args(char_data_dir, resumed, max_iters=4, **switches))
+    run_script("train.py", *tiny_train_args(char_data_dir, resumed, max_iters=8, init_from="resume", **switches))
+    a = torch.load(straight / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "ckpt.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and "lm_head.weight" in a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
