@@ -73,6 +73,8 @@ class WindowSampler:
 
     def check_state(self, state, next_batch):
         """Refuse to resume a batch stream other than the one the checkpoint was drawing."""
+        if not state:
+            raise LoaderStateError("the checkpoint records no loader state; start a new run (init_from=scratch)")
         if state["dataset"] != self.fingerprint:
             raise LoaderStateError(
                 "the checkpoint was trained on other data: the dataset's token files differ from those it "

@@ -50,6 +50,8 @@ def test_batches_are_a_pure_function_of_seed_and_index(tmp_path):
     moved = WindowSampler(files, 32, 8, seed=1, stream=TRAIN_STREAM, fingerprint="g")
     with pytest.raises(LoaderStateError, match="trained on other data"):
         moved.check_state(state, next_batch=6)
+    with pytest.raises(LoaderStateError, match="records no loader state"):
+        a.check_state(None, next_batch=6)
 
 
 def resident_bytes():
