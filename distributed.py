@@ -99,6 +99,11 @@ def all_gather(obj, d):
     return out
 
 
+def barrier(d):
+    if d.enabled:
+        dist.barrier()
+
+
 def shutdown():
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 many such steps in a row stop the run before it wastes more compute."""
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class TrainingDiverged(RuntimeError):
@@ -16,6 +17,12 @@ def nonfinite(loss, grad_norm, scaled):
     if not scaled:
         bad |= ~torch.isfinite(grad_norm)
     return bad
+
+
+def weights_finite(model):
+    """Whether this rank's parameters (its shards, under FSDP) hold only finite numbers."""
+    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
+    return all(bool(torch.isfinite(t).all()) for t in local)
 
 
 class DivergenceGuard:

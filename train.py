@@ -18,7 +18,7 @@ import hardware
 import training_state
 from checkpoint import CheckpointError
 from config import ConfigError, option, parse_config, run_cli
-from divergence import DivergenceGuard, TrainingDiverged, nonfinite
+from divergence import DivergenceGuard, TrainingDiverged, nonfinite, weights_finite
 from full_val import full_split_loss
 from graceful_stop import GracefulStop
 from hf_gpt2 import HUB_MODELS
@@ -213,7 +213,10 @@ def main(argv=None):
     d, device = distributed.init(device, cfg.backend)
     try:
         with GracefulStop() as stop:
-            return train(cfg, d, device, stop)
+            best_val_loss = train(cfg, d, device, stop)
+        # Tearing the process group down while another rank still uses it aborts the process.
+        distributed.barrier(d)
+        return best_val_loss
     except (TrainingDiverged, CheckpointError) as e:
         sys.exit(f"error: {e}")
     finally:
@@ -294,18 +297,17 @@ def train(cfg, d, device, stop):
     def save(iter_num, best_val_loss, new_best=False):
         """Collective. Write the resume checkpoint, and best.pt when `new_best`; never weights
         that are no longer finite."""
-        finite = all(torch.isfinite(p).all() for p in model.parameters())
-        if distributed.any_rank(torch.tensor([not finite]), d)[0]:
+        if distributed.any_rank(torch.tensor([not weights_finite(model)]), d)[0]:
             log.print(f"checkpoint not saved at iter {iter_num}: the weights are not finite")
             return
         progress = {"iter_num": iter_num, "best_val_loss": best_val_loss, "config": asdict(cfg),
                     "loader": samplers["train"].state(iter_num * cfg.gradient_accumulation_steps)}  # fmt: skip
-        training_state.save_latest(cfg.out_dir, model, optimizer, scaler, model_args, progress, d, device, cfg.fsdp)
-        saved = checkpoint.SHARDED if cfg.fsdp else checkpoint.LATEST
+        # best.pt first: a run killed between the two saves redoes these steps and writes it again.
         if new_best:
             training_state.save_best(cfg.out_dir, model, model_args, progress, d)
-            saved += " and " + checkpoint.BEST
-        log.print(f"saved {saved} in {cfg.out_dir} at iter {iter_num}")
+        training_state.save_latest(cfg.out_dir, model, optimizer, scaler, model_args, progress, d, device, cfg.fsdp)
+        saved = checkpoint.SHARDED if cfg.fsdp else checkpoint.LATEST
+        log.print(f"saved {saved}{' and ' + checkpoint.BEST if new_best else ''} in {cfg.out_dir} at iter {iter_num}")
 
     def next_batch(it, micro):
         # Global micro-batch number: ranks take consecutive slices of each step's batches.

@@ -1,0 +1,136 @@
+"""Checkpoint files: atomic writes that survive a full disk, a refused pickle payload, a torn
+sharded save, and a divergence guard that never lets NaN weights over a good checkpoint."""
+
+import errno
+import os
+
+import pytest
+import torch
+from conftest import tiny_train_args
+
+import checkpoint
+import model
+import train
+from checkpoint import CheckpointError
+from config import ConfigError
+
+RUN = {"max_iters": 30, "eval_interval": 10, "log_interval": 5}
+
+
+class Payload:
+    """Runs code when unpickled: what a malicious checkpoint carries."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickled_payload_is_refused(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match="not plain tensors or values, refused"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_truncated_file_is_reported_as_corrupt(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_checkpoint(path, {"w": torch.zeros(1000)})
+    path.write_bytes(path.read_bytes()[:1500])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(char_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+    saves = []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) > 2:  # best.pt and ckpt.pt at iter 10 fit; nothing after
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    with pytest.raises(SystemExit, match="could not write .*No space left on device.*previous checkpoint is intact"):
+        train.main(tiny_train_args(char_data_dir, out, **RUN))
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
+    assert checkpoint.load_checkpoint(out / "best.pt")["iter_num"] == 10
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "log.jsonl", "meta.json"]  # no temporary left
+
+
+def test_a_torn_sharded_save_falls_back_to_the_complete_one(tmp_path):
+    # A crash between the two renames of a sharded save leaves only ckpt.dcp.old complete.
+    old = tmp_path / "ckpt.dcp.old"
+    old.mkdir()
+    checkpoint.save_checkpoint(old / checkpoint.SHARDED_STATE, {"iter_num": 10})
+    (tmp_path / "ckpt.dcp.tmp").mkdir()  # the new one, never finished
+    assert checkpoint.latest_path(tmp_path) == str(old)
+    checkpoint.remove_stale_temps(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp.old"]
+
+
+def test_sampling_prefers_best_pt(tmp_path):
+    checkpoint.save_checkpoint(tmp_path / "ckpt.pt", {})
+    assert checkpoint.sampling_path(tmp_path) == str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(tmp_path / "best.pt", {})
+    assert checkpoint.sampling_path(tmp_path) == str(tmp_path / "best.pt")
+
+
+def poison_forward(monkeypatch, bad_steps=(), break_weights_at=None):
+    """Make GPT's training forward return a NaN loss at the given step numbers (1-based, one
+    micro-step per step), or write a NaN into the weights at step `break_weights_at`."""
+    real_forward = model.GPT.forward
+    calls = []
+
+    def forward(self, idx, targets=None):
+        if self.training:
+            calls.append(1)
+            if len(calls) == break_weights_at:
+                with torch.no_grad():
+                    self.lm_head.weight[0, 0] = float("nan")
+        logits, loss = real_forward(self, idx, targets)
+        if self.training and len(calls) in bad_steps:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model.GPT, "forward", forward)
+
+
+def test_a_few_nan_steps_are_skipped(char_data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    poison_forward(monkeypatch, bad_steps=(12, 13))
+    train.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=3, **RUN))
+    printed = capsys.readouterr().out
+    assert "skipped step 12: loss or gradient norm is NaN/Inf" in printed and "skipped step 13" in printed
+    final = checkpoint.load_checkpoint(out / "ckpt.pt")
+    assert final["iter_num"] == 30
+    assert all(torch.isfinite(t).all() for t in final["model"].values())
+
+
+def test_nan_in_a_row_stops_the_run_and_keeps_the_good_checkpoint(char_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    poison_forward(monkeypatch, bad_steps=range(15, 100))
+    with pytest.raises(SystemExit, match=r"NaN/Inf for 3 steps in a row \(up to iteration 17\)"):
+        train.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=3, **RUN))
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
+
+
+def test_nan_weights_never_overwrite_a_checkpoint(char_data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    poison_forward(monkeypatch, break_weights_at=15)
+    train.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=100, **RUN))
+    assert "checkpoint not saved at iter 20: the weights are not finite" in capsys.readouterr().out
+    saved = checkpoint.load_checkpoint(out / "ckpt.pt")
+    assert saved["iter_num"] == 10 and all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_resume_refuses_a_corrupt_checkpoint_and_leaves_it(char_data_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 10}))
+    data = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="ckpt.pt is truncated or corrupt"):
+        train.main(tiny_train_args(char_data_dir, out, init_from="resume", **RUN))
+    assert (out / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # nothing touched

@@ -1,0 +1,100 @@
+"""Several processes through torchrun on CPU (gloo): DDP and FSDP2 see the same batches as one
+process, so their loss curves agree; FSDP2 checkpoints through torch.distributed.checkpoint and
+resumes."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_script, tiny_train_args
+
+import distributed
+from config import ConfigError
+from parallelize import parallelize
+
+# gradient_accumulation_steps is global: 2 micro-batches per step, one on each of 2 ranks. At a
+# learning rate of 1e-2 AdamW grows FSDP's float32 rounding differences past 1e-3 by iteration 20.
+RUN = {"max_iters": 20, "eval_interval": 10, "log_interval": 1, "gradient_accumulation_steps": 2, "dropout": 0.0,
+       "learning_rate": 3e-3, "min_lr": 3e-4}  # fmt: skip
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return {r["iter"]: r["loss"] for r in rows if "loss" in r}
+
+
+def torchrun(*args):
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+                      env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process(char_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    run_script("train.py", *tiny_train_args(char_data_dir, out, **RUN), env={"OMP_NUM_THREADS": "1"})
+    return out
+
+
+def assert_same_curve(a, b):
+    assert list(a) == list(b) == list(range(1, 21))
+    for it in a:
+        assert abs(a[it] - b[it]) < 1e-4, (it, a[it], b[it])
+
+
+def test_ddp_two_processes_match_one_process(one_process, char_data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    result = torchrun(*tiny_train_args(char_data_dir, out, backend="gloo", **RUN))
+    assert "2 process(es)" in result.stdout
+    assert_same_curve(losses(one_process), losses(out))
+
+
+def test_fsdp_two_processes_train_save_sharded_and_resume(one_process, char_data_dir, tmp_path):
+    out = tmp_path / "fsdp"
+    torchrun(*tiny_train_args(char_data_dir, out, fsdp=True, **{**RUN, "max_iters": 10}))
+    # A torch.distributed.checkpoint directory with one shard file per rank; no ckpt.pt.
+    assert (out / "ckpt.dcp" / ".metadata").exists() and not (out / "ckpt.pt").exists()
+    assert len(list((out / "ckpt.dcp").glob("*.distcp"))) == 2
+    result = torchrun(*tiny_train_args(char_data_dir, out, fsdp=True, init_from="resume", **RUN))
+    assert "resumed from" in result.stdout and "at iteration 10" in result.stdout
+    assert_same_curve(losses(one_process), losses(out))
+    # best.pt holds the full weights, gathered from both shards, for sampling on one device.
+    best = torch.load(out / "best.pt", weights_only=True)
+    reference = torch.load(one_process / "best.pt", weights_only=True)
+    assert best["iter_num"] == reference["iter_num"] == 20
+    for name, tensor in reference["model"].items():
+        torch.testing.assert_close(best["model"][name], tensor, rtol=0, atol=1e-4)
+
+
+def test_batch_settings_must_divide_across_ranks():
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps \(3\) must be a multiple .* \(2\)"):
+        distributed.local_accumulation(3, distributed.Dist(world_size=2))
+    assert distributed.local_accumulation(8, distributed.Dist(world_size=4)) == 2
+
+
+def test_nccl_needs_cuda_and_fsdp_needs_torchrun():
+    with pytest.raises(ConfigError, match="backend nccl needs CUDA"):
+        distributed.resolve_backend("nccl", "cpu")
+    assert distributed.resolve_backend("auto", "cpu") == "gloo"
+    with pytest.raises(ConfigError, match="launch with torchrun"):
+        parallelize(torch.nn.Module(), distributed.Dist(), "cpu", fsdp=True)
+
+
+@pytest.mark.cuda
+def test_ddp_on_nccl_with_bf16_and_compile(char_data_dir, tmp_path):
+    n = min(torch.cuda.device_count(), 2)
+    out = tmp_path / "nccl"
+    args = tiny_train_args(char_data_dir, out, device="cuda", dtype="bfloat16", compile=True, backend="nccl",
+                           **{**RUN, "gradient_accumulation_steps": n})  # fmt: skip
+    run_script("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "train.py", *args)
+    curve = losses(out)
+    assert curve[20] < curve[1] - 0.3
+
+
+@pytest.mark.cuda
+def test_fsdp_on_gpu_with_activation_checkpointing(char_data_dir, tmp_path):
+    out = tmp_path / "fsdp_gpu"
+    args = tiny_train_args(char_data_dir, out, device="cuda", dtype="bfloat16", fsdp=True,
+                           activation_checkpointing=True, **RUN)  # fmt: skip
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *args)
+    curve = losses(out)
+    assert curve[20] < curve[1] - 0.3
