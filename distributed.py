@@ -1,5 +1,6 @@
 """torch.distributed set-up for runs launched by torchrun; a single process otherwise."""
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -106,4 +107,7 @@ def barrier(d):
 
 def shutdown():
     if dist.is_initialized():
+        # FSDP's modules sit in reference cycles that hold collective state; freed only at exit,
+        # after the group is gone, they abort the process ("terminate called ..."). Free them now.
+        gc.collect()
         dist.destroy_process_group()

@@ -18,14 +18,14 @@ from config import ConfigError
 def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, compile=False):
     """Apply, in this order, per-block activation checkpointing, compile and DDP or FSDP2 to `model`
     (already on `device`); returns the module to call in the training loop."""
+    if fsdp and not d.enabled:
+        raise ConfigError("fsdp=True shards across processes: launch with torchrun (--nproc_per_node=1 is fine)")
     blocks = model.transformer.h
     if activation_checkpointing:
         # Each block keeps only its input for backward and recomputes the rest: memory for compute.
         for block in blocks:
             activation_checkpoint(block)
     if fsdp:
-        if not d.enabled:
-            raise ConfigError("fsdp=True shards across processes: launch with torchrun (--nproc_per_node=1 is fine)")
         if compile:
             for block in blocks:  # per block: FSDP's hooks between blocks would break one whole graph
                 block.compile()

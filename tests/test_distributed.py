@@ -3,12 +3,18 @@ process, so their loss curves agree; FSDP2 checkpoints through torch.distributed
 resumes."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script, tiny_train_args
+from conftest import ROOT, run_script, tiny_train_args
 
 import distributed
+import train
 from config import ConfigError
 from parallelize import parallelize
 
@@ -54,7 +60,9 @@ def test_fsdp_two_processes_train_save_sharded_and_resume(one_process, char_data
     # A torch.distributed.checkpoint directory with one shard file per rank; no ckpt.pt.
     assert (out / "ckpt.dcp" / ".metadata").exists() and not (out / "ckpt.pt").exists()
     assert len(list((out / "ckpt.dcp").glob("*.distcp"))) == 2
-    result = torchrun(*tiny_train_args(char_data_dir, out, fsdp=True, init_from="resume", **RUN))
+    # The second half recomputes activations in backward: the same numbers, less memory.
+    result = torchrun(*tiny_train_args(char_data_dir, out, fsdp=True, activation_checkpointing=True,
+                                       init_from="resume", **RUN))  # fmt: skip
     assert "resumed from" in result.stdout and "at iteration 10" in result.stdout
     assert_same_curve(losses(one_process), losses(out))
     # best.pt holds the full weights, gathered from both shards, for sampling on one device.
@@ -63,6 +71,42 @@ def test_fsdp_two_processes_train_save_sharded_and_resume(one_process, char_data
     assert best["iter_num"] == reference["iter_num"] == 20
     for name, tensor in reference["model"].items():
         torch.testing.assert_close(best["model"][name], tensor, rtol=0, atol=1e-4)
+
+
+def rank_pid(launcher_pid, rank):
+    """The pid of the torchrun worker with RANK=rank, found through /proc."""
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(char_data_dir, tmp_path):
+    out = tmp_path / "stopped"
+    args = tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 500, "eval_interval": 1000})
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train.py", *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                 "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+    for line in launcher.stdout:
+        if line.startswith("iter 3:"):
+            break
+    os.kill(rank_pid(launcher.pid, 1), signal.SIGTERM)  # rank 0 gets no signal: it learns it from rank 1
+    rest, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, rest
+    assert "stopped by a signal on another rank at iteration" in rest
+    assert 3 <= torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] < 500
+
+
+def test_activation_checkpointing_gives_the_same_run(char_data_dir, tmp_path):
+    runs = {}
+    for ac in (False, True):
+        train.main(tiny_train_args(char_data_dir, tmp_path / str(ac), activation_checkpointing=ac,
+                                   **{**RUN, "max_iters": 10, "dropout": 0.1}))  # fmt: skip
+        runs[ac] = torch.load(tmp_path / str(ac) / "ckpt.pt", weights_only=True)["model"]
+    for name, tensor in runs[False].items():
+        assert torch.equal(tensor, runs[True][name]), name
 
 
 def test_batch_settings_must_divide_across_ranks():

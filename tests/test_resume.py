@@ -31,7 +31,7 @@ def assert_same_run(a_dir, b_dir):
             assert torch.equal(value, b["optimizer"]["state"][name][key]), (name, key)
 
 
-@pytest.mark.parametrize("dtype, stops", [("float32", (10, 20)), ("float16", (20,))])
+@pytest.mark.parametrize("dtype, stops", [("float32", (10,)), ("float16", (20,))])
 def test_stopped_at_a_checkpoint_and_resumed_is_bit_identical(char_data_dir, tmp_path, dtype, stops):
     straight = tmp_path / "straight"
     train.main(tiny_train_args(char_data_dir, straight, dtype=dtype, **COMMON))
@@ -46,7 +46,7 @@ def test_stopped_at_a_checkpoint_and_resumed_is_bit_identical(char_data_dir, tmp
 
 
 # Checkpoints every 2 steps, so that kills often land in or near a save.
-KILL_RUN = {**COMMON, "max_iters": 40, "eval_interval": 2, "eval_iters": 1, "log_interval": 1}
+KILL_RUN = {**COMMON, "max_iters": 80, "eval_interval": 2, "eval_iters": 1, "log_interval": 1}
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
@@ -100,7 +100,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(char_data_dir, tm
     for args, after in ((tiny_train_args(char_data_dir, out, **KILL_RUN), "saved "), (resume_args, "iter ")):
         proc = start(args)
         wait_for_line(proc, after)  # after the first save, so that the next run can resume
-        time.sleep(rng.uniform(0.0, 0.2))
+        time.sleep(rng.uniform(0.0, 0.1))
         proc.kill()
         proc.wait()
     proc = start(resume_args, code=DIE_IN_SAVE)  # killed half-way through writing a checkpoint
@@ -127,3 +127,16 @@ def test_sigterm_finishes_the_step_saves_and_exits_0_then_resumes_exactly(char_d
     assert 3 <= stopped_at < args["max_iters"]
     train.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
     assert_same_run(straight, out)
+
+
+@pytest.mark.cuda
+def test_float16_on_gpu_carries_the_grad_scaler_through_a_resume(char_data_dir, tmp_path):
+    args = {**COMMON, "device": "cuda", "dtype": "float16"}
+    straight, out = tmp_path / "straight", tmp_path / "resumed"
+    train.main(tiny_train_args(char_data_dir, straight, **args))
+    train.main(tiny_train_args(char_data_dir, out, **{**args, "max_iters": 10}))
+    train.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(out / "ckpt.pt", weights_only=True)
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
+    assert abs(a["best_val_loss"] - b["best_val_loss"]) < 1e-2  # GPU kernels need not be bitwise reproducible
