@@ -68,6 +68,14 @@ def local_accumulation(global_steps, d):
     return global_steps // d.world_size
 
 
+def even_share(n, d):
+    """This rank's share of n items dealt round-robin, as (index, counted) pairs. Every rank gets
+    the same number of pairs (FSDP runs each forward collectively): a rank past the end repeats
+    an item with counted=False, and must drop its result."""
+    rounds = -(-n // d.world_size)  # ceil
+    return [(j % n, j < n) for j in range(d.rank, rounds * d.world_size, d.world_size)]
+
+
 def _reduce(t, op):
     """All-reduce a float64 tensor in place on the device the backend needs, and return it on the CPU."""
     if dist.get_backend() == "nccl":

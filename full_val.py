@@ -25,14 +25,16 @@ def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d):
     was_training = model.training
     model.eval()
     total = 0.0
-    for batch in batches[d.rank :: d.world_size]:
+    for i, counted in distributed.even_share(len(batches), d):
+        batch = batches[i]
         length = min(T, n_targets - batch[0]) if len(batch) == 1 else T
         window = torch.stack([torch.from_numpy(tokens[s : s + length + 1].astype("int64")) for s in batch])
         window = window.to(device)  # (B, length + 1)
         x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
         with hardware.autocast(device, dtype):
             _, loss = model(x, y)
-        total += loss.item() * y.numel()  # back from a mean to a sum
+        if counted:
+            total += loss.item() * y.numel()  # back from a mean to a sum
     model.train(was_training)
     return distributed.all_mean(total, d) * d.world_size / n_targets
 

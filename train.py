@@ -193,13 +193,11 @@ def estimate_loss(model, samplers, cfg, device, dtype, d):
     out = {}
     for split, sampler in samplers.items():
         losses = []
-        # Every rank runs the same number of forwards (FSDP gathers weights collectively in each);
-        # a rank past the end repeats a batch and drops its loss.
-        for j in range(d.rank, math.ceil(cfg.eval_iters / d.world_size) * d.world_size, d.world_size):
-            x, y = sampler.batch(j % cfg.eval_iters)
+        for j, counted in distributed.even_share(cfg.eval_iters, d):
+            x, y = sampler.batch(j)
             with hardware.autocast(device, dtype):
                 _, loss = model(x, y)
-            if j < cfg.eval_iters:
+            if counted:
                 losses.append(loss.item())
         total = distributed.all_mean(sum(losses), d) * d.world_size
         out[split] = total / cfg.eval_iters

@@ -60,9 +60,11 @@ def test_fsdp_two_processes_train_save_sharded_and_resume(one_process, char_data
     # A torch.distributed.checkpoint directory with one shard file per rank; no ckpt.pt.
     assert (out / "ckpt.dcp" / ".metadata").exists() and not (out / "ckpt.pt").exists()
     assert len(list((out / "ckpt.dcp").glob("*.distcp"))) == 2
-    # The second half recomputes activations in backward: the same numbers, less memory.
+    # The second half recomputes activations in backward (the same numbers, less memory) and
+    # scores the whole val split at the end, each rank running as many forwards as the other.
     result = torchrun(*tiny_train_args(char_data_dir, out, fsdp=True, activation_checkpointing=True,
-                                       init_from="resume", **RUN))  # fmt: skip
+                                       full_val=True, init_from="resume", **RUN))  # fmt: skip
+    assert "full val loss" in result.stdout
     assert "resumed from" in result.stdout and "at iteration 10" in result.stdout
     assert_same_curve(losses(one_process), losses(out))
     # best.pt holds the full weights, gathered from both shards, for sampling on one device.
@@ -107,6 +109,11 @@ def test_activation_checkpointing_gives_the_same_run(char_data_dir, tmp_path):
         runs[ac] = torch.load(tmp_path / str(ac) / "ckpt.pt", weights_only=True)["model"]
     for name, tensor in runs[False].items():
         assert torch.equal(tensor, runs[True][name]), name
+
+
+def test_even_share_gives_every_rank_the_same_number_of_items():
+    shares = [distributed.even_share(5, distributed.Dist(rank=r, world_size=2)) for r in (0, 1)]
+    assert shares == [[(0, True), (2, True), (4, True)], [(1, True), (3, True), (0, False)]]
 
 
 def test_batch_settings_must_divide_across_ranks():
