@@ -226,8 +226,8 @@ def train(cfg, d, device, stop):
     accum = distributed.local_accumulation(cfg.gradient_accumulation_steps, d)  # micro-steps on this rank
     if d.master:
         check_out_dir(cfg.out_dir)
-    model_keys = {k: getattr(cfg, k) for k in MODEL_KEYS}
-    resume = Resume(cfg.out_dir, model_keys) if cfg.init_from == "resume" else None
+    model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
+    resume = Resume(cfg.out_dir, model_args) if cfg.init_from == "resume" else None
 
     data_path = ensure_dataset(cfg, d)
     try:
@@ -237,7 +237,6 @@ def train(cfg, d, device, stop):
     meta = dataset.meta
     val_data = [f.memmap() for f in dataset.splits["val"]]  # for the whole-split evaluation
 
-    model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     model_args["vocab_size"] = meta.get("vocab_size", 50304)
     if resume is not None:
         model_args = resume.model_args

@@ -21,6 +21,9 @@ import distributed
 from config import ConfigError
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Model settings a resumed run may change: they leave the function the weights compute unchanged
+# (dropout is a training-time choice; both attention paths compute the same softmax).
+FREE_SETTINGS = ("dropout", "attention")
 
 
 def rng_state(device):
@@ -78,7 +81,7 @@ class Resume:
     def check_settings(self, model_keys):
         """The run's model settings must be those the checkpoint was trained with."""
         saved = self.state.get("config", {})
-        differ = {k: v for k, v in model_keys.items() if k in saved and saved[k] != v and k != "dropout"}
+        differ = {k: v for k, v in model_keys.items() if k in saved and saved[k] != v and k not in FREE_SETTINGS}
         if not differ:
             return
         if differ.get("block_size", 0) > saved["block_size"]:
