@@ -68,7 +68,9 @@ class Resume:
                 shapes = {k: tuple(v.shape) for k, v in self.state["model"].items()}
         except checkpoint.CheckpointError as e:
             raise ConfigError(str(e)) from None
-        self.model_args = self.state["model_args"]
+        # The checkpoint's model, with this run's choice of the settings that may change.
+        free = {k: model_keys[k] for k in FREE_SETTINGS if k in model_keys}
+        self.model_args = {**self.state["model_args"], **free}
         self.iter_num = self.state["iter_num"]
         self.best_val_loss = self.state["best_val_loss"]
         self.loader = self.state.get("loader")

@@ -57,6 +57,14 @@ def test_resume_with_another_model_shape_lists_the_differing_keys(char_data_dir,
             r"model \[65, 64\]", init_from="resume", n_embd=64, n_head=2)  # fmt: skip
 
 
+def test_resume_may_change_dropout_and_the_attention_path(char_data_dir, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    train.main(tiny_train_args(char_data_dir, out, init_from="resume", dropout=0.2, attention="explicit",
+                               **{**RUN, "max_iters": 12}))  # fmt: skip
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 12 and ckpt["model_args"]["dropout"] == 0.2
+
+
 def test_resume_with_a_larger_block_size_than_the_model(char_data_dir, trained, tmp_path):
     out = copy_of(trained, tmp_path)
     refuses(char_data_dir, out, "block_size 64 is larger than the block_size 32 of the model", init_from="resume",
