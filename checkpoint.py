@@ -32,6 +32,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, not safe to load, or could not be written."""
 
 
+def reason(e):
+    """One line saying why `e` happened; torch.distributed.checkpoint wraps each rank's exception."""
+    if isinstance(e, CheckpointException):  # failures: rank -> (exception, traceback)
+        e = next(iter(e.failures.values()), (e,))[0]
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
+
+
 def fsync_dir(path):
     """Make renames inside directory `path` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -48,7 +55,7 @@ def save_checkpoint(path, state):
         fsync_dir(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         raise CheckpointError(
-            f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact, free space and resume"
+            f"could not write {path} ({reason(e)}); the previous checkpoint is intact, free space and resume"
         ) from None
 
 
@@ -59,11 +66,10 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path} holds objects that are not plain tensors or values, refused ({first})") from None
+        refused = "holds objects that are not plain tensors or values, refused"
+        raise CheckpointError(f"{path} {refused} ({reason(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is truncated or corrupt ({first}); use another checkpoint") from None
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason(e)}); use another checkpoint") from None
 
 
 def sharded_dir(out_dir):
@@ -110,8 +116,7 @@ def save_sharded(out_dir, tensors, state, master):
                 shutil.rmtree(old)
             remove_file(os.path.join(out_dir, LATEST))
     except (OSError, CheckpointException) as e:
-        reason = getattr(e, "strerror", None) or e
-        raise CheckpointError(f"could not write {final} ({reason}); the previous checkpoint is intact") from None
+        raise CheckpointError(f"could not write {final} ({reason(e)}); the previous checkpoint is intact") from None
 
 
 def load_sharded_state(path):
@@ -120,13 +125,19 @@ def load_sharded_state(path):
 
 def sharded_shapes(path):
     """{key: shape} of every tensor in a torch.distributed.checkpoint directory, read from its index."""
-    meta = dcp.FileSystemReader(path).read_metadata()
+    try:
+        meta = dcp.FileSystemReader(path).read_metadata()
+    except (OSError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason(e)}); use another checkpoint") from None
     return {k: tuple(v.size) for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
 
 
 def load_sharded(path, tensors):
     """Collective: fill the (sharded) tensors of the state dict `tensors` in place from `path`."""
-    dcp.load(tensors, storage_reader=dcp.FileSystemReader(path))
+    try:
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(path))
+    except (OSError, CheckpointException) as e:
+        raise CheckpointError(f"{path} could not be read ({reason(e)}); use another checkpoint") from None
 
 
 def save_full(out_dir, state):

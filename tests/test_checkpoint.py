@@ -71,6 +71,14 @@ def test_a_torn_sharded_save_falls_back_to_the_complete_one(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp.old"]
 
 
+def test_a_sharded_checkpoint_with_a_damaged_index_is_reported(tmp_path):
+    path = tmp_path / "ckpt.dcp"
+    path.mkdir()
+    (path / ".metadata").write_bytes(b"\x80\x04not a pickle")
+    with pytest.raises(CheckpointError, match="ckpt.dcp is truncated or corrupt"):
+        checkpoint.sharded_shapes(path)
+
+
 def test_sampling_prefers_best_pt(tmp_path):
     checkpoint.save_checkpoint(tmp_path / "ckpt.pt", {})
     assert checkpoint.sampling_path(tmp_path) == str(tmp_path / "ckpt.pt")
