@@ -1,5 +1,6 @@
 """The architecture and optimizer switches: off by default, and each does what it says when on."""
 
+import json
 import math
 
 import pytest
@@ -177,3 +178,16 @@ def test_muon_run_resumes_exactly(char_data_dir, tmp_path):
     assert a.keys() == b.keys() and "lm_head.weight" in a
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.cuda
+def test_all_switches_train_on_cuda_compiled_bf16(char_data_dir, tmp_path):
+    out = tmp_path / "run"
+    switches = dict(optimizer="muon", pos_embedding="rope", qk_norm=True, activation="relu2", tie_embeddings=False,
+                    zero_init_proj=True, logit_softcap=30.0, warmdown_iters=10, full_val=True)  # fmt: skip
+    args = tiny_train_args(char_data_dir, out, max_iters=20, eval_interval=20, **switches)
+    args = [a for a in args if not a.startswith(("--device", "--dtype", "--compile"))]
+    run_script("train.py", *args, "--device=cuda", "--dtype=bfloat16", "--compile=True")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    full = [r["full_val_loss"] for r in rows if "full_val_loss" in r]
+    assert len(full) == 1 and math.isfinite(full[0]) and full[0] < 4.0
