@@ -6,7 +6,7 @@ python bench.py configs/speedrun_shakespeare_char_cpu.py --speedrun=3
 
 Training is timed by running train.py itself (same step, same compile and precision) on random
 tokens for 2 x bench_iters steps: the first bench_iters warm up (compile, allocator), the last
-bench_iters are timed with one host sync at their end. Sampling is timed through generate.py:
+bench_iters are timed together (train.py reads the loss once, at their end). Sampling is timed through generate.py:
 prefill of a prompt, then decoding with the KV cache and by full recomputation.
 --speedrun=N instead runs the whole training N times, each in a fresh process, and reports the
 seconds from process start to the last training step and the whole-val loss (their medians).
