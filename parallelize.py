@@ -6,11 +6,11 @@ depend on how a run was parallelized."""
 import contextlib
 
 import torch
-from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from config import ConfigError
 
@@ -24,7 +24,7 @@ def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, co
     if activation_checkpointing:
         # Each block keeps only its input for backward and recomputes the rest: memory for compute.
         for block in blocks:
-            activation_checkpoint(block)
+            block.forward = recomputed_in_backward(block.forward)
     if fsdp:
         if compile:
             for block in blocks:  # per block: FSDP's hooks between blocks would break one whole graph
@@ -39,6 +39,16 @@ def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, co
     if d.enabled:
         model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
     return model
+
+
+def recomputed_in_backward(forward):
+    """`forward` run under torch.utils.checkpoint, which compile understands. Set on the block
+    instance, so the module tree and parameter names stay those of model.py."""
+
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def grad_sync(model, sync):

@@ -131,11 +131,11 @@ def test_nccl_needs_cuda_and_fsdp_needs_torchrun():
 
 
 @pytest.mark.cuda
-def test_ddp_on_nccl_with_bf16_and_compile(char_data_dir, tmp_path):
+def test_ddp_on_nccl_with_bf16_compile_and_activation_checkpointing(char_data_dir, tmp_path):
     n = min(torch.cuda.device_count(), 2)
     out = tmp_path / "nccl"
     args = tiny_train_args(char_data_dir, out, device="cuda", dtype="bfloat16", compile=True, backend="nccl",
-                           **{**RUN, "gradient_accumulation_steps": n})  # fmt: skip
+                           activation_checkpointing=True, **{**RUN, "gradient_accumulation_steps": n})  # fmt: skip
     run_script("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "train.py", *args)
     curve = losses(out)
     assert curve[20] < curve[1] - 0.3
