@@ -31,7 +31,7 @@ def assert_same_run(a_dir, b_dir):
             assert torch.equal(value, b["optimizer"]["state"][name][key]), (name, key)
 
 
-@pytest.mark.parametrize("dtype, stops", [("float32", (10,)), ("float16", (20,))])
+@pytest.mark.parametrize("dtype, stops", [("float32", (10,)), ("bfloat16", (10,)), ("float16", (20,))])
 def test_stopped_at_a_checkpoint_and_resumed_is_bit_identical(char_data_dir, tmp_path, dtype, stops):
     straight = tmp_path / "straight"
     train.main(tiny_train_args(char_data_dir, straight, dtype=dtype, **COMMON))
