@@ -41,6 +41,7 @@ class BenchConfig(train.TrainConfig):
     bench_iters: int = option(10, "timed training steps (as many again run first as warm-up); 0 skips training")
     sample_tokens: int = option(500, "new tokens per sampling run; 0 skips sampling")
     prompt_tokens: int = option(0, "prompt length for sampling (0: block_size // 2)")
+    sample_batch: int = option(1, "sequences decoded together, as sample.py draws --num_samples in one batch")
     vocab_size: int = option(0, "vocabulary (0: the prepared dataset's, else a known one, else GPT-2's 50304)")
     json: str = option("", "also write the results to this JSON file")
     speedrun: int = option(0, "> 0: instead time this many complete training runs (process start to last step)")
@@ -50,6 +51,8 @@ class BenchConfig(train.TrainConfig):
         for key in ("bench_iters", "sample_tokens", "prompt_tokens", "vocab_size", "speedrun"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
+        if self.sample_batch <= 0:
+            raise ConfigError(f"sample_batch must be positive, got {self.sample_batch}")
         if self.speedrun and self.max_iters % self.log_interval:
             raise ConfigError(f"--speedrun reads the log line of the last step: log_interval ({self.log_interval}) "
                               f"must divide max_iters ({self.max_iters})")  # fmt: skip
@@ -163,7 +166,7 @@ def sync(device):
 
 
 def timed_decode(model, prompt, n, use_cache, device):
-    """Seconds to decode n tokens after prompt (greedy, one sequence)."""
+    """Seconds to decode n tokens after each sequence of prompt (B, P), greedy."""
     sync(device)
     t0 = time.perf_counter()
     for _ in decode_n_tokens(model, prompt, n, temperature=0, use_cache=use_cache):
@@ -173,13 +176,14 @@ def timed_decode(model, prompt, n, use_cache, device):
 
 
 def bench_sampling(cfg, device, dtype, vocab):
-    """Prompt (prefill) tokens/s, then decode tokens/s with the KV cache and by full recomputation."""
+    """Prompt (prefill) tokens/s, then decode tokens/s with the KV cache and by full recomputation,
+    over all sample_batch sequences together."""
     model_args = {k: getattr(cfg, k) for k in train.MODEL_KEYS} | {"vocab_size": vocab}
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**model_args)).to(device).eval()
     P = cfg.prompt_tokens or max(1, cfg.block_size // 2)
-    prompt = torch.randint(0, vocab, (1, P), device=device)
-    n = cfg.sample_tokens
+    B, n = cfg.sample_batch, cfg.sample_tokens
+    prompt = torch.randint(0, vocab, (B, P), device=device)
     with hardware.autocast(device, dtype):
         prefill(model, prompt)  # warm-up
         timed_decode(model, prompt, min(n, 8), True, device)
@@ -190,8 +194,8 @@ def bench_sampling(cfg, device, dtype, vocab):
         prefill_s = time.perf_counter() - t0
         cached_s = timed_decode(model, prompt, n, True, device)
         full_s = timed_decode(model, prompt, n, False, device)
-    return {"prompt_tokens": P, "new_tokens": n, "prompt_tokens_per_s": P / prefill_s,
-            "decode_tokens_per_s_cached": n / cached_s, "decode_tokens_per_s_full": n / full_s,
+    return {"batch": B, "prompt_tokens": P, "new_tokens": n, "prompt_tokens_per_s": B * P / prefill_s,
+            "decode_tokens_per_s_cached": B * n / cached_s, "decode_tokens_per_s_full": B * n / full_s,
             "cache_speedup": full_s / cached_s}  # fmt: skip
 
 
@@ -213,7 +217,7 @@ def table(results):
                 ("decode tokens/s, KV cache", f"{s['decode_tokens_per_s_cached']:,.1f}"),
                 ("decode tokens/s, recompute", f"{s['decode_tokens_per_s_full']:,.1f}"),
                 ("KV cache speed-up", f"{s['cache_speedup']:.1f}x")]  # fmt: skip
-        lines += ["", f"sampling: prompt of {s['prompt_tokens']}, {s['new_tokens']} new tokens, batch 1"]
+        lines += ["", f"sampling: prompt of {s['prompt_tokens']}, {s['new_tokens']} new tokens, batch {s['batch']}"]
         lines += [f"  {name:28s}{value:>12}" for name, value in rows]
     if "speedrun" in results:
         r = results["speedrun"]

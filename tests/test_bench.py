@@ -32,10 +32,11 @@ def test_bench_cpu_writes_table_and_json(tmp_path):
 def test_bench_reads_config_files_and_skips_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.hardware, "peak_flops", lambda device, dtype: 1e11)  # skip the matmul measurement
     out = tmp_path / "b.json"
-    args = ["configs/train_shakespeare_char_cpu.py", *TINY, "--bench_iters=0", "--sample_tokens=5", f"--json={out}"]
+    args = ["configs/train_shakespeare_char_cpu.py", *TINY, "--bench_iters=0", "--sample_tokens=5",
+            "--sample_batch=3", f"--json={out}"]  # fmt: skip
     bench.main(args)
     r = json.loads(out.read_text())
-    assert "training" not in r and r["sampling"]["new_tokens"] == 5
+    assert "training" not in r and r["sampling"]["new_tokens"] == 5 and r["sampling"]["batch"] == 3
     assert r["config"]["dataset"] == "shakespeare_char" and r["config"]["eval_interval"] == 250
 
 
@@ -48,7 +49,8 @@ def test_vocab_size_falls_back_to_known_datasets(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [(["--json"], "--json needs a path"), (["--bench_iters=-1"], "bench_iters must not be negative"),
-     (["--prompt_tokens=99", "--block_size=32"], "prompt_tokens (99) must not exceed block_size")],
+     (["--prompt_tokens=99", "--block_size=32"], "prompt_tokens (99) must not exceed block_size"),
+     (["--sample_batch=0"], "sample_batch must be positive")],
 )  # fmt: skip
 def test_bad_arguments_fail_fast(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
