@@ -34,9 +34,8 @@ class EvaluateConfig:
     max_tokens: int = option(0, "score only the first this many tokens; 0 scores all")
     batch_size: int = option(8, "windows per forward pass")
     tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
-                        ("auto", "float32", "bfloat16", "float16"))  # fmt: skip
+    device: str = hardware.device_option()
+    dtype: str = hardware.dtype_option()
 
     def __post_init__(self):
         check_init_from(self.init_from)

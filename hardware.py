@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from config import ConfigError
+from config import ConfigError, option
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,6 +22,17 @@ GPU_BF16_PEAK = [
     ("3090", 71e12),
     ("V100", 125e12),  # fp16: the V100 has no bf16
 ]
+
+
+def device_option():
+    """The `device` key that every script shares."""
+    return option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+
+
+def dtype_option():
+    """The `dtype` key that every script shares."""
+    return option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
+                  ("auto", *DTYPES))  # fmt: skip
 
 
 def resolve_device(name):

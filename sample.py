@@ -35,9 +35,8 @@ class SampleConfig:
     window_keep: int = option(0, "tokens kept when the context slides past block_size; 0: block_size // 2; "
                                  "block_size: slide one token per step (slow)")  # fmt: skip
     stream: bool = option(True, "print a single sample token by token as it is generated")
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
-                        ("auto", "float32", "bfloat16", "float16"))  # fmt: skip
+    device: str = hardware.device_option()
+    dtype: str = hardware.dtype_option()
     tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
 
     def __post_init__(self):

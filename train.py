@@ -87,9 +87,8 @@ class TrainConfig:
     # system
     backend: str = option("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo",
                           ("auto", "nccl", "gloo"))  # fmt: skip
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
-                        ("auto", "float32", "bfloat16", "float16"))  # fmt: skip
+    device: str = hardware.device_option()
+    dtype: str = hardware.dtype_option()
     compile: bool = option(True, "torch.compile the model (pays off on GPUs, not on small CPU runs)")
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state across ranks (FSDP2) instead of DDP")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
