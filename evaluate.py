@@ -18,7 +18,7 @@ import numpy as np
 import hardware
 from config import ConfigError, option, parse_config, run_cli
 from distributed import Dist
-from full_val import full_val_loss
+from full_val import full_split_loss
 from loading import INIT_FROM_HELP, check_init_from, load_model
 from tokens import TokenFileError, open_dataset
 
@@ -91,10 +91,9 @@ def main(argv=None):
         raise ConfigError(f"{name} holds token id {top}, beyond the model's vocabulary "
                           f"of {model.config.vocab_size}: it was tokenized for another model")  # fmt: skip
     # Each shard is scored on its own (windows do not cross files); the mean is over all targets.
-    targets = [len(p) - 1 for p in pieces]
-    losses = [full_val_loss(model, p, model.config.block_size, cfg.batch_size, device, dtype, Dist()) for p in pieces]
-    loss = sum(loss * n for loss, n in zip(losses, targets, strict=True)) / sum(targets)
-    print(f"{name}: loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {sum(targets):,} tokens")
+    loss = full_split_loss(model, pieces, model.config.block_size, cfg.batch_size, device, dtype, Dist())
+    n_targets = sum(len(p) - 1 for p in pieces)
+    print(f"{name}: loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {n_targets:,} tokens")
     return loss
 
 
