@@ -318,3 +318,11 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_s, peak_flops):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
         return self.flops_per_token() * tokens_per_s / peak_flops
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + n); temperature 0 is greedy.
+        nanoGPT's entry point: the steps (prefill, then one token at a time on the KV cache) are in generate.py."""
+        from generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        generator=generator)  # fmt: skip
