@@ -22,7 +22,7 @@ def nonfinite(loss, grad_norm, scaled):
 def weights_finite(model):
     """Whether this rank's parameters (its shards, under FSDP) hold only finite numbers."""
     local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
-    return all(bool(torch.isfinite(t).all()) for t in local)
+    return bool(torch.stack([torch.isfinite(t).all() for t in local]).all())  # one host sync
 
 
 class DivergenceGuard:

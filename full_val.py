@@ -24,7 +24,7 @@ def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d):
         batches[-1:] = [batches[-1][:-1], batches[-1][-1:]]
     was_training = model.training
     model.eval()
-    total = 0.0
+    losses, sizes = [], []  # losses kept on the device: one host sync at the end
     for i, counted in distributed.even_share(len(batches), d):
         batch = batches[i]
         length = min(T, n_targets - batch[0]) if len(batch) == 1 else T
@@ -34,7 +34,10 @@ def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d):
         with hardware.autocast(device, dtype):
             _, loss = model(x, y)
         if counted:
-            total += loss.item() * y.numel()  # back from a mean to a sum
+            losses.append(loss.detach())
+            sizes.append(y.numel())
+    # Back from means to a sum.
+    total = sum(loss * n for loss, n in zip(torch.stack(losses).tolist(), sizes, strict=True)) if losses else 0.0
     model.train(was_training)
     return distributed.all_mean(total, d) * d.world_size / n_targets
 

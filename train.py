@@ -191,14 +191,15 @@ def estimate_loss(model, samplers, cfg, device, dtype, d):
     model.eval()
     out = {}
     for split, sampler in samplers.items():
-        losses = []
+        losses = []  # kept on the device: one host sync per split, not one per batch
         for j, counted in distributed.even_share(cfg.eval_iters, d):
             x, y = sampler.batch(j)
             with hardware.autocast(device, dtype):
                 _, loss = model(x, y)
             if counted:
-                losses.append(loss.item())
-        total = distributed.all_mean(sum(losses), d) * d.world_size
+                losses.append(loss.detach())
+        local = sum(torch.stack(losses).tolist()) if losses else 0.0
+        total = distributed.all_mean(local, d) * d.world_size
         out[split] = total / cfg.eval_iters
     model.train()
     return out
