@@ -68,7 +68,8 @@ def _unknown_key_error(key, known):
 def _read_config_file(path):
     """Run a config file and return the names it assigns (modules and _private names left out)."""
     try:
-        source = open(path).read()
+        with open(path) as f:
+            source = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     namespace = {}
