@@ -4,10 +4,11 @@ python bench_prepare.py                  # a 100 MB corpus, both pipelines, 2 wo
 python bench_prepare.py --size_mb 1000 --skip_reference
 
 The corpus is a jsonl of documents of 5 to 60 random tiny-Shakespeare paragraphs, shuffled
-and repeated up to --size_mb. The reference approach: datasets.map with one encode_ordinary
-per document (num_proc workers), then one memmap write per split. Each pipeline runs in its
-own process; peak RSS is the largest sum over that process and its workers, sampled every
-50 ms; CPU time is theirs together. Both must produce the same number of tokens.
+and repeated until it holds --size_mb (in whole rounds of about 10 MB). The reference
+approach: datasets.map with one encode_ordinary per document (num_proc workers), then one
+memmap write per split. Each pipeline runs in its own process; peak RSS is the largest sum
+over that process and its workers, sampled every 50 ms; CPU time is theirs together.
+Both must produce the same number of tokens.
 """
 
 import argparse
@@ -26,7 +27,8 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
 def build_corpus(path, shakespeare, size_mb, seed=0):
-    """Write documents of 5-60 random paragraphs until the file holds size_mb megabytes."""
+    """Write 2,000 documents of 5-60 random paragraphs, reshuffled each round, until the file
+    holds at least size_mb megabytes (whole rounds of about 10 MB)."""
     with open(shakespeare, encoding="utf-8") as f:
         paragraphs = f.read().split("\n\n")
     rng = random.Random(seed)
@@ -67,18 +69,22 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def run_measured(cmd, env=None):
+def run_measured(cmd):
     """Run cmd; return its wall time and CPU time in seconds and its peak tree RSS in bytes."""
-    start, cpu = time.perf_counter(), cpu_seconds()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
-        time.sleep(0.05)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        sys.exit(f"error: {' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:]}")
+    # stderr goes to a file, not a pipe: nothing reads a pipe while the command runs, and its
+    # progress bars would fill the pipe's 64 kB buffer and block it for good.
+    with tempfile.TemporaryFile("w+") as err:
+        start, cpu = time.perf_counter(), cpu_seconds()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            err.seek(0)
+            sys.exit(f"error: {' '.join(cmd)} failed:\n{err.read()[-3000:]}")
     return wall, cpu_seconds() - cpu, peak
 
 
