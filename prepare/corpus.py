@@ -26,7 +26,17 @@ import numpy as np
 from tqdm import tqdm
 
 from tokenizer import GPT2Tokenizer, TokenizerError
-from tokens import META, SPLITS, ShardWriter, read_meta, shard_meta, shard_version, write_atomic, write_meta
+from tokens import (
+    META,
+    SPLITS,
+    ShardWriter,
+    TokenFileError,
+    read_meta,
+    shard_meta,
+    shard_version,
+    write_atomic,
+    write_meta,
+)
 
 CHUNK_CHARS = 1 << 20  # documents per task: about a million characters, whatever --num_proc
 PROGRESS = "progress.json"
@@ -40,12 +50,17 @@ class CorpusError(RuntimeError):
 # ----------------------------------------------------------------------------- input
 
 
+def builder_of(path):
+    """The datasets builder that reads path, by its extension; None for another kind of file."""
+    return BUILDERS.get(os.path.splitext(path)[1].lower())
+
+
 def local_files(patterns):
     """Expand files, folders and glob patterns; check every file is readable and of one kind."""
     files = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = sorted(os.path.join(pattern, f) for f in os.listdir(pattern) if os.path.splitext(f)[1] in BUILDERS)
+            found = sorted(os.path.join(pattern, f) for f in os.listdir(pattern) if builder_of(f))
         else:
             found = sorted(glob.glob(pattern)) or [pattern]
         if not found:
@@ -57,16 +72,15 @@ def local_files(patterns):
                 f.read(1)
         except OSError as e:
             raise CorpusError(f"cannot read --input file {path}: {e.strerror}") from None
-    kinds = {BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
+    kinds = {builder_of(f) for f in files}
     if None in kinds or len(kinds) > 1:
         raise CorpusError(f"--input files must all be .txt, all .jsonl/.json or all .parquet; got {', '.join(files)}")
     return [os.path.abspath(f) for f in files], kinds.pop()
 
 
-def describe_source(args):
+def describe_source(args, files):
     """What the output is made of: stored in meta.json, compared on every later run."""
     if args.input:
-        files, _ = local_files(args.input)
         source = {"files": [[f, os.path.getsize(f)] for f in files], "txt_sample_by": args.txt_sample_by}
     else:
         source = {"dataset": args.dataset, "name": args.name, "split": args.split}
@@ -74,25 +88,26 @@ def describe_source(args):
             "shard_tokens": args.shard_tokens, "tokenizer": "gpt2"}  # fmt: skip
 
 
-def open_corpus(args):
+def open_corpus(args, files, builder):
     """The documents as a datasets Dataset or IterableDataset, and a name for messages."""
     # Left to itself, datasets imports torch when it is installed: 500 MB resident, unused here.
     os.environ.setdefault("USE_TORCH", "0")
     import datasets
 
+    if args.input:
+        where = files[0] if len(files) == 1 else f"{len(files)} {builder} files"
+    else:
+        where = f"dataset {args.dataset}"
     try:
         if args.input:
-            files, builder = local_files(args.input)
             # json: read 1 MB blocks, not datasets' default 10 MB, which costs about 60 MB resident.
             options = {"text": {"sample_by": args.txt_sample_by}, "json": {"chunksize": 1 << 20}}.get(builder, {})
-            where = files[0] if len(files) == 1 else f"{len(files)} {builder} files"
             # Local files are always streamed: bounded memory, no copy in the datasets cache.
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **options)
         else:
-            where = f"dataset {args.dataset}"
             ds = datasets.load_dataset(args.dataset, args.name, split=args.split, streaming=args.streaming)
     except Exception as e:  # datasets raises many kinds: missing dataset, bad split, no network
-        raise CorpusError(f"cannot open {where if args.input else args.dataset}: {type(e).__name__}: {e}") from None
+        raise CorpusError(f"cannot open {where}: {type(e).__name__}: {e}") from None
     return ds, where
 
 
@@ -112,12 +127,18 @@ def chunks(ds, where, text_column):
                 f"{where} has no column {text_column!r} (it has {', '.join(batch)}); pass --text_column NAME"
             )
         for text in batch[text_column]:
-            if text:
-                chunk.append(text)
-                size += len(text)
-                if size >= CHUNK_CHARS:
-                    yield chunk
-                    chunk, size = [], 0
+            if not text:
+                continue
+            if not isinstance(text, str):
+                raise CorpusError(
+                    f"{where}: column {text_column!r} holds {type(text).__name__} values, not text; "
+                    "pass --text_column NAME"
+                )
+            chunk.append(text)
+            size += len(text)
+            if size >= CHUNK_CHARS:
+                yield chunk
+                chunk, size = [], 0
     if chunk:
         yield chunk
 
@@ -156,26 +177,25 @@ def check_out_dir(out_dir, source, force):
     """'done' if out_dir already holds this dataset, else the progress to resume (or None to start).
     Refuses to mix with other data unless force, which clears it."""
     found = our_files(out_dir)
+    if force:  # without reading what is there: it may be damaged
+        for name in found:
+            os.remove(os.path.join(out_dir, name))
+        return None
     if not found:
         return None
     if META in found:
-        meta = read_meta(out_dir)
-        if meta.get("source") == source and not force:
+        if read_meta(out_dir).get("source") == source:
             return "done"
         what = "a different dataset"
     elif PROGRESS in found:
         with open(os.path.join(out_dir, PROGRESS)) as f:
             progress = json.load(f)
-        if progress["source"] == source and not force:
+        if progress["source"] == source:
             return progress
         what = "an unfinished run with other input or settings"
     else:
         what = f"token files of an unknown dataset ({', '.join(sorted(found)[:3])})"
-    if not force:
-        raise CorpusError(f"--out_dir {out_dir} holds {what}; choose another --out_dir or pass --force to replace it")
-    for name in found:
-        os.remove(os.path.join(out_dir, name))
-    return None
+    raise CorpusError(f"--out_dir {out_dir} holds {what}; choose another --out_dir or pass --force to replace it")
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -187,14 +207,15 @@ def prepare(args):
         raise CorpusError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.shard_tokens <= 0 or args.num_proc <= 0:
         raise CorpusError("--shard_tokens and --num_proc must be positive")
-    source = describe_source(args)  # checks that the input files can be read
+    files, builder = local_files(args.input) if args.input else (None, None)  # checks they can be read
+    source = describe_source(args, files)
     tokenizer = GPT2Tokenizer(args.tokenizer_file)
     os.makedirs(args.out_dir, exist_ok=True)
     progress = check_out_dir(args.out_dir, source, args.force)
     if progress == "done":
         print(f"{args.out_dir} already holds this dataset; nothing to do (--force prepares it again)")
         return read_meta(args.out_dir)
-    ds, where = open_corpus(args)
+    ds, where = open_corpus(args, files, builder)
     return Pipeline(args, tokenizer, source, progress or {}).run(ds, where)
 
 
@@ -340,7 +361,7 @@ def main(argv=None, dataset=None, out_dir=None):
     args = parser(dataset, out_dir).parse_args(argv)
     try:
         prepare(args)
-    except (CorpusError, TokenizerError) as e:
+    except (CorpusError, TokenizerError, TokenFileError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
