@@ -8,6 +8,7 @@ hashed and scanned for its largest token id, which must lie in GPT-2's vocabular
 """
 
 import argparse
+import hashlib
 import os
 import sys
 
@@ -15,19 +16,21 @@ import numpy as np
 from tqdm import tqdm
 
 from tokenizer import GPT2_META
-from tokens import META, SPLITS, TokenFileError, file_sha256, open_shard, shard_meta, write_meta
+from tokens import META, SPLITS, TokenFileError, open_shard, shard_meta, write_meta
 
 SCAN_TOKENS = 1 << 24  # tokens read at a time: memory stays flat however large the shard
 
 
-def max_token(f):
+def scan(f):
+    """(sha256 of the whole file, its largest token id), in one read of the file."""
+    h = hashlib.sha256()
     top = 0
     with open(f.path, "rb") as handle:
-        handle.seek(f.offset)
-        for _ in range(0, f.count, SCAN_TOKENS):
-            block = np.fromfile(handle, dtype=f.dtype, count=SCAN_TOKENS)
-            top = max(top, int(block.max(initial=0)))
-    return top
+        h.update(handle.read(f.offset))
+        while block := handle.read(SCAN_TOKENS * f.dtype.itemsize):
+            h.update(block)
+            top = max(top, int(np.frombuffer(block, dtype=f.dtype).max()))
+    return h.hexdigest(), top
 
 
 def index(data_dir, force=False):
@@ -42,8 +45,9 @@ def index(data_dir, force=False):
         shards, top = [], 0
         for name in tqdm(found, desc=split, unit=" shards"):
             f = open_shard(os.path.join(data_dir, name))
-            top = max(top, max_token(f))
-            shards.append({"file": name, "tokens": f.count, "sha256": file_sha256(f.path)})
+            sha256, shard_top = scan(f)
+            top = max(top, shard_top)
+            shards.append({"file": name, "tokens": f.count, "sha256": sha256})
         if top >= GPT2_META["vocab_size"]:
             sys.exit(f"error: {data_dir} {split} shards hold token id {top}, outside GPT-2's vocabulary")
         splits[split] = {"shards": shards, "max_token": top}
