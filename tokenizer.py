@@ -60,16 +60,16 @@ def gpt2_encoding(tokenizer_file=None):
                 f"cannot load GPT-2's tokenizer through tiktoken ({type(e).__name__}: {e}); offline, pass "
                 f"--tokenizer_file=PATH/TO/gpt2.tiktoken or set {TIKTOKEN_FILE_ENV}"
             ) from None
+    named_by = "--tokenizer_file" if tokenizer_file else f"${TIKTOKEN_FILE_ENV}"  # for the messages
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise TokenizerError(f"cannot read --tokenizer_file {path}: {e.strerror}") from None
+        raise TokenizerError(f"cannot read {named_by} {path}: {e.strerror}") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != GPT2_SHA256:
         raise TokenizerError(
-            f"--tokenizer_file {path} has sha256 {digest}, not GPT-2's r50k_base.tiktoken ({GPT2_SHA256}); "
-            "pass a good copy"
+            f"{named_by} {path} has sha256 {digest}, not GPT-2's r50k_base.tiktoken ({GPT2_SHA256}); pass a good copy"
         )
     # The .tiktoken format: one "base64(token bytes) rank" line per token. (tiktoken's own
     # load_tiktoken_bpe would also copy a local file into its download cache.)
