@@ -26,8 +26,11 @@ class WindowSampler:
         """files: TokenFiles; each window is block_size + 1 consecutive tokens of one file."""
         starts = np.array([f.count - block_size for f in files], dtype=np.int64)  # valid starts per file
         if starts.max(initial=0) <= 0:
-            longest = max((f.count for f in files), default=0)
-            raise ValueError(f"block_size {block_size} needs more than {longest} tokens in one file; lower block_size")
+            longest = max(files, key=lambda f: f.count)
+            raise ValueError(
+                f"block_size {block_size} needs more than {block_size} tokens in one file, but the longest, "
+                f"{longest.path}, holds {longest.count}; lower block_size"
+            )
         self.files = files
         self.offsets = np.concatenate(([0], np.cumsum(np.maximum(starts, 0))))  # windows before each file
         self.block_size = block_size
