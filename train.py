@@ -290,15 +290,21 @@ def train(cfg, d, device, stop):
     guard = DivergenceGuard(cfg.max_nonfinite_steps)
     if resume is not None:
         resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
+    # At start_iter a new run evaluates without saving, and so does an evaluation only. A resumed
+    # run skips the evaluation its checkpoint was saved right after, but a stop signal saves
+    # between evaluations: then the one due at that iteration is done now, and saved.
+    redo_eval = resume is not None and not cfg.eval_only and not resume.evaluated
+    eval_at_start = resume is None or cfg.eval_only or redo_eval
 
-    def save(iter_num, best_val_loss, new_best=False):
+    def save(iter_num, best_val_loss, new_best=False, evaluated=True):
         """Collective. Write the resume checkpoint, and best.pt when `new_best`; never weights
-        that are no longer finite."""
+        that are no longer finite. evaluated: saved right after the evaluation at iter_num."""
         if distributed.any_rank(torch.tensor([not weights_finite(model)]), d)[0]:
             log.print(f"checkpoint not saved at iter {iter_num}: the weights are not finite")
             return
         progress = {"iter_num": iter_num, "best_val_loss": best_val_loss, "config": asdict(cfg),
-                    "loader": samplers["train"].state(iter_num * cfg.gradient_accumulation_steps)}  # fmt: skip
+                    "loader": samplers["train"].state(iter_num * cfg.gradient_accumulation_steps),
+                    "evaluated": evaluated}  # fmt: skip
         # best.pt first: a run killed between the two saves redoes these steps and writes it again.
         if new_best:
             training_state.save_best(cfg.out_dir, model, model_args, progress, d)
@@ -314,7 +320,7 @@ def train(cfg, d, device, stop):
     t_last, iters_since_log = time.time(), 0
     while True:
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
-            if not (iter_num == start_iter and resume is not None and not cfg.eval_only):
+            if iter_num > start_iter or eval_at_start:
                 losses = estimate_loss(model, samplers, cfg, device, dtype, d)
                 row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                        "tokens_seen": iter_num * tokens_per_iter}  # fmt: skip
@@ -326,7 +332,7 @@ def train(cfg, d, device, stop):
                     log.print(f"full val loss {row['full_val_loss']:.4f} (every val token)")
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                if (iter_num > start_iter or redo_eval) and (improved or cfg.always_save_checkpoint):
                     save(iter_num, best_val_loss, new_best=improved)
                 t_last = time.time()  # evaluation time is not training time
         if cfg.eval_only or iter_num >= cfg.max_iters:
@@ -376,7 +382,7 @@ def train(cfg, d, device, stop):
                         "tokens_seen": iter_num * tokens_per_iter})  # fmt: skip
             t_last, iters_since_log = time.time(), 0
         if stopping:
-            save(iter_num, best_val_loss)
+            save(iter_num, best_val_loss, evaluated=False)
             log.print(f"stopped by {stop.requested or 'a signal on another rank'} at iteration {iter_num}; "
                       f"continue with --init_from=resume --out_dir={cfg.out_dir}")  # fmt: skip
             break

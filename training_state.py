@@ -74,6 +74,7 @@ class Resume:
         self.iter_num = self.state["iter_num"]
         self.best_val_loss = self.state["best_val_loss"]
         self.loader = self.state.get("loader")
+        self.evaluated = self.state.get("evaluated", True)  # False: saved by a stop signal
         self.check_settings(model_keys)
         diff = checkpoint.shape_mismatch(model_shapes(self.model_args), shapes)
         if diff:

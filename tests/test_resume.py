@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, tiny_train_args
 
 import train
+from tracking import read_log
 
 # Dropout on, so that a resumed run also needs the RNG states; two micro-steps per update.
 COMMON = {"max_iters": 30, "eval_interval": 10, "dropout": 0.1, "gradient_accumulation_steps": 2, "log_interval": 5}
@@ -126,6 +127,33 @@ def test_sigterm_finishes_the_step_saves_and_exits_0_then_resumes_exactly(char_d
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
     assert 3 <= stopped_at < args["max_iters"]
     train.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
+    assert_same_run(straight, out)
+
+
+def test_a_stop_at_the_last_step_leaves_the_final_evaluation_to_the_resumed_run(char_data_dir, tmp_path, monkeypatch):
+    """A stop signal saves before the evaluation due at that step; the resumed run does it and
+    saves after it, so it ends as the run that never stopped."""
+    stops, schedule = [], train.learning_rate
+
+    class RecordedStop(train.GracefulStop):
+        def __enter__(self):
+            stops.append(self)
+            return super().__enter__()
+
+    def signal_in_the_last_step(cfg, it):
+        if it == cfg.max_iters - 1:
+            stops[-1].requested = "SIGTERM"
+        return schedule(cfg, it)
+
+    straight, out = tmp_path / "straight", tmp_path / "stopped"
+    args = {**COMMON, "max_iters": 20}
+    train.main(tiny_train_args(char_data_dir, straight, **args))
+    monkeypatch.setattr(train, "GracefulStop", RecordedStop)
+    monkeypatch.setattr(train, "learning_rate", signal_in_the_last_step)
+    train.main(tiny_train_args(char_data_dir, out, **args))
+    assert [r["iter"] for r in read_log(out) if "val_loss" in r] == [0, 10]  # stopped before the last one
+    train.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
+    assert [r["iter"] for r in read_log(out) if "val_loss" in r] == [0, 10, 20]
     assert_same_run(straight, out)
 
 
