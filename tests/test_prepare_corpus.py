@@ -130,6 +130,7 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path, shakespear
         "cannot read --input file .*missing.jsonl": tmp_path / "missing.jsonl",
         "cannot read .*broken.jsonl": tmp_path / "broken.jsonl",
         "holds a single document": write_jsonl(tmp_path / "one.jsonl", ["only one"]),
+        "column 'text' holds list values, not text": write_jsonl(tmp_path / "lists.jsonl", [["a"], ["b"]]),
     }
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n')
     for message, path in cases.items():
@@ -137,7 +138,6 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path, shakespear
             run(path, out, "--num_proc", "1")
         assert "\n" not in str(e.value)
         assert not (out / "meta.json").exists()
-    (out / "meta.json").unlink(missing_ok=True)
     for p in out.iterdir():
         p.unlink()
     (out / "train_000000.bin").write_bytes(b"someone else's")

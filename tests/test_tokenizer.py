@@ -45,11 +45,14 @@ def test_bad_or_missing_file_and_no_download_name_the_flag(tmp_path, monkeypatch
         GPT2Tokenizer(wrong)
     with pytest.raises(TokenizerError, match="cannot read --tokenizer_file .*nothing.tiktoken"):
         GPT2Tokenizer(tmp_path / "nothing.tiktoken")
+    monkeypatch.setenv(TIKTOKEN_FILE_ENV, str(wrong))  # the message names where the path came from
+    with pytest.raises(TokenizerError, match=r"^\$GPTCRAFT_TIKTOKEN_FILE .*wrong.tiktoken has sha256"):
+        GPT2Tokenizer()
 
     def offline(name):
         raise ConnectionError("no route to host")
 
-    monkeypatch.delenv(TIKTOKEN_FILE_ENV, raising=False)
+    monkeypatch.delenv(TIKTOKEN_FILE_ENV)
     monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", offline)
     with pytest.raises(TokenizerError, match="offline, pass --tokenizer_file=.* or set GPTCRAFT_TIKTOKEN_FILE"):
         GPT2Tokenizer()
