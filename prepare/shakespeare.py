@@ -24,7 +24,7 @@ def prepare(out_dir, input_path=None, tokenizer_file=None):
         path = os.path.join(out_dir, name)
         write_shard(path, ids, shard_version(tok.vocab_size))
         shard = {"file": name, "tokens": len(ids), "sha256": file_sha256(path)}
-        splits[split] = {"shards": [shard], "documents": 1, "max_token": int(ids.max())}
+        splits[split] = {"shards": [shard], "documents": 1, "max_token": int(ids.max(initial=0))}
     meta = shard_meta(tok.meta(), splits)
     write_meta(out_dir, meta)  # last: its presence marks a complete dataset
     print(f"{out_dir}: train {meta['splits']['train']['tokens']:,} tokens, val {meta['splits']['val']['tokens']:,}")

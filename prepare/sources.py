@@ -11,16 +11,16 @@ class SourceError(RuntimeError):
     """The raw text could not be had; the message says how to supply it."""
 
 
-def download(url, sha256, flag="--input", timeout=30):
-    """Fetch url and check its sha256; offline, fail at once with a message naming `flag`."""
+def download(url, sha256, timeout=30):
+    """Fetch url and check its sha256; offline, fail at once with a message naming --input."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
     except OSError as e:
-        raise SourceError(f"cannot download {url} ({e}); offline, pass {flag}=PATH to a local copy") from None
+        raise SourceError(f"cannot download {url} ({e}); offline, pass --input=PATH to a local copy") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
-        raise SourceError(f"{url} has sha256 {digest}, expected {sha256}; pass {flag}=PATH to a good copy")
+        raise SourceError(f"{url} has sha256 {digest}, expected {sha256}; pass --input=PATH to a good copy")
     return data
 
 
@@ -32,4 +32,4 @@ def tiny_shakespeare(path=None):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(f"cannot read --input {path}: {e}") from None
+        raise SourceError(f"cannot read --input {path}: {getattr(e, 'strerror', None) or e}") from None
