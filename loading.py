@@ -7,12 +7,11 @@ from checkpoint import CheckpointError, load_checkpoint, sampling_path
 from config import ConfigError
 from hf_gpt2 import HUB_MODELS, HFFormatError, load_pretrained
 from model import GPT, GPTConfig
-from tokenizer import TokenizerError, load_tokenizer
+from tokenizer import GPT2_META, TokenizerError, load_tokenizer
 from tokens import read_meta
 
 INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl: OpenAI's weights "
                   "from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format")  # fmt: skip
-GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257}
 
 
 def check_init_from(init_from, allowed=("resume",)):
