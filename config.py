@@ -7,6 +7,7 @@ as in nanoGPT), then the overrides, checking every key and every type.
 
 import difflib
 import sys
+import traceback
 import types
 import typing
 from dataclasses import MISSING, field, fields
@@ -73,7 +74,13 @@ def _read_config_file(path):
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     namespace = {}
-    exec(compile(source, path, "exec"), namespace)  # config files are Python, as in nanoGPT
+    try:
+        exec(compile(source, path, "exec"), namespace)  # config files are Python, as in nanoGPT
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # the file's own code failed, e.g. a NameError
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
 
 

@@ -57,6 +57,18 @@ def test_wrong_type_in_a_config_file(tmp_path):
         parse_config(Toy, [str(path)])
 
 
+@pytest.mark.parametrize(
+    "source, message",
+    [("batch_size = 64\nlearning_rate = 1e-3 +\n", "c.py, line 2: invalid syntax"),
+     ("batch_size = 64\nlearning_rate = lr / 10\n", "c.py, line 2: NameError: name 'lr' is not defined")],
+)  # fmt: skip
+def test_a_config_file_that_fails_names_its_line(tmp_path, source, message):
+    path = tmp_path / "c.py"
+    path.write_text(source)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(Toy, [str(path)])
+
+
 def test_train_config_checks_values():
     with pytest.raises(ConfigError, match="n_embd .* divisible by n_head"):
         parse_config(TrainConfig, ["--n_embd=100", "--n_head=3"])
