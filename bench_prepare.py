@@ -26,17 +26,23 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
-def build_corpus(path, shakespeare, size_mb, seed=0):
-    """Write 2,000 documents of 5-60 random paragraphs, reshuffled each round, until the file
-    holds at least size_mb megabytes (whole rounds of about 10 MB)."""
+def documents(shakespeare, n, rng):
+    """n documents, each 5 to 60 consecutive tiny-Shakespeare paragraphs from a random place."""
     with open(shakespeare, encoding="utf-8") as f:
         paragraphs = f.read().split("\n\n")
-    rng = random.Random(seed)
     docs = []
-    for _ in range(2000):
+    for _ in range(n):
         k = rng.randint(5, 60)
         start = rng.randrange(len(paragraphs) - k)
-        docs.append(json.dumps({"text": "\n\n".join(paragraphs[start : start + k])}) + "\n")
+        docs.append("\n\n".join(paragraphs[start : start + k]))
+    return docs
+
+
+def build_corpus(path, shakespeare, size_mb, seed=0):
+    """Write 2,000 documents, reshuffled each round, until the file holds at least size_mb
+    megabytes (whole rounds of about 10 MB)."""
+    rng = random.Random(seed)
+    docs = [json.dumps({"text": text}) + "\n" for text in documents(shakespeare, 2000, rng)]
     written = 0
     with open(path, "w", encoding="utf-8") as f:
         while written < size_mb * 1e6:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, ROOT, run_script
 
+import bench_prepare
 from prepare import corpus
 from tokenizer import GPT2Tokenizer
 from tokens import open_dataset, open_shard
@@ -15,16 +16,9 @@ from tokens import open_dataset, open_shard
 EOT = 50256
 
 
-def documents(shakespeare_path, n, seed=0):
-    """n documents of 5 to 60 random tiny-Shakespeare paragraphs."""
-    paragraphs = shakespeare_path.read_text().split("\n\n")
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        k = rng.randint(5, 60)
-        start = rng.randrange(len(paragraphs) - k)
-        out.append("\n\n".join(paragraphs[start : start + k]))
-    return out
+def documents(shakespeare_path, n):
+    """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind bench_prepare.py measures on."""
+    return bench_prepare.documents(shakespeare_path, n, random.Random(0))
 
 
 def write_jsonl(path, texts, key="text"):
