@@ -160,6 +160,7 @@ def encode_chunk(job):
     eot = np.array([_tokenizer.eot_token], dtype=np.uint32)
     parts = [part for text in texts for part in (_tokenizer.encode_array(text), eot)]
     lengths = np.array([len(p) for p in parts[::2]], dtype=np.int64) + 1
+    # uint16: GPT-2's ids fit, and the workers send back half the bytes.
     ids = np.concatenate(parts).astype(np.uint16) if parts else np.zeros(0, np.uint16)
     return tag, ids, lengths, is_val
 

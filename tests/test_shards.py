@@ -63,6 +63,12 @@ def test_writer_splits_into_fixed_size_shards_and_records_them(tmp_path):
     assert [s["file"] for s in shards] == ["train_000000.bin", "train_000001.bin", "train_000002.bin"]
     joined = np.concatenate([open_shard(tmp_path / s["file"]).memmap() for s in shards])
     np.testing.assert_array_equal(joined, np.tile(np.arange(450), 5))
+    # Version 2 (uint32) ids, and a stream that ends exactly on a shard boundary: no empty shard after it.
+    exact = ShardWriter(tmp_path, "val", 100, 2)
+    exact.write(np.arange(60))
+    exact.write(np.arange(40) + 70_000)
+    assert [s["tokens"] for s in exact.close()] == [100]
+    np.testing.assert_array_equal(open_shard(tmp_path / "val_000000.bin").memmap()[58:62], [58, 59, 70_000, 70_001])
     assert not list(tmp_path.glob("*.tmp"))
 
 
