@@ -96,12 +96,12 @@ def open_shard(path):
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            raw = f.read(HEADER_BYTES)
     except OSError as e:
         raise TokenFileError(f"cannot read shard {path}: {e.strerror}; prepare the dataset again") from None
-    if len(header) < HEADER_INTS:
+    if len(raw) < HEADER_BYTES:
         raise TokenFileError(f"shard {path} is truncated: {size} bytes, shorter than its {HEADER_BYTES}-byte header")
-    magic, version, count = (int(v) for v in header[:3])
+    magic, version, count = (int(v) for v in np.frombuffer(raw, dtype="<i4")[:3])
     if magic != MAGIC:
         raise TokenFileError(f"shard {path} has magic number {magic}, not {MAGIC}: it is not a token shard")
     if version not in VERSION_DTYPES:

@@ -45,6 +45,7 @@ def test_wrong_magic_truncated_and_overlong_shards_are_named(tmp_path):
         "truncated": good[:-2],
         "longer than its header": good + b"\0\0",
         "shorter than its 1024-byte header": good[:100],
+        "truncated: 101 bytes": good[:101],  # not even whole int32s
         "format version 7": good[:4] + np.int32(7).tobytes() + good[8:],
     }
     for expected, data in cases.items():
