@@ -235,7 +235,6 @@ def train(cfg, d, device, stop):
     except (OSError, TokenFileError) as e:
         raise ConfigError(str(e)) from None
     meta = dataset.meta
-    val_data = [f.memmap() for f in dataset.splits["val"]]  # for the whole-split evaluation
 
     model_args["vocab_size"] = meta.get("vocab_size", 50304)
     if resume is not None:
@@ -319,22 +318,23 @@ def train(cfg, d, device, stop):
     x, y = next_batch(iter_num, 0)
     t_last, iters_since_log = time.time(), 0
     while True:
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
-            if iter_num > start_iter or eval_at_start:
-                losses = estimate_loss(model, samplers, cfg, device, dtype, d)
-                row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "tokens_seen": iter_num * tokens_per_iter}  # fmt: skip
-                if cfg.full_val and (iter_num == cfg.max_iters or cfg.eval_only):
-                    row["full_val_loss"] = full_split_loss(model, val_data, model_args["block_size"],
-                                                           cfg.batch_size, device, dtype, d)  # fmt: skip
-                log.record(row)
-                if "full_val_loss" in row:
-                    log.print(f"full val loss {row['full_val_loss']:.4f} (every val token)")
-                improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])
-                if (iter_num > start_iter or redo_eval) and (improved or cfg.always_save_checkpoint):
-                    save(iter_num, best_val_loss, new_best=improved)
-                t_last = time.time()  # evaluation time is not training time
+        due = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
+        if due and (iter_num > start_iter or eval_at_start):
+            losses = estimate_loss(model, samplers, cfg, device, dtype, d)
+            row = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                   "tokens_seen": iter_num * tokens_per_iter}  # fmt: skip
+            if cfg.full_val and (iter_num == cfg.max_iters or cfg.eval_only):
+                val_data = [f.memmap() for f in dataset.splits["val"]]
+                row["full_val_loss"] = full_split_loss(model, val_data, model_args["block_size"],
+                                                       cfg.batch_size, device, dtype, d)  # fmt: skip
+            log.record(row)
+            if "full_val_loss" in row:
+                log.print(f"full val loss {row['full_val_loss']:.4f} (every val token)")
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if (iter_num > start_iter or redo_eval) and (improved or cfg.always_save_checkpoint):
+                save(iter_num, best_val_loss, new_best=improved)
+            t_last = time.time()  # evaluation time is not training time
         if cfg.eval_only or iter_num >= cfg.max_iters:
             break
 
