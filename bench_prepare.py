@@ -147,7 +147,7 @@ def main():
         cmd = [sys.executable, "-m", "prepare.corpus", "--input", corpus, "--out_dir", ours, "--force",
                "--num_proc", str(args.num_proc), "--tokenizer_file", args.tokenizer_file]  # fmt: skip
         wall, cpu, peak = run_measured(cmd)
-        with open(os.path.join(ours, "meta.json")) as f:
+        with open(os.path.join(ours, "meta.json"), encoding="utf-8") as f:
             tokens = sum(s["tokens"] for s in json.load(f)["splits"].values())
         results["prepare/corpus.py"] = (wall, cpu, peak, tokens)
         if not args.skip_reference:

@@ -219,12 +219,15 @@ def write_meta(data_dir, meta):
 def read_meta(data_dir):
     path = os.path.join(data_dir, META)
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:  # as write_meta wrote it, whatever the locale
+            meta = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: the dataset has no tokenizer description") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise TokenFileError(f"{path} is not valid JSON ({e}); prepare the dataset again") from None
+    if not isinstance(meta, dict):
+        raise TokenFileError(f"{path} holds a JSON {type(meta).__name__}, not an object; prepare the dataset again")
+    return meta
 
 
 def shard_meta(tokenizer_meta, splits, **extra):

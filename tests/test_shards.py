@@ -90,6 +90,12 @@ def test_dataset_checks_meta_against_shards_and_vocab(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(TokenFileError, match="val_000000.bin holds 300 tokens but .*meta.json says 301"):
         open_dataset(tmp_path)
+    (tmp_path / "meta.json").write_bytes(b"[1]")
+    with pytest.raises(TokenFileError, match="meta.json holds a JSON list, not an object"):
+        open_dataset(tmp_path)
+    (tmp_path / "meta.json").write_bytes(b'{"chars": "\xff"}')
+    with pytest.raises(TokenFileError, match="meta.json is not valid JSON .*utf-8"):
+        open_dataset(tmp_path)
 
 
 def test_legacy_train_and_val_bin_stay_readable(tmp_path):
