@@ -256,24 +256,17 @@ class Pipeline:
             first += n
 
     def route(self, result):
+        """Write one encoded chunk's tokens to the train and val writers, in document order."""
         (first, n), ids, lengths, is_val = result
-        n_val = int(is_val.sum())
+        n_val = int(is_val.sum())  # before the resume point is_val lists the val documents only
         self.documents["val"] += n_val
         self.documents["train"] += n - n_val
-        train = self.writers["train"]
-        self.chunk_start = (first, train.position)
-        if first < self.resume_doc or n_val == 0:  # the common cases: a chunk of one split only
-            split = "val" if first < self.resume_doc else "train"
-            parts = {split: ids} if len(ids) else {}
-        else:
-            ends = np.cumsum(lengths)
-            spans = list(zip(ends - lengths, ends, is_val, strict=True))
-            parts = {split: np.concatenate([ids[s:e] for s, e, v in spans if v == (split == "val")])
-                     for split in SPLITS if (is_val == (split == "val")).any()}  # fmt: skip
-        for split in SPLITS:
-            if split in parts:
-                self.max_token[split] = max(self.max_token[split], int(parts[split].max()))
-                self.writers[split].write(parts[split])
+        self.chunk_start = (first, self.writers["train"].position)
+        token_is_val = np.repeat(is_val, lengths)  # (len(ids),)
+        for split, part in (("train", ids[~token_is_val]), ("val", ids[token_is_val])):
+            if len(part):
+                self.max_token[split] = max(self.max_token[split], int(part.max()))
+                self.writers[split].write(part)
 
     def on_shard(self, writer):
         if writer is self.writers["train"]:
