@@ -76,26 +76,27 @@ def even_share(n, d):
     return [(j % n, j < n) for j in range(d.rank, rounds * d.world_size, d.world_size)]
 
 
-def _reduce(t, op):
-    """All-reduce a float64 tensor in place on the device the backend needs, and return it on the CPU."""
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=op)
-    return t.cpu()
+def _on_backend_device(t):
+    """`t` where the backend reduces: on the GPU for nccl, on the CPU for gloo."""
+    return t.cuda() if dist.get_backend() == "nccl" else t.cpu()
 
 
 def all_mean(value, d):
     """Mean of a float over all ranks (the value itself in a single process)."""
     if not d.enabled:
         return value
-    return _reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.SUM).item() / d.world_size
+    t = _on_backend_device(torch.tensor([value], dtype=torch.float64))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / d.world_size
 
 
 def any_rank(flags, d):
-    """Element-wise OR of a 1-D tensor of flags over all ranks, as a list of bools (one host sync)."""
-    flags = flags.detach().to("cpu", torch.float64)
+    """Element-wise OR of a 1-D tensor of flags over all ranks, as a list of bools. Flags on a CUDA
+    device are reduced there with nccl: reading them at the end is the only host sync."""
+    flags = flags.detach().to(torch.float32)
     if d.enabled:
-        flags = _reduce(flags, dist.ReduceOp.MAX)
+        flags = _on_backend_device(flags)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return [bool(f) for f in flags.tolist()]
 
 

@@ -358,7 +358,7 @@ def train(cfg, d, device, stop):
         grad_norm = clip_grad_norm(model, cfg.grad_clip)
         # One host sync per step: every rank learns whether any rank diverged or was told to stop.
         bad = nonfinite(step_loss, grad_norm, scaler.is_enabled())
-        stop_here = torch.tensor(stop.requested is not None, device=device)
+        stop_here = torch.full_like(bad, stop.requested is not None)  # a fill: no copy that waits
         skip, stopping = distributed.any_rank(torch.stack([bad, stop_here]), d)
         if not skip:
             scaler.step(optimizer)
