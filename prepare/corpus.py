@@ -334,7 +334,8 @@ def parser(dataset=None, out_dir=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=dataset is None)
     src.add_argument("--input", nargs="+", help="local .txt, .jsonl/.json or .parquet files, folders or globs")
-    src.add_argument("--dataset", default=dataset, help=f"Hugging Face dataset name (default {dataset})")
+    default_note = f" (default {dataset})" if dataset else ""
+    src.add_argument("--dataset", default=dataset, help=f"Hugging Face dataset name{default_note}")
     p.add_argument("--name", help="the Hugging Face dataset's configuration name, if it has several")
     p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
     p.add_argument("--streaming", action="store_true", help="stream the Hugging Face dataset, no full download")
