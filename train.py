@@ -334,7 +334,7 @@ def train(cfg, d, device, stop):
             best_val_loss = min(best_val_loss, losses["val"])
             if (iter_num > start_iter or redo_eval) and (improved or cfg.always_save_checkpoint):
                 save(iter_num, best_val_loss, new_best=improved)
-            t_last = time.time()  # evaluation time is not training time
+            t_last, iters_since_log = time.time(), 0  # evaluation time is not training time
         if cfg.eval_only or iter_num >= cfg.max_iters:
             break
 

@@ -179,6 +179,24 @@ def test_other_ranks_report_nothing(tmp_path, capsys):
     assert not list(tmp_path.iterdir()) and capsys.readouterr().out == ""
 
 
+def test_ms_per_iter_counts_the_steps_since_an_evaluation_not_before_it(char_data_dir, tmp_path, monkeypatch):
+    """Every step takes one second on a fake clock and evaluations none: every logged row says
+    1000 ms/iter, also where an evaluation fell between two logged steps."""
+    import train
+
+    clock, schedule = [0.0], train.learning_rate
+
+    def one_second_per_step(cfg, it):
+        clock[0] += 1.0
+        return schedule(cfg, it)
+
+    monkeypatch.setattr(train, "learning_rate", one_second_per_step)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    train.main(tiny_train_args(char_data_dir, tmp_path, max_iters=8, eval_interval=3, log_interval=2))
+    steps = [r for r in read_log(str(tmp_path)) if "loss" in r]
+    assert [(r["iter"], r["ms_per_iter"]) for r in steps] == [(2, 1000.0), (4, 1000.0), (6, 1000.0), (8, 1000.0)]
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self):
         return True
