@@ -38,7 +38,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         prepare(args.out_dir, args.input, args.tokenizer_file)
-    except (SourceError, TokenizerError) as e:
+    except (SourceError, TokenizerError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

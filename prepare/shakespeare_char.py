@@ -33,7 +33,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         prepare(args.out_dir, args.input)
-    except SourceError as e:
+    except (SourceError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
