@@ -157,7 +157,7 @@ def ensure_dataset(cfg, d):
             shakespeare_char.prepare(path)
         except SourceError as e:
             raise ConfigError(
-                f"dataset shakespeare_char is not prepared and {e}; offline, run "
+                f"dataset shakespeare_char is not prepared and {e.problem}; offline, run "
                 f"python prepare/shakespeare_char.py --input PATH/TO/tinyshakespeare.txt --out_dir {path}"
             ) from None
     if d.enabled:

@@ -8,7 +8,11 @@ TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca
 
 
 class SourceError(RuntimeError):
-    """The raw text could not be had; the message says how to supply it."""
+    """The raw text could not be had: `problem` says why, the message also how to supply it."""
+
+    def __init__(self, problem, fix=None):
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self.problem = problem
 
 
 def download(url, sha256, timeout=30):
@@ -17,10 +21,10 @@ def download(url, sha256, timeout=30):
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
     except OSError as e:
-        raise SourceError(f"cannot download {url} ({e}); offline, pass --input=PATH to a local copy") from None
+        raise SourceError(f"cannot download {url} ({e})", "offline, pass --input=PATH to a local copy") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
-        raise SourceError(f"{url} has sha256 {digest}, expected {sha256}; pass --input=PATH to a good copy")
+        raise SourceError(f"{url} has sha256 {digest}, expected {sha256}", "pass --input=PATH to a good copy")
     return data
 
 

@@ -111,3 +111,16 @@ def test_unknown_device_or_backend(char_data_dir, tmp_path):
     result = run_script("train.py", *tiny_train_args(char_data_dir, tmp_path / "out", backend="mpi"), check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: backend must be one of auto, nccl, gloo; got 'mpi'"
+
+
+def test_an_unprepared_dataset_offline_says_the_one_command_to_run(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(ConfigError) as e:
+        train.main(tiny_train_args(tmp_path / "data", tmp_path / "out", **RUN))
+    message = str(e.value)
+    assert message.startswith("dataset shakespeare_char is not prepared and cannot download https://")
+    assert message.count("offline") == 1 and "--input=PATH" not in message  # prepare's own hint is not train's
+    assert message.endswith(f"--input PATH/TO/tinyshakespeare.txt --out_dir {tmp_path / 'data' / 'shakespeare_char'}")
