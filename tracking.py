@@ -3,7 +3,8 @@ out_dir/log.jsonl, optionally Weights & Biases and out_dir/loss.png, and a summa
 
 log.jsonl is the record every other view is drawn from. Its rows:
   train rows  {"time_s", "iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "grad_norm", "tokens_seen"}
-  eval rows   {"time_s", "iter", "train_loss", "val_loss", "tokens_seen"}
+  eval rows   {"time_s", "iter", "train_loss", "val_loss", "tokens_seen"}, and "full_val_loss" on the
+              last one of a run with full_val=True
   {"time_s", "event": "start", "iter", "wandb_id"}  where a run (or a resumed run) starts at iter
   {"time_s", "event": "summary", ...}  at the end of training (see `summarize`)
 time_s counts from the first start: a resumed run carries on from the time its log ends at.
