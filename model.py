@@ -5,7 +5,7 @@ Token and position embeddings -> n_layer pre-LayerNorm residual blocks
 the token embedding. Parameter names follow GPT-2's so its weights map one to one.
 Newer switches (rotary positions, QK-norm, ReLU^2, untied head, zero-initialised
 projections, logit soft-capping) are GPTConfig fields, all off by default.
-A KVCache keeps each layer's keys and values so that generation (generate.py)
+A KVCache keeps each layer's keys and values so that generation (gptcraft/generate.py)
 feeds one new token per step instead of the whole context.
 Nothing here knows about devices, precision, compile or distribution: the
 trainer applies those.
@@ -236,14 +236,6 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, block_size=None, dropout=0.0):
-        """OpenAI's GPT-2 weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl from the Hugging Face hub)
-        or a local folder in Hugging Face's GPT-2 format; the conversion lives in hf_gpt2.py."""
-        from hf_gpt2 import load_pretrained
-
-        return load_pretrained(name_or_path, block_size, dropout)
-
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -318,11 +310,3 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_s, peak_flops):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
         return self.flops_per_token() * tokens_per_s / peak_flops
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + n); temperature 0 is greedy.
-        nanoGPT's entry point: the steps (prefill, then one token at a time on the KV cache) are in generate.py."""
-        from generate import generate
-
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        generator=generator)  # fmt: skip

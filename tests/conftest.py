@@ -70,10 +70,10 @@ def tiny_run_dir(tmp_path, shakespeare_path):
     """A run directory as train.py leaves it (ckpt.pt and meta.json) with a random 2-layer char model."""
     import torch
 
-    from checkpoint import save_checkpoint
+    from gptcraft.data.shards import write_meta
+    from gptcraft.data.tokenizer import CharTokenizer
+    from gptcraft.train.checkpoint import save_checkpoint
     from model import GPT, GPTConfig
-    from tokenizer import CharTokenizer
-    from tokens import write_meta
 
     tok = CharTokenizer.from_text(shakespeare_path.read_text())
     model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, dropout=0.0,

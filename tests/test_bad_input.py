@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
-import train
-from config import ConfigError
+from gptcraft.config import ConfigError
+from gptcraft.train import loop
 
 RUN = {"max_iters": 10, "eval_interval": 10}
 
@@ -17,7 +17,7 @@ RUN = {"max_iters": 10, "eval_interval": 10}
 def trained(char_data_dir, tmp_path_factory):
     """A finished tiny run to resume from; tests copy it before touching it."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    train.main(tiny_train_args(char_data_dir, out, **RUN))
+    loop.main(tiny_train_args(char_data_dir, out, **RUN))
     return out
 
 
@@ -34,7 +34,7 @@ def refuses(data_dir, out, match, **overrides):
     """train.main refuses the arguments with a ConfigError matching `match`, changing no file in out."""
     before = snapshot(out) if out.exists() else None
     with pytest.raises(ConfigError, match=match):
-        train.main(tiny_train_args(data_dir, out, **{**RUN, **overrides}))
+        loop.main(tiny_train_args(data_dir, out, **{**RUN, **overrides}))
     if before is not None:
         assert snapshot(out) == before
 
@@ -59,7 +59,7 @@ def test_resume_with_another_model_shape_lists_the_differing_keys(char_data_dir,
 
 def test_resume_may_change_dropout_and_the_attention_path(char_data_dir, trained, tmp_path):
     out = copy_of(trained, tmp_path)
-    train.main(tiny_train_args(char_data_dir, out, init_from="resume", dropout=0.2, attention="explicit",
+    loop.main(tiny_train_args(char_data_dir, out, init_from="resume", dropout=0.2, attention="explicit",
                                **{**RUN, "max_iters": 12}))  # fmt: skip
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 12 and ckpt["model_args"]["dropout"] == 0.2
@@ -119,7 +119,7 @@ def test_an_unprepared_dataset_offline_says_the_one_command_to_run(tmp_path, mon
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
     with pytest.raises(ConfigError) as e:
-        train.main(tiny_train_args(tmp_path / "data", tmp_path / "out", **RUN))
+        loop.main(tiny_train_args(tmp_path / "data", tmp_path / "out", **RUN))
     message = str(e.value)
     assert message.startswith("dataset shakespeare_char is not prepared and cannot download https://")
     assert message.count("offline") == 1 and "--input=PATH" not in message  # prepare's own hint is not train's

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import run_script, tiny_train_args
 
-import bench
-from config import ConfigError, run_cli
+from gptcraft.bench import speed
+from gptcraft.config import ConfigError, run_cli
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--vocab_size=65", "--compile=False", "--dtype=float32"]  # fmt: skip
@@ -30,20 +30,20 @@ def test_bench_cpu_writes_table_and_json(tmp_path):
 
 
 def test_bench_reads_config_files_and_skips_parts(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench.hardware, "peak_flops", lambda device, dtype: 1e11)  # skip the matmul measurement
+    monkeypatch.setattr(speed.hardware, "peak_flops", lambda device, dtype: 1e11)  # skip the matmul measurement
     out = tmp_path / "b.json"
     args = ["configs/train_shakespeare_char_cpu.py", *TINY, "--bench_iters=0", "--sample_tokens=5",
             "--sample_batch=3", f"--json={out}"]  # fmt: skip
-    bench.main(args)
+    speed.main(args)
     r = json.loads(out.read_text())
     assert "training" not in r and r["sampling"]["new_tokens"] == 5 and r["sampling"]["batch"] == 3
     assert r["config"]["dataset"] == "shakespeare_char" and r["config"]["eval_interval"] == 250
 
 
 def test_vocab_size_falls_back_to_known_datasets(tmp_path):
-    cfg = bench.parse_args(["--dataset=shakespeare_char", f"--data_dir={tmp_path}"])
-    assert bench.vocab_size(cfg) == 65
-    assert bench.vocab_size(bench.parse_args([f"--data_dir={tmp_path}"])) == 50304
+    cfg = speed.parse_args(["--dataset=shakespeare_char", f"--data_dir={tmp_path}"])
+    assert speed.vocab_size(cfg) == 65
+    assert speed.vocab_size(speed.parse_args([f"--data_dir={tmp_path}"])) == 50304
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_vocab_size_falls_back_to_known_datasets(tmp_path):
 )  # fmt: skip
 def test_bad_arguments_fail_fast(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: bench.main(args))
+        run_cli(lambda: speed.main(args))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -82,4 +82,4 @@ def test_speedrun_times_whole_runs(char_data_dir, tmp_path):
 
 def test_speedrun_needs_the_last_step_logged():
     with pytest.raises(ConfigError, match="log_interval"):
-        bench.parse_args(["--speedrun=1", "--max_iters=10", "--log_interval=3"])
+        speed.parse_args(["--speedrun=1", "--max_iters=10", "--log_interval=3"])

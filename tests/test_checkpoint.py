@@ -8,11 +8,10 @@ import pytest
 import torch
 from conftest import tiny_train_args
 
-import checkpoint
 import model
-import train
-from checkpoint import CheckpointError
-from config import ConfigError
+from gptcraft.config import ConfigError
+from gptcraft.train import checkpoint, loop
+from gptcraft.train.checkpoint import CheckpointError
 
 RUN = {"max_iters": 30, "eval_interval": 10, "log_interval": 5}
 
@@ -53,7 +52,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(char_data_dir, tm
 
     monkeypatch.setattr(torch, "save", save_until_full)
     with pytest.raises(SystemExit, match="could not write .*No space left on device.*previous checkpoint is intact"):
-        train.main(tiny_train_args(char_data_dir, out, **RUN))
+        loop.main(tiny_train_args(char_data_dir, out, **RUN))
     monkeypatch.undo()
     assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
     assert checkpoint.load_checkpoint(out / "best.pt")["iter_num"] == 10
@@ -109,7 +108,7 @@ def poison_forward(monkeypatch, bad_steps=(), break_weights_at=None):
 def test_a_few_nan_steps_are_skipped(char_data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     poison_forward(monkeypatch, bad_steps=(12, 13))
-    train.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=3, **RUN))
+    loop.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=3, **RUN))
     printed = capsys.readouterr().out
     assert "skipped step 12: loss or gradient norm is NaN/Inf" in printed and "skipped step 13" in printed
     final = checkpoint.load_checkpoint(out / "ckpt.pt")
@@ -121,14 +120,14 @@ def test_nan_in_a_row_stops_the_run_and_keeps_the_good_checkpoint(char_data_dir,
     out = tmp_path / "run"
     poison_forward(monkeypatch, bad_steps=range(15, 100))
     with pytest.raises(SystemExit, match=r"NaN/Inf for 3 steps in a row \(up to iteration 17\)"):
-        train.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=3, **RUN))
+        loop.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=3, **RUN))
     assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
 
 
 def test_nan_weights_never_overwrite_a_checkpoint(char_data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     poison_forward(monkeypatch, break_weights_at=15)
-    train.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=100, **RUN))
+    loop.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=100, **RUN))
     assert "checkpoint not saved at iter 20: the weights are not finite" in capsys.readouterr().out
     saved = checkpoint.load_checkpoint(out / "ckpt.pt")
     assert saved["iter_num"] == 10 and all(torch.isfinite(t).all() for t in saved["model"].values())
@@ -136,9 +135,9 @@ def test_nan_weights_never_overwrite_a_checkpoint(char_data_dir, tmp_path, monke
 
 def test_resume_refuses_a_corrupt_checkpoint_and_leaves_it(char_data_dir, tmp_path):
     out = tmp_path / "run"
-    train.main(tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 10}))
+    loop.main(tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 10}))
     data = (out / "ckpt.pt").read_bytes()
     (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError, match="ckpt.pt is truncated or corrupt"):
-        train.main(tiny_train_args(char_data_dir, out, init_from="resume", **RUN))
+        loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **RUN))
     assert (out / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # nothing touched

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import pytest
 from conftest import run_script
 
-from config import ConfigError, option, parse_config
-from train import TrainConfig
+from gptcraft.config import ConfigError, option, parse_config
+from gptcraft.train.loop import TrainConfig
 
 
 @dataclass

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import ROOT, run_script, tiny_train_args
 
-import distributed
-import train
-from config import ConfigError
-from parallelize import parallelize
+from gptcraft.config import ConfigError
+from gptcraft.system import distributed
+from gptcraft.train import loop
+from gptcraft.train.parallelize import parallelize
 
 # gradient_accumulation_steps is global: 2 micro-batches per step, one on each of 2 ranks. At a
 # learning rate of 1e-2 AdamW grows FSDP's float32 rounding differences past 1e-3 by iteration 20.
@@ -104,7 +104,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(char_data_dir, tm
 def test_activation_checkpointing_gives_the_same_run(char_data_dir, tmp_path):
     runs = {}
     for ac in (False, True):
-        train.main(tiny_train_args(char_data_dir, tmp_path / str(ac), activation_checkpointing=ac,
+        loop.main(tiny_train_args(char_data_dir, tmp_path / str(ac), activation_checkpointing=ac,
                                    **{**RUN, "max_iters": 10, "dropout": 0.1}))  # fmt: skip
         runs[ac] = torch.load(tmp_path / str(ac) / "ckpt.pt", weights_only=True)["model"]
     for name, tensor in runs[False].items():

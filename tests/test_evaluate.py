@@ -7,15 +7,15 @@ import pytest
 import torch
 from conftest import ROOT
 
-import evaluate
-from config import ConfigError
-from loading import load_model
+from gptcraft.config import ConfigError
+from gptcraft.evaluate import run
+from gptcraft.init_from import load_model
 
 
 def test_text_file_loss_is_the_mean_over_every_token(tiny_run_dir, tmp_path, capsys):
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3  # 165 characters: 6 windows
     (tmp_path / "t.txt").write_text(text)
-    loss = evaluate.main([f"--out_dir={tiny_run_dir}", f"--text={tmp_path / 't.txt'}", "--device=cpu",
+    loss = run.main([f"--out_dir={tiny_run_dir}", f"--text={tmp_path / 't.txt'}", "--device=cpu",
                           "--batch_size=4"])  # fmt: skip
     model, tok = load_model("resume", tiny_run_dir, "cpu")
     ids = torch.tensor(tok.encode(text))
@@ -32,8 +32,8 @@ def test_text_file_loss_is_the_mean_over_every_token(tiny_run_dir, tmp_path, cap
 def test_dataset_split_and_max_tokens(tiny_run_dir, char_data_dir, capsys):
     common = [f"--out_dir={tiny_run_dir}", f"--data_dir={char_data_dir}", "--dataset=shakespeare_char",
               "--device=cpu", "--max_tokens=2000"]  # fmt: skip
-    val = evaluate.main(common)
-    train = evaluate.main([*common, "--split=train"])
+    val = run.main(common)
+    train = run.main([*common, "--split=train"])
     assert "shakespeare_char val: loss" in capsys.readouterr().out
     assert val != train and math.log(65) - 1 < val < math.log(65) + 1  # a random model: about uniform
 
@@ -50,7 +50,7 @@ def test_dataset_split_and_max_tokens(tiny_run_dir, char_data_dir, capsys):
 )
 def test_bad_input(tiny_run_dir, tmp_path, args, message):
     with pytest.raises(ConfigError) as e:
-        evaluate.main([f"--out_dir={tiny_run_dir}", f"--data_dir={tmp_path}", "--device=cpu", *args])
+        run.main([f"--out_dir={tiny_run_dir}", f"--data_dir={tmp_path}", "--device=cpu", *args])
     assert message in str(e.value)
 
 
@@ -60,13 +60,13 @@ def test_tokens_beyond_the_vocabulary_are_refused(tiny_run_dir, tmp_path):
     for split in ("train", "val"):
         np.array([1, 2, 300], dtype="<u2").tofile(tmp_path / "d" / f"{split}.bin")
     with pytest.raises(ConfigError, match="token id 300, beyond the model's vocabulary of 65"):
-        evaluate.main([f"--out_dir={tiny_run_dir}", f"--data_dir={tmp_path}", "--dataset=d", "--device=cpu"])
+        run.main([f"--out_dir={tiny_run_dir}", f"--data_dir={tmp_path}", "--dataset=d", "--device=cpu"])
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_eval_gpt2_configs_evaluate_openai_weights_once(name):
-    from config import parse_config
-    from train import TrainConfig
+    from gptcraft.config import parse_config
+    from gptcraft.train.loop import TrainConfig
 
     cfg = parse_config(TrainConfig, [str(ROOT / "configs" / f"eval_{name.replace('-', '_')}.py")])
     assert (cfg.init_from, cfg.eval_only, cfg.dataset) == (name, True, "openwebtext")
@@ -74,5 +74,5 @@ def test_eval_gpt2_configs_evaluate_openai_weights_once(name):
 
 def test_max_tokens_cuts_across_shards():
     pieces = [np.arange(5), np.arange(5, 9), np.arange(9, 20)]
-    assert [p.tolist() for p in evaluate.first_tokens(pieces, 7)] == [[0, 1, 2, 3, 4], [5, 6]]
-    assert sum(len(p) for p in evaluate.first_tokens(pieces, 100)) == 20
+    assert [p.tolist() for p in run.first_tokens(pieces, 7)] == [[0, 1, 2, 3, 4], [5, 6]]
+    assert sum(len(p) for p in run.first_tokens(pieces, 100)) == 20

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import run_script, tiny_train_args
 
-from distributed import Dist
-from full_val import full_split_loss, full_val_loss
+from gptcraft.evaluate.loss import full_split_loss, full_val_loss
+from gptcraft.system.distributed import Dist
 from model import GPT, GPTConfig
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from generate import context_start, decode_n_tokens, generate, logits_to_probs, prefill, sample
+from gptcraft.generate import context_start, decode_n_tokens, generate, logits_to_probs, prefill, sample
 from model import GPT, GPTConfig
 
 BLOCK = 16

@@ -9,11 +9,11 @@ from conftest import run_script, tiny_train_args
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import export
-import sample
-import train
-from checkpoint import load_checkpoint, save_checkpoint
-from config import ConfigError
+from gptcraft import export, sample
+from gptcraft.config import ConfigError
+from gptcraft.hf import from_pretrained
+from gptcraft.train import loop
+from gptcraft.train.checkpoint import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 
 VOCAB = 65  # the size of the Shakespeare character vocabulary, so the finetuning test can use that data
@@ -41,7 +41,7 @@ def assert_same_logits(hf, model):
 @pytest.mark.parametrize("weights", ["safetensors", "pytorch_model.bin", "untied"])
 def test_from_pretrained_matches_transformers(tmp_path, weights):
     hf = random_hf_model(tmp_path, tie=weights != "untied", safe_serialization=weights != "pytorch_model.bin")
-    model = GPT.from_pretrained(str(tmp_path))
+    model = from_pretrained(str(tmp_path))
     assert model.config.n_layer == 2 and model.config.block_size == 64
     assert model.config.tie_embeddings == (weights != "untied")
     assert_same_logits(hf, model)
@@ -54,7 +54,7 @@ def test_from_pretrained_reads_gpt2model_keys_and_crops_block_size(tmp_path):
     sd["h.0.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
     os.remove(tmp_path / "model.safetensors")
     save_file(sd, tmp_path / "model.safetensors")
-    model = GPT.from_pretrained(str(tmp_path), block_size=16)
+    model = from_pretrained(str(tmp_path), block_size=16)
     assert model.config.block_size == 16 and model.transformer.wpe.weight.shape == (16, 32)
     idx = torch.randint(0, VOCAB, (1, 16))
     with torch.no_grad():
@@ -62,22 +62,22 @@ def test_from_pretrained_reads_gpt2model_keys_and_crops_block_size(tmp_path):
 
 
 def test_from_pretrained_refuses_what_it_cannot_load(tmp_path):
-    from hf_gpt2 import HFFormatError
+    from gptcraft.hf import HFFormatError
 
     with pytest.raises(HFFormatError, match="neither a folder nor one of gpt2, gpt2-medium"):
-        GPT.from_pretrained("gpt3")
+        from_pretrained("gpt3")
     with pytest.raises(HFFormatError, match="has no config.json"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     random_hf_model(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(HFFormatError, match="activation_function 'relu' is not GPT-2's tanh GELU"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
     with pytest.raises(HFFormatError, match="the weights do not fit its config.json"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     with pytest.raises(HFFormatError, match="block_size 65 exceeds the 64 positions"):
-        GPT.from_pretrained(str(tmp_path), block_size=65)
+        from_pretrained(str(tmp_path), block_size=65)
 
 
 def write_run(out_dir, meta_dir, **model_args):
@@ -147,4 +147,4 @@ def test_gpt2_offline_and_wrong_dataset_errors(tmp_path, char_data_dir):
     assert "cannot get openai-community/gpt2 from the Hugging Face hub" in result.stderr
     assert "pass their folder" in result.stderr
     with pytest.raises(ConfigError, match="init_from='gpt-3' is none of scratch, resume, gpt2"):
-        train.main(tiny_train_args(char_data_dir, tmp_path / "out", init_from="gpt-3"))
+        loop.main(tiny_train_args(char_data_dir, tmp_path / "out", init_from="gpt-3"))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, tiny_train_args
 
-from loader import TRAIN_STREAM, LoaderStateError, WindowSampler
-from tokens import open_shard, write_shard
+from gptcraft.data.batches import TRAIN_STREAM, LoaderStateError, WindowSampler
+from gptcraft.data.shards import open_shard, write_shard
 
 
 def shards(tmp_path, sizes):
@@ -76,12 +76,12 @@ def test_resident_memory_stays_flat_while_reading_a_large_dataset(tmp_path):
 
 
 def test_resume_on_other_data_or_a_too_small_vocabulary_is_refused(tmp_path, char_data_dir, shakespeare_path):
-    import train
-    from config import ConfigError
-    from prepare import shakespeare
+    from gptcraft.config import ConfigError
+    from gptcraft.prepare import shakespeare
+    from gptcraft.train import loop
 
     out = tmp_path / "out"
-    train.main(tiny_train_args(char_data_dir, out, max_iters=10, eval_interval=10, eval_iters=1))
+    loop.main(tiny_train_args(char_data_dir, out, max_iters=10, eval_interval=10, eval_iters=1))
     other = tmp_path / "data" / "shakespeare_char"
     other.mkdir(parents=True)
     for name in ("meta.json", "val.bin"):
@@ -89,21 +89,21 @@ def test_resume_on_other_data_or_a_too_small_vocabulary_is_refused(tmp_path, cha
     (other / "train.bin").write_bytes((char_data_dir / "shakespeare_char" / "train.bin").read_bytes()[:-1000])
     args = tiny_train_args(tmp_path / "data", out, max_iters=20, eval_interval=10, init_from="resume")
     with pytest.raises(ConfigError, match="trained on other data"):
-        train.main(args)
+        loop.main(args)
     # GPT-2 token ids do not fit the 65-token character model: refused at start, not in a kernel.
     shakespeare.prepare(tmp_path / "data" / "shakespeare", shakespeare_path, GPT2_TIKTOKEN)
     with pytest.raises(ConfigError, match=r"token ids up to \d+, but the model.s vocab_size is 65"):
-        train.main([*args, "--dataset=shakespeare"])
+        loop.main([*args, "--dataset=shakespeare"])
 
 
 def test_resumed_training_draws_the_batches_of_an_uninterrupted_run(tmp_path, shakespeare_path, monkeypatch):
     """End to end on GPT-2 shards: which training batches train.py draws, whole and resumed."""
-    import train
-    from prepare import shakespeare
+    from gptcraft.prepare import shakespeare
+    from gptcraft.train import loop
 
     shakespeare.prepare(tmp_path / "data" / "shakespeare", shakespeare_path, GPT2_TIKTOKEN)
     drawn, evaluating = [], []
-    batch, estimate = WindowSampler.batch, train.estimate_loss
+    batch, estimate = WindowSampler.batch, loop.estimate_loss
 
     def recording(self, g):
         if self.stream == TRAIN_STREAM and not evaluating:
@@ -118,13 +118,13 @@ def test_resumed_training_draws_the_batches_of_an_uninterrupted_run(tmp_path, sh
             evaluating.pop()
 
     monkeypatch.setattr(WindowSampler, "batch", recording)
-    monkeypatch.setattr(train, "estimate_loss", flagged)
+    monkeypatch.setattr(loop, "estimate_loss", flagged)
     settings = dict(dataset="shakespeare", gradient_accumulation_steps=2, eval_interval=3, eval_iters=1,
                     max_iters=6, lr_decay_iters=6, warmup_iters=1)  # fmt: skip
-    train.main(tiny_train_args(tmp_path / "data", tmp_path / "whole", **settings))
+    loop.main(tiny_train_args(tmp_path / "data", tmp_path / "whole", **settings))
     whole = list(drawn)
-    train.main(tiny_train_args(tmp_path / "data", tmp_path / "cut", **{**settings, "max_iters": 3}))
+    loop.main(tiny_train_args(tmp_path / "data", tmp_path / "cut", **{**settings, "max_iters": 3}))
     drawn.clear()
-    train.main(tiny_train_args(tmp_path / "data", tmp_path / "cut", **settings, init_from="resume"))
+    loop.main(tiny_train_args(tmp_path / "data", tmp_path / "cut", **settings, init_from="resume"))
     assert whole == list(range(13))  # 6 steps of 2 micro-batches, and the one fetched ahead
     assert drawn == whole[6:]

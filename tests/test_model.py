@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generate import generate
+from gptcraft.generate import generate
 from model import GPT, GPTConfig, explicit_attention, sinusoidal_positions
 
 SMALL = dict(block_size=16, vocab_size=50, n_layer=2, n_head=4, n_embd=32)
@@ -165,8 +165,6 @@ def test_generate_extends_past_block_size_with_tokens_in_vocab():
     assert out.min() >= 0 and out.max() < 50
     greedy = generate(model, torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
     assert torch.equal(greedy, generate(model, torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))
-    # nanoGPT's method form is the same generation.
-    assert torch.equal(greedy, model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))
-    seeded = [model.generate(torch.zeros(2, 1, dtype=torch.long), 20, top_k=5,
-                             generator=torch.Generator().manual_seed(3)) for _ in range(2)]  # fmt: skip
+    seeded = [generate(model, torch.zeros(2, 1, dtype=torch.long), 20, top_k=5,
+                       generator=torch.Generator().manual_seed(3)) for _ in range(2)]  # fmt: skip
     assert torch.equal(*seeded)

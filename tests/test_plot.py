@@ -4,10 +4,10 @@ import json
 import math
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import run_script
 from PIL import Image
 
-import plot
+from gptcraft.track import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +75,7 @@ def test_default_output_is_loss_png_in_the_working_directory(tmp_path, monkeypat
 
 def errors(tmp_path, *args):
     """Run plot.py as a user would; return (exit status, stderr)."""
-    result = run_script(ROOT / "plot.py", *args, check=False, cwd=tmp_path)
+    result = run_script("-m", "gptcraft.track.plot", *args, check=False, cwd=tmp_path)
     assert "Traceback" not in result.stderr
     return result.returncode, result.stderr
 

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, ROOT, run_script
 
-import bench_prepare
-from prepare import corpus
-from tokenizer import GPT2Tokenizer
-from tokens import open_dataset, open_shard
+from gptcraft.bench import prepare_speed
+from gptcraft.data.shards import open_dataset, open_shard
+from gptcraft.data.tokenizer import GPT2Tokenizer
+from gptcraft.prepare import corpus
 
 EOT = 50256
 
 
 def documents(shakespeare_path, n):
     """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind bench_prepare.py measures on."""
-    return bench_prepare.documents(shakespeare_path, n, random.Random(0))
+    return prepare_speed.documents(shakespeare_path, n, random.Random(0))
 
 
 def write_jsonl(path, texts, key="text"):
@@ -155,7 +155,7 @@ def test_text_files_and_the_command_line(tmp_path, shakespeare_path):
 
 
 def test_shakespeare_in_gpt2_tokens(tmp_path, shakespeare_path):
-    from prepare import shakespeare
+    from gptcraft.prepare import shakespeare
 
     shakespeare.prepare(tmp_path, shakespeare_path, GPT2_TIKTOKEN)
     text = shakespeare_path.read_text()
@@ -169,7 +169,7 @@ def test_shakespeare_in_gpt2_tokens(tmp_path, shakespeare_path):
 def peak_rss_mb(source, out_dir):
     # VmHWM, the peak resident memory of this process image (ru_maxrss would carry over the
     # parent's peak through fork and exec).
-    code = ("import sys; from prepare.corpus import main; main(sys.argv[1:]); "
+    code = ("import sys; from gptcraft.prepare.corpus import main; main(sys.argv[1:]); "
             "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")  # fmt: skip
     result = run_script("-c", code, "--input", source, "--out_dir", out_dir, "--tokenizer_file", GPT2_TIKTOKEN,
                         "--num_proc", "1", "--shard_tokens", "1000000")  # fmt: skip

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import ROOT, tiny_train_args
 
-import train
-from tracking import read_log
+from gptcraft.track.logfile import read_log
+from gptcraft.train import loop
 
 # Dropout on, so that a resumed run also needs the RNG states; two micro-steps per update.
 COMMON = {"max_iters": 30, "eval_interval": 10, "dropout": 0.1, "gradient_accumulation_steps": 2, "log_interval": 5}
@@ -35,12 +35,12 @@ def assert_same_run(a_dir, b_dir):
 @pytest.mark.parametrize("dtype, stops", [("float32", (10,)), ("bfloat16", (10,)), ("float16", (20,))])
 def test_stopped_at_a_checkpoint_and_resumed_is_bit_identical(char_data_dir, tmp_path, dtype, stops):
     straight = tmp_path / "straight"
-    train.main(tiny_train_args(char_data_dir, straight, dtype=dtype, **COMMON))
+    loop.main(tiny_train_args(char_data_dir, straight, dtype=dtype, **COMMON))
     for stop in stops:
         out = tmp_path / f"stopped_at_{stop}"
-        train.main(tiny_train_args(char_data_dir, out, dtype=dtype, **{**COMMON, "max_iters": stop}))
+        loop.main(tiny_train_args(char_data_dir, out, dtype=dtype, **{**COMMON, "max_iters": stop}))
         assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == stop
-        train.main(tiny_train_args(char_data_dir, out, dtype=dtype, init_from="resume", **COMMON))
+        loop.main(tiny_train_args(char_data_dir, out, dtype=dtype, init_from="resume", **COMMON))
         assert_same_run(straight, out)
     if dtype == "float16":  # the grad scaler's state went through the checkpoint
         assert torch.load(straight / "ckpt.pt", weights_only=True)["scaler"]["_growth_tracker"] > 0
@@ -52,7 +52,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def start(args, code=None):
-    """train.py in a child process (or `code`, which runs train.main on sys.argv), stdout piped."""
+    """train.py in a child process (or `code`, which runs loop.main on sys.argv), stdout piped."""
     command = ["-c", code, *args] if code else ["train.py", *args]
     return subprocess.Popen([sys.executable, *command], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -80,7 +80,8 @@ def one_thread():
 
 # torch.save writes half a checkpoint, then the process is killed: the worst moment of a save.
 DIE_IN_SAVE = """
-import os, signal, sys, torch, train
+import os, signal, sys, torch
+from gptcraft.train import loop
 real_save = torch.save
 def save_then_die(obj, f, *args, **kwargs):
     real_save(obj, f, *args, **kwargs)
@@ -88,13 +89,13 @@ def save_then_die(obj, f, *args, **kwargs):
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = save_then_die
-train.main(sys.argv[1:])
+loop.main(sys.argv[1:])
 """
 
 
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(char_data_dir, tmp_path, one_thread):
     straight, out = tmp_path / "straight", tmp_path / "killed"
-    train.main(tiny_train_args(char_data_dir, straight, **KILL_RUN))
+    loop.main(tiny_train_args(char_data_dir, straight, **KILL_RUN))
 
     resume_args = tiny_train_args(char_data_dir, out, init_from="resume", **KILL_RUN)
     rng = random.Random(4)
@@ -109,7 +110,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(char_data_dir, tm
     assert proc.returncode == -signal.SIGKILL
     assert any(".tmp." in name for name in os.listdir(out))  # the torn temporary file, never ckpt.pt itself
 
-    train.main(resume_args)
+    loop.main(resume_args)
     assert not any(".tmp." in name for name in os.listdir(out))  # cleaned up
     assert_same_run(straight, out)
 
@@ -117,7 +118,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(char_data_dir, tm
 def test_sigterm_finishes_the_step_saves_and_exits_0_then_resumes_exactly(char_data_dir, tmp_path, one_thread):
     straight, out = tmp_path / "straight", tmp_path / "stopped"
     args = {**KILL_RUN, "eval_interval": 100}  # no checkpoint but the one the signal asks for
-    train.main(tiny_train_args(char_data_dir, straight, **args))
+    loop.main(tiny_train_args(char_data_dir, straight, **args))
     proc = start(tiny_train_args(char_data_dir, out, **args))
     wait_for_line(proc, "iter 3:")
     proc.send_signal(signal.SIGTERM)
@@ -126,16 +127,16 @@ def test_sigterm_finishes_the_step_saves_and_exits_0_then_resumes_exactly(char_d
     assert "stopped by SIGTERM at iteration" in rest
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
     assert 3 <= stopped_at < args["max_iters"]
-    train.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
+    loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
     assert_same_run(straight, out)
 
 
 def test_a_stop_at_the_last_step_leaves_the_final_evaluation_to_the_resumed_run(char_data_dir, tmp_path, monkeypatch):
     """A stop signal saves before the evaluation due at that step; the resumed run does it and
     saves after it, so it ends as the run that never stopped."""
-    stops, schedule = [], train.learning_rate
+    stops, schedule = [], loop.learning_rate
 
-    class RecordedStop(train.GracefulStop):
+    class RecordedStop(loop.GracefulStop):
         def __enter__(self):
             stops.append(self)
             return super().__enter__()
@@ -147,12 +148,12 @@ def test_a_stop_at_the_last_step_leaves_the_final_evaluation_to_the_resumed_run(
 
     straight, out = tmp_path / "straight", tmp_path / "stopped"
     args = {**COMMON, "max_iters": 20}
-    train.main(tiny_train_args(char_data_dir, straight, **args))
-    monkeypatch.setattr(train, "GracefulStop", RecordedStop)
-    monkeypatch.setattr(train, "learning_rate", signal_in_the_last_step)
-    train.main(tiny_train_args(char_data_dir, out, **args))
+    loop.main(tiny_train_args(char_data_dir, straight, **args))
+    monkeypatch.setattr(loop, "GracefulStop", RecordedStop)
+    monkeypatch.setattr(loop, "learning_rate", signal_in_the_last_step)
+    loop.main(tiny_train_args(char_data_dir, out, **args))
     assert [r["iter"] for r in read_log(out) if "val_loss" in r] == [0, 10]  # stopped before the last one
-    train.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
+    loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
     assert [r["iter"] for r in read_log(out) if "val_loss" in r] == [0, 10, 20]
     assert_same_run(straight, out)
 
@@ -161,9 +162,9 @@ def test_a_stop_at_the_last_step_leaves_the_final_evaluation_to_the_resumed_run(
 def test_float16_on_gpu_carries_the_grad_scaler_through_a_resume(char_data_dir, tmp_path):
     args = {**COMMON, "device": "cuda", "dtype": "float16"}
     straight, out = tmp_path / "straight", tmp_path / "resumed"
-    train.main(tiny_train_args(char_data_dir, straight, **args))
-    train.main(tiny_train_args(char_data_dir, out, **{**args, "max_iters": 10}))
-    train.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
+    loop.main(tiny_train_args(char_data_dir, straight, **args))
+    loop.main(tiny_train_args(char_data_dir, out, **{**args, "max_iters": 10}))
+    loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
     a = torch.load(straight / "ckpt.pt", weights_only=True)
     b = torch.load(out / "ckpt.pt", weights_only=True)
     assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0

@@ -8,8 +8,8 @@ import tiktoken
 from conftest import GPT2_TIKTOKEN, run_script
 from tiktoken.load import load_tiktoken_bpe
 
-import sample
-from config import ConfigError
+from gptcraft import sample
+from gptcraft.config import ConfigError
 
 # GPT-2's pre-tokenizer split pattern (tiktoken's r50k_base).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -114,9 +114,9 @@ def test_gpt2_bpe_run_streams_the_same_text(capsys, tmp_path):
     batch-printed one although random tokens split multi-byte characters."""
     import torch
 
-    from checkpoint import save_checkpoint
+    from gptcraft.data.shards import write_meta
+    from gptcraft.train.checkpoint import save_checkpoint
     from model import GPT, GPTConfig
-    from tokens import write_meta
 
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257)
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from prepare import shakespeare_char
-from prepare.sources import SourceError
-from tokenizer import CharTokenizer
+from gptcraft.data.sources import SourceError
+from gptcraft.data.tokenizer import CharTokenizer
+from gptcraft.prepare import shakespeare_char
 
 
 def test_prepared_files_round_trip(char_data_dir, shakespeare_path):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tokens import (
+from gptcraft.data.shards import (
     HEADER_BYTES,
     MAGIC,
     ShardWriter,
@@ -110,7 +110,7 @@ def test_legacy_train_and_val_bin_stay_readable(tmp_path):
 
 
 def test_foreign_llmc_shards_are_indexed_and_load(tmp_path):
-    from prepare import index_shards
+    from gptcraft.prepare import index_shards
 
     for name, n in (("fineweb_val_000000.bin", 500), ("fineweb_train_000001.bin", 800),
                     ("fineweb_train_000002.bin", 700)):  # fmt: skip

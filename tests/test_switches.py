@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
+from gptcraft.train.loop import TrainConfig, learning_rate
+from gptcraft.train.optimizer import Optimizers, make_optimizer
 from model import GPT, GPTConfig, apply_rope, rope_tables
-from optimizer import Optimizers, make_optimizer
-from train import TrainConfig, learning_rate
 
 
 def tiny(**kw):

@@ -7,8 +7,8 @@ import pytest
 import tiktoken
 from conftest import GPT2_TIKTOKEN
 
-import tokenizer
-from tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer, TokenizerError, load_tokenizer
+from gptcraft.data import tokenizer
+from gptcraft.data.tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer, TokenizerError, load_tokenizer
 
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 SAMPLES = ["Hello world", " First Citizen:\nBefore we proceed any further, hear me speak.\n\n",

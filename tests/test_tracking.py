@@ -11,8 +11,9 @@ import types
 import pytest
 from conftest import ROOT, run_script, tiny_train_args
 
-from config import ConfigError
-from tracking import RunLog, metric_rows, read_log, read_rows, summarize
+from gptcraft.config import ConfigError
+from gptcraft.track.logfile import metric_rows, read_log, read_rows, summarize
+from gptcraft.track.runlog import RunLog
 
 TOKENS_PER_ITER = 8 * 32  # tiny_train_args: batch_size 8, block_size 32, one micro-step
 TRAIN_KEYS = {"loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "tokens_seen"}
@@ -182,17 +183,17 @@ def test_other_ranks_report_nothing(tmp_path, capsys):
 def test_ms_per_iter_counts_the_steps_since_an_evaluation_not_before_it(char_data_dir, tmp_path, monkeypatch):
     """Every step takes one second on a fake clock and evaluations none: every logged row says
     1000 ms/iter, also where an evaluation fell between two logged steps."""
-    import train
+    from gptcraft.train import loop
 
-    clock, schedule = [0.0], train.learning_rate
+    clock, schedule = [0.0], loop.learning_rate
 
     def one_second_per_step(cfg, it):
         clock[0] += 1.0
         return schedule(cfg, it)
 
-    monkeypatch.setattr(train, "learning_rate", one_second_per_step)
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
-    train.main(tiny_train_args(char_data_dir, tmp_path, max_iters=8, eval_interval=3, log_interval=2))
+    monkeypatch.setattr(loop, "learning_rate", one_second_per_step)
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    loop.main(tiny_train_args(char_data_dir, tmp_path, max_iters=8, eval_interval=3, log_interval=2))
     steps = [r for r in read_log(str(tmp_path)) if "loss" in r]
     assert [(r["iter"], r["ms_per_iter"]) for r in steps] == [(2, 1000.0), (4, 1000.0), (6, 1000.0), (8, 1000.0)]
 

@@ -6,8 +6,8 @@ import os
 import torch
 from conftest import run_script, tiny_train_args
 
-import train
-from config import ConfigError
+from gptcraft.config import ConfigError
+from gptcraft.train import loop
 
 
 def read_log(out_dir):
@@ -75,9 +75,9 @@ def test_missing_dataset_offline_names_the_prepare_command(tmp_path, monkeypatch
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    cfg = train.TrainConfig(dataset="shakespeare_char", data_dir=str(tmp_path))
+    cfg = loop.TrainConfig(dataset="shakespeare_char", data_dir=str(tmp_path))
     try:
-        train.ensure_dataset(cfg, train.distributed.Dist())
+        loop.ensure_dataset(cfg, loop.distributed.Dist())
     except ConfigError as e:
         assert "--input" in str(e) and "prepare/shakespeare_char.py" in str(e)
     else:

@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from config import ConfigError
+from gptcraft.config import ConfigError
 
 
 def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, compile=False):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from config import ConfigError
+from gptcraft.config import ConfigError
 
 
 @dataclass

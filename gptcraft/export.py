@@ -11,10 +11,10 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from config import ConfigError, option, parse_config, run_cli
-from hf_gpt2 import HFFormatError, check_expressible, save_hf
-from loading import load_run_model
-from tokens import META
+from gptcraft.config import ConfigError, option, parse_config, run_cli
+from gptcraft.data.shards import META
+from gptcraft.hf import HFFormatError, check_expressible, save_hf
+from gptcraft.init_from import load_run_model
 
 
 @dataclass

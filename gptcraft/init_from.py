@@ -3,12 +3,12 @@
 
 import os
 
-from checkpoint import CheckpointError, load_checkpoint, sampling_path
-from config import ConfigError
-from hf_gpt2 import HUB_MODELS, HFFormatError, load_pretrained
+from gptcraft.config import ConfigError
+from gptcraft.data.shards import read_meta
+from gptcraft.data.tokenizer import GPT2_META, TokenizerError, load_tokenizer
+from gptcraft.hf import HUB_MODELS, HFFormatError, from_pretrained
+from gptcraft.train.checkpoint import CheckpointError, load_checkpoint, sampling_path
 from model import GPT, GPTConfig
-from tokenizer import GPT2_META, TokenizerError, load_tokenizer
-from tokens import read_meta
 
 INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl: OpenAI's weights "
                   "from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format")  # fmt: skip
@@ -36,7 +36,7 @@ def load_run_model(out_dir, device):
 def load_gpt2(name_or_path, block_size=None, dropout=0.0):
     """GPT-2 weights as a GPT; a bad name, folder or download is a ConfigError."""
     try:
-        return load_pretrained(name_or_path, block_size, dropout)
+        return from_pretrained(name_or_path, block_size, dropout)
     except HFFormatError as e:
         raise ConfigError(str(e)) from None
 

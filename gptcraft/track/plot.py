@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from tracking import read_log, warn  # noqa: E402
+from gptcraft.track.logfile import read_log, warn  # noqa: E402
 
 X_AXES = {"iter": "iteration", "time": "wall time", "tokens": "tokens seen"}
 

@@ -22,8 +22,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+SHARED = os.environ.get("GPTCRAFT_SHARED_DATA", os.path.join("..", "shared", "data"))
 
 
 def documents(shakespeare, n, rng):
@@ -81,8 +80,7 @@ def run_measured(cmd):
     # progress bars would fill the pipe's 64 kB buffer and block it for good.
     with tempfile.TemporaryFile("w+") as err:
         start, cpu = time.perf_counter(), cpu_seconds()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
-                                stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
         peak = 0
         while proc.poll() is None:
             peak = max(peak, tree_rss(proc.pid))
@@ -99,7 +97,7 @@ def reference(corpus, out_dir, tokenizer_file, num_proc):
     import numpy as np
     from datasets import load_dataset
 
-    from tokenizer import GPT2Tokenizer
+    from gptcraft.data.tokenizer import GPT2Tokenizer
 
     enc = GPT2Tokenizer(tokenizer_file).enc
     ds = load_dataset("json", data_files=corpus, split="train", cache_dir=os.path.join(out_dir, "cache"))
@@ -123,7 +121,7 @@ def reference(corpus, out_dir, tokenizer_file, num_proc):
         out.flush()
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size_mb", type=float, default=100, help="corpus size in megabytes")
     p.add_argument("--num_proc", type=int, default=2, help="worker processes, for both pipelines")
@@ -132,7 +130,7 @@ def main():
     p.add_argument("--shakespeare", default=os.path.join(SHARED, "tinyshakespeare.txt"))
     p.add_argument("--skip_reference", action="store_true", help="time prepare/corpus.py only")
     p.add_argument("--reference_only", nargs=2, metavar=("CORPUS", "OUT_DIR"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.reference_only:
         return reference(*args.reference_only, args.tokenizer_file, args.num_proc)
 
@@ -144,7 +142,7 @@ def main():
     results = {}
     try:
         ours = os.path.join(work, "ours")
-        cmd = [sys.executable, "-m", "prepare.corpus", "--input", corpus, "--out_dir", ours, "--force",
+        cmd = [sys.executable, "-m", "gptcraft.prepare.corpus", "--input", corpus, "--out_dir", ours, "--force",
                "--num_proc", str(args.num_proc), "--tokenizer_file", args.tokenizer_file]  # fmt: skip
         wall, cpu, peak = run_measured(cmd)
         with open(os.path.join(ours, "meta.json"), encoding="utf-8") as f:

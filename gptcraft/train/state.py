@@ -16,9 +16,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 
-import checkpoint
-import distributed
-from config import ConfigError
+from gptcraft.config import ConfigError
+from gptcraft.system import distributed
+from gptcraft.train import checkpoint
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Model settings a resumed run may change: they leave the function the weights compute unchanged

@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from tokens import write_atomic
+from gptcraft.data.shards import write_atomic
 
 LATEST = "ckpt.pt"
 SHARDED = "ckpt.dcp"

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import hardware
-from config import ConfigError, option, parse_config, run_cli
-from distributed import Dist
-from full_val import full_split_loss
-from loading import INIT_FROM_HELP, check_init_from, load_model
-from tokens import TokenFileError, open_dataset
+from gptcraft.config import ConfigError, option, parse_config, run_cli
+from gptcraft.data.shards import TokenFileError, open_dataset
+from gptcraft.evaluate.loss import full_split_loss
+from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.system import hardware
+from gptcraft.system.distributed import Dist
 
 
 @dataclass

@@ -98,7 +98,7 @@ def from_hf_state_dict(hf_sd, tie_embeddings=True):
     return sd
 
 
-def load_pretrained(name_or_path, block_size=None, dropout=0.0):
+def from_pretrained(name_or_path, block_size=None, dropout=0.0):
     """A GPT with GPT-2 weights from the hub or a local folder (see fetch). block_size, when
     smaller than the checkpoint's, keeps only the first block_size position embeddings."""
     folder = fetch(name_or_path)

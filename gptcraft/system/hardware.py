@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from config import ConfigError, option
+from gptcraft.config import ConfigError, option
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

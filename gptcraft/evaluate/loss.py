@@ -8,8 +8,7 @@ A split stored as several files is scored file by file (windows do not cross fil
 
 import torch
 
-import distributed
-import hardware
+from gptcraft.system import distributed, hardware
 
 
 @torch.no_grad()

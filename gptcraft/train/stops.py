@@ -1,8 +1,39 @@
-"""Divergence guard: a step whose loss or gradient norm is NaN or Inf is not applied, and too
-many such steps in a row stop the run before it wastes more compute."""
+"""Two ways a run stops early without losing work.
+
+Signals: SIGTERM (preemption, torchrun shutting down) or SIGINT (Ctrl-C) only record the request;
+the trainer finishes the step, saves and exits 0. A second signal of the same kind is handled
+the default way, so Ctrl-C twice still stops at once.
+Divergence: a step whose loss or gradient norm is NaN or Inf is not applied, and too many such
+steps in a row stop the run before it wastes more compute.
+"""
+
+import signal
 
 import torch
 from torch.distributed.tensor import DTensor
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class GracefulStop:
+    """Context manager installing the handlers; `requested` names the signal received, or is None."""
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __enter__(self):
+        for sig in SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class TrainingDiverged(RuntimeError):

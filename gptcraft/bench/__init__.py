@@ -1,0 +1,1 @@
+"""Speed benchmarks: training, sampling, the CPU speedrun, corpus preparation."""

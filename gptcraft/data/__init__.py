@@ -1,0 +1,1 @@
+"""Tokenizers, the token shard format with its meta.json, batch sampling and downloads."""

@@ -1,0 +1,1 @@
+"""Losses over whole splits, and the `gptcraft eval` command."""

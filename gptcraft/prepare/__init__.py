@@ -1,0 +1,1 @@
+"""Dataset recipes: each writes token shards and meta.json into a data folder."""

@@ -1,0 +1,41 @@
+"""Tiny Shakespeare as characters: train.bin / val.bin (uint16, 90/10 split) and meta.json.
+
+python prepare/shakespeare_char.py [--input PATH] [--out_dir data/shakespeare_char]
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from gptcraft.data.shards import write_meta, write_tokens
+from gptcraft.data.sources import SourceError, tiny_shakespeare
+from gptcraft.data.tokenizer import CharTokenizer
+
+
+def prepare(out_dir, input_path=None):
+    text = tiny_shakespeare(input_path)
+    tok = CharTokenizer.from_text(text)
+    ids = np.array(tok.encode(text), dtype=np.uint16)
+    n_train = int(0.9 * len(ids))
+    os.makedirs(out_dir, exist_ok=True)
+    write_tokens(os.path.join(out_dir, "train.bin"), ids[:n_train])
+    write_tokens(os.path.join(out_dir, "val.bin"), ids[n_train:])
+    write_meta(out_dir, tok.meta())  # last: its presence marks a complete dataset
+    print(f"{out_dir}: vocab {tok.vocab_size}, train {n_train:,} tokens, val {len(ids) - n_train:,} tokens")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", help="local copy of tinyshakespeare.txt (default: download it)")
+    p.add_argument("--out_dir", default=os.path.join("data", "shakespeare_char"))
+    args = p.parse_args(argv)
+    try:
+        prepare(args.out_dir, args.input)
+    except (SourceError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

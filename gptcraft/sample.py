@@ -1,0 +1,154 @@
+"""Sample text from a trained checkpoint.
+
+python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
+python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
+echo "ROMEO:" | python sample.py --out_dir=out-shakespeare-char --start=- --num_samples=1
+python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=1
+"""
+
+import codecs
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gptcraft.config import ConfigError, option, parse_config, run_cli
+from gptcraft.generate import decode_n_tokens
+from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.system import hardware
+
+
+@dataclass
+class SampleConfig:
+    init_from: str = option("resume", INIT_FROM_HELP)
+    out_dir: str = option("out", "run directory holding ckpt.pt and meta.json (init_from=resume)")
+    start: str = option("\n", "prompt text; FILE:path reads it from a file, - from stdin; empty starts "
+                              "from end-of-text (BPE) or a newline (characters)")  # fmt: skip
+    num_samples: int = option(10, "samples drawn together as one batch")
+    max_new_tokens: int = option(500, "tokens generated per sample (may exceed block_size: the window slides)")
+    temperature: float = option(0.8, "1.0 samples the model as is, lower is more conservative, 0 is greedy")
+    top_k: int = option(200, "sample only from the k most likely tokens; 0 disables")
+    top_p: float = option(1.0, "sample only from the most likely tokens holding this much probability; 1 disables")
+    seed: int = option(1337, "random seed")
+    use_cache: bool = option(True, "KV cache: one token's work per step; False recomputes the whole context")
+    window_keep: int = option(0, "tokens kept when the context slides past block_size; 0: block_size // 2; "
+                                 "block_size: slide one token per step (slow)")  # fmt: skip
+    stream: bool = option(True, "print a single sample token by token as it is generated")
+    device: str = hardware.device_option()
+    dtype: str = hardware.dtype_option()
+    tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
+
+    def __post_init__(self):
+        check_init_from(self.init_from)
+        if self.num_samples <= 0 or self.max_new_tokens <= 0:
+            raise ConfigError("num_samples and max_new_tokens must be positive")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if self.window_keep < 0:
+            raise ConfigError(f"window_keep must be >= 0 (0 means block_size // 2), got {self.window_keep}")
+
+
+def read_prompt(start):
+    """The prompt text: --start itself, a file's content (FILE:path) or standard input (-)."""
+    if start == "-":
+        return sys.stdin.read()
+    if start.startswith("FILE:"):
+        path = start[len("FILE:") :]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read prompt file {path}: {e.strerror}") from None
+    return start
+
+
+def end_of_text(tok):
+    """The tokenizer's end-of-text id (GPT-2 BPE: 50256), or None for a character vocabulary."""
+    return getattr(tok, "eot_token", None)
+
+
+def encode_prompt(tok, prompt):
+    """Token ids of the prompt; an empty prompt starts from end-of-text, or from a newline."""
+    eot = end_of_text(tok)
+    if not prompt and eot is not None:
+        return [eot]
+    try:
+        return tok.encode(prompt or "\n")
+    except ValueError as e:
+        raise ConfigError(f"prompt: {e}") from None
+
+
+class TextStream:
+    """Text of token ids that arrive one at a time. A BPE token can end inside a multi-byte UTF-8
+    character: the incremental decoder holds such bytes back until the character is complete."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids):
+        """The text that ids complete (possibly empty)."""
+        if hasattr(self.tok, "decode_bytes"):
+            data = self.tok.decode_bytes(ids)
+        else:
+            data = self.tok.decode(ids).encode("utf-8")
+        return self.decoder.decode(data)
+
+    def flush(self):
+        """Whatever is held back, as replacement characters: the text ended inside a character."""
+        return self.decoder.decode(b"", final=True)
+
+
+def until_eot(ids, eot):
+    return ids[: ids.index(eot)] if eot in ids else ids
+
+
+def main(argv=None):
+    cfg = parse_config(SampleConfig, sys.argv[1:] if argv is None else argv, prog="sample.py")
+    device = hardware.resolve_device(cfg.device)
+    dtype = hardware.resolve_dtype(cfg.dtype, device)
+    prompt = read_prompt(cfg.start)
+    model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
+    block_size = model.config.block_size
+    if cfg.window_keep > block_size:
+        raise ConfigError(f"window_keep ({cfg.window_keep}) must not exceed the model's block_size ({block_size})")
+    ids = encode_prompt(tok, prompt)
+    eot = end_of_text(tok)
+    x = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T): one batch
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    steps = decode_n_tokens(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                            top_p=cfg.top_p, generator=generator, use_cache=cfg.use_cache,
+                            keep=cfg.window_keep or None, eos_id=eot)  # fmt: skip
+    streaming = cfg.stream and cfg.num_samples == 1
+    stream = TextStream(tok)
+    if streaming:
+        print(prompt, end="", flush=True)
+    new_tokens, t0, t_first = [], time.perf_counter(), None
+    with hardware.autocast(device, dtype):
+        for token in steps:
+            t_first = t_first or time.perf_counter()
+            new_tokens.append(token)
+            if streaming and token.item() != eot:
+                print(stream.push([token.item()]), end="", flush=True)
+    elapsed = time.perf_counter() - t0
+    if streaming:
+        print(stream.flush())
+        print("---------------")
+    else:
+        for row in torch.cat(new_tokens, dim=1).tolist():
+            print(prompt + tok.decode(until_eot(row, eot)))
+            print("---------------")
+    n = len(new_tokens)
+    rate = n * cfg.num_samples / elapsed
+    print(f"{n} tokens x {cfg.num_samples} sample(s) in {elapsed:.2f} s: {rate:.1f} tokens/s "
+          f"(prompt of {len(ids)} tokens: first token after {t_first - t0:.3f} s; "
+          f"{'KV cache' if cfg.use_cache else 'full recomputation'})", file=sys.stderr)  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""Where a run executes: device and precision, torch.distributed."""

@@ -1,0 +1,1 @@
+"""What a run reports: log.jsonl, the console, wandb, and loss plots."""

@@ -1,0 +1,1 @@
+"""The training loop and its concerns: configuration, parallelism, optimizer, checkpoints, stops."""
