@@ -109,8 +109,7 @@ def draw(maps, labels, layers, heads, title):
     future = ~causal_mask(T, T, maps.device)  # (T, T): the keys a query may not see
     fig, axes = plt.subplots(len(layers), len(heads), squeeze=False, layout="constrained",
                              figsize=figure_inches(len(layers), len(heads), T))  # fmt: skip
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")  # NaN: the masked entries
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # NaN: the masked entries
     for r, layer in enumerate(layers):
         for c, head in enumerate(heads):
             ax = axes[r][c]
