@@ -18,7 +18,7 @@ from gptcraft.data.shards import write_meta
 from gptcraft.data.tokenizer import GPT2_META, CharTokenizer, GPT2Tokenizer
 from gptcraft.init_from import load_model
 from gptcraft.train.checkpoint import save_checkpoint
-from gptcraft.visualize import attention
+from gptcraft.visualize import attention, png
 from model import GPT, GPTConfig
 
 
@@ -99,7 +99,7 @@ def test_char_run_png_size_labels_and_white_upper_triangle(tmp_path, char_meta, 
     assert capsys.readouterr().out.strip() == f"wrote {out} (1 layers x 2 heads, 9 tokens)"
     width, height = attention.figure_inches(1, 2, 9)
     with Image.open(out) as image:
-        assert image.size == (round(width * attention.DPI), round(height * attention.DPI))
+        assert image.size == (round(width * png.DPI), round(height * png.DPI))
 
     # The figure itself: titles, tick labels, and the pixels of a masked and an unmasked cell.
     tok = CharTokenizer(char_meta["chars"])

@@ -13,21 +13,18 @@ import inspect
 import sys
 from dataclasses import dataclass
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from gptcraft.config import ConfigError, option, parse_config  # noqa: E402
-from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model  # noqa: E402
-from gptcraft.sample import encode_prompt, read_prompt  # noqa: E402
-from gptcraft.system import hardware  # noqa: E402
-from model import attention_weights, causal_mask  # noqa: E402
+from gptcraft.config import ConfigError, option, parse_config
+from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.sample import encode_prompt, read_prompt
+from gptcraft.system import hardware
+from gptcraft.visualize import png
+from model import attention_weights, causal_mask
 
 MAX_TOKENS = 128  # one readable label per token
 MAX_PIXELS = 12000  # per side of the PNG; a larger grid asks for fewer layers or heads
-DPI = 100
 VISIBLE = {" ": "␣", "\n": "↵", "\t": "→", "$": r"\$"}  # whitespace made visible; $ would start mathtext
 
 
@@ -46,8 +43,7 @@ class AttentionConfig:
         check_init_from(self.init_from)
         parse_indices(self.layers, None, "layers")  # the syntax now, the range once the model is loaded
         parse_indices(self.heads, None, "heads")
-        if not self.output.lower().endswith(".png"):
-            raise ConfigError(f"output is a PNG image: give a name ending in .png, not {self.output!r}")
+        png.check_png_name(self.output)
 
 
 def parse_indices(text, count, key):
@@ -139,19 +135,15 @@ def main(argv=None):
                           f"and no more than the model's block_size); shorten --start")  # fmt: skip
     layers = parse_indices(cfg.layers, model.config.n_layer, "layers")
     heads = parse_indices(cfg.heads, model.config.n_head, "heads")
-    inches = figure_inches(len(layers), len(heads), len(ids))
-    if max(inches) * DPI > MAX_PIXELS:
-        raise ConfigError(f"{len(layers)} layers x {len(heads)} heads of {len(ids)} tokens would be a "
-                          f"{inches[0] * DPI:.0f} x {inches[1] * DPI:.0f} pixel image; pick fewer with --layers "
-                          f"and --heads, or shorten --start")  # fmt: skip
+    width, height = (round(side * png.DPI) for side in figure_inches(len(layers), len(heads), len(ids)))
+    if max(width, height) > MAX_PIXELS:
+        raise ConfigError(
+            f"{len(layers)} layers x {len(heads)} heads of {len(ids)} tokens would be a "
+            f"{width} x {height} pixel image; pick fewer with --layers and --heads, or shorten --start"
+        )
     maps = attention_maps(model, torch.tensor([ids], device=device)).float().cpu()
     source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     title = f"{source}: attention weights (rows: queries, columns: keys)"
     fig = draw(maps, token_labels(tok, ids), layers, heads, title)
-    try:
-        fig.savefig(cfg.output, dpi=DPI)
-    except OSError as e:
-        raise ConfigError(f"cannot write {cfg.output}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    png.save(fig, cfg.output)
     print(f"wrote {cfg.output} ({len(layers)} layers x {len(heads)} heads, {len(ids)} tokens)")

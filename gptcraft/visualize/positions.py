@@ -16,19 +16,16 @@ channel pairs all have the same length), which equals the mean of cos((m - n) th
 import sys
 from dataclasses import dataclass
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from gptcraft.config import ConfigError, option, parse_config  # noqa: E402
-from gptcraft.hf import HUB_MODELS  # noqa: E402
-from gptcraft.init_from import check_init_from, load_gpt2, load_run_model  # noqa: E402
-from model import apply_rope, rope_tables, sinusoidal_positions  # noqa: E402
+from gptcraft.config import ConfigError, option, parse_config
+from gptcraft.hf import HUB_MODELS
+from gptcraft.init_from import check_init_from, load_gpt2, load_run_model
+from gptcraft.visualize import png
+from model import apply_rope, rope_tables, sinusoidal_positions
 
 DEFAULT_SIZES = dict(block_size=64, n_embd=128, n_head=4)  # configs/train_shakespeare_char_cpu.py
-DPI = 100
 
 
 @dataclass
@@ -48,8 +45,7 @@ class PositionsConfig:
         for key in DEFAULT_SIZES:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be positive (0: the model's, or the default), got {getattr(self, key)}")
-        if not self.output.lower().endswith(".png"):
-            raise ConfigError(f"output is a PNG image: give a name ending in .png, not {self.output!r}")
+        png.check_png_name(self.output)
 
 
 def cosine_similarity(vectors):
@@ -127,10 +123,5 @@ def main(argv=None):
     name = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     columns = panels(block_size, n_embd, n_head, learned, name)
     fig = draw(columns, f"position encodings, {block_size} positions")
-    try:
-        fig.savefig(cfg.output, dpi=DPI)
-    except OSError as e:
-        raise ConfigError(f"cannot write {cfg.output}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    png.save(fig, cfg.output)
     print(f"wrote {cfg.output} ({'; '.join(column[0] for column in columns)})")

@@ -1,0 +1,25 @@
+"""Writing the pictures: PNG names checked before any work, figures saved at one resolution."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from gptcraft.config import ConfigError  # noqa: E402
+
+DPI = 100  # a figure of w x h inches is a PNG of 100w x 100h pixels
+
+
+def check_png_name(path):
+    if not path.lower().endswith(".png"):
+        raise ConfigError(f"output is a PNG image: give a name ending in .png, not {path!r}")
+
+
+def save(fig, path):
+    """Write fig to path and free it; an unwritable path is a ConfigError."""
+    try:
+        fig.savefig(path, dpi=DPI)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
