@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from gptcraft.config import ConfigError, option, parse_config
-from gptcraft.hf import HUB_MODELS
-from gptcraft.init_from import check_init_from, load_gpt2, load_run_model
+from gptcraft.hf import HUB_MODELS, from_pretrained
+from gptcraft.init_from import check_init_from, load_run_model
 from gptcraft.visualize import png
 from model import apply_rope, rope_tables, sinusoidal_positions
 
@@ -64,7 +64,7 @@ def rope_similarity(block_size, head_size):
 def learned_table(cfg):
     """The learned position table (T, C) of the model cfg names, and its config; ConfigError without one."""
     name = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
-    model = load_run_model(cfg.out_dir, "cpu") if cfg.init_from == "resume" else load_gpt2(cfg.init_from)
+    model = load_run_model(cfg.out_dir, "cpu") if cfg.init_from == "resume" else from_pretrained(cfg.init_from)
     kind = model.config.pos_embedding
     if kind != "learned":
         raise ConfigError(f"{name} uses {kind} positions, not a learned table: its encoding is the fixed one "
