@@ -82,3 +82,10 @@ def test_bad_input_is_one_clear_error(tmp_path, tiny_run_dir):
     with pytest.raises(ConfigError, match="uses rope positions, not a learned table"):
         positions.main(run)
     assert not (tmp_path / "pos.png").exists()
+
+
+def test_help_names_the_gptcraft_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        positions.main(["--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: gptcraft positions [CONFIG.py ...] [--key=value ...]")
