@@ -75,6 +75,8 @@ def test_bad_input_is_one_clear_error(tmp_path, tiny_run_dir):
         positions.main(["--n_embd=30", "--n_head=4", out])
     with pytest.raises(ConfigError, match="output is a PNG image"):
         positions.main(["--output=pos.svg"])
+    with pytest.raises(ConfigError, match=r"block_size must be >= 0 \(0: the model's, or the default\), got -1"):
+        positions.main(["--block_size=-1", out])
     ckpt = load_checkpoint(tiny_run_dir / "ckpt.pt")
     ckpt["model_args"]["pos_embedding"] = "rope"
     del ckpt["model"]["transformer.wpe.weight"]

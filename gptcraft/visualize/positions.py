@@ -44,7 +44,7 @@ class PositionsConfig:
             check_init_from(self.init_from)
         for key in DEFAULT_SIZES:
             if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be positive (0: the model's, or the default), got {getattr(self, key)}")
+                raise ConfigError(f"{key} must be >= 0 (0: the model's, or the default), got {getattr(self, key)}")
         png.check_png_name(self.output)
 
 
@@ -61,9 +61,13 @@ def rope_similarity(block_size, head_size):
     return cosine_similarity(apply_rope(ones, cos, sin)[0, 0])
 
 
+def model_name(cfg):
+    return cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+
+
 def learned_table(cfg):
     """The learned position table (T, C) of the model cfg names, and its config; ConfigError without one."""
-    name = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    name = model_name(cfg)
     model = load_run_model(cfg.out_dir, "cpu") if cfg.init_from == "resume" else from_pretrained(cfg.init_from)
     kind = model.config.pos_embedding
     if kind != "learned":
@@ -120,8 +124,7 @@ def main(argv=None):
     cfg = parse_config(PositionsConfig, sys.argv[1:] if argv is None else argv, prog="gptcraft positions")
     learned, model_config = learned_table(cfg) if cfg.init_from else (None, None)
     block_size, n_embd, n_head = sizes(cfg, model_config)
-    name = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
-    columns = panels(block_size, n_embd, n_head, learned, name)
+    columns = panels(block_size, n_embd, n_head, learned, model_name(cfg))
     fig = draw(columns, f"position encodings, {block_size} positions")
     png.save(fig, cfg.output)
     print(f"wrote {cfg.output} ({'; '.join(column[0] for column in columns)})")
