@@ -4,6 +4,7 @@ gptcraft train configs/train_shakespeare_char_cpu.py      (the same as python tr
 gptcraft prepare shakespeare_char --input tinyshakespeare.txt
 gptcraft eval --out_dir=out-shakespeare-char-cpu
 gptcraft plot out-shakespeare-char-cpu
+gptcraft attention --out_dir=out-shakespeare-char-cpu --start="ROMEO:"
 """
 
 import importlib
@@ -16,6 +17,8 @@ COMMANDS = {
     "eval": ("gptcraft.evaluate.run", "score a run or GPT-2 on a dataset split or a text file"),
     "export": ("gptcraft.export", "write a run as a Hugging Face GPT-2 folder"),
     "plot": ("gptcraft.track.plot", "draw the loss curves of one or more runs"),
+    "attention": ("gptcraft.visualize.attention", "draw a prompt's attention weights, every layer and head"),
+    "positions": ("gptcraft.visualize.positions", "draw sinusoidal, learned and rotary position encodings"),
     "bench": ("gptcraft.bench.speed", "time training and sampling (python bench.py)"),
     "bench-prepare": ("gptcraft.bench.prepare_speed", "time corpus preparation against the reference"),
 }
