@@ -14,7 +14,7 @@ import torch
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.batches import TRAIN_STREAM, VAL_STREAM, WindowSampler
-from gptcraft.data.shards import TokenFileError, open_dataset, write_meta
+from gptcraft.data.shards import TokenFileError, is_dataset, open_dataset, write_meta
 from gptcraft.evaluate.loss import full_split_loss
 from gptcraft.hf import HUB_MODELS
 from gptcraft.init_from import check_init_from, load_gpt2
@@ -142,7 +142,7 @@ def learning_rate(cfg, it):
 def ensure_dataset(cfg, d):
     """Prepare a known dataset that is missing (rank 0 only), and return its directory."""
     path = os.path.join(cfg.data_dir, cfg.dataset)
-    if os.path.exists(os.path.join(path, "meta.json")):
+    if is_dataset(path):  # also a folder that nanoGPT prepared
         return path
     if cfg.dataset != "shakespeare_char":
         raise ConfigError(f"dataset {cfg.dataset!r} not found in {path}; run its script in prepare/ first")
@@ -249,7 +249,7 @@ def train(cfg, d, device, stop):
             split: WindowSampler(dataset.splits[split], *shape, cfg.seed, stream, device, dataset.fingerprint)
             for split, stream in (("train", TRAIN_STREAM), ("val", VAL_STREAM))
         }
-        if resume is not None:
+        if resume is not None and not resume.nanogpt:
             drawn = resume.iter_num * cfg.gradient_accumulation_steps  # global micro-batches so far
             samplers["train"].check_state(resume.loader, drawn)
     except ValueError as e:  # TokenFileError, LoaderStateError
@@ -280,6 +280,8 @@ def train(cfg, d, device, stop):
                   f"{raw_model.num_params() / 1e6:.2f}M parameters")  # fmt: skip
         if resume is not None:
             log.print(f"resumed from {resume.path} at iteration {iter_num}")
+            for note in resume.notes:
+                log.print(f"note: {note}")
         write_meta(cfg.out_dir, meta)  # sample.py decodes with the run's own copy
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * model_args["block_size"]
     peak = hardware.peak_flops(device, dtype) if d.master else None
