@@ -84,6 +84,17 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(tmp_path,
     assert meta["source"]["seed"] == 1
 
 
+def test_force_deletes_nothing_when_the_new_source_does_not_read(tmp_path, shakespeare_path):
+    out = tmp_path / "out"
+    run(write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 20)), out, "--num_proc", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a document"}\n{"text": unquoted words\n')
+    with pytest.raises(corpus.CorpusError, match="cannot read .*bad.jsonl"):
+        run(bad, out, "--num_proc", "1", "--force")
+    assert before == {p.name: p.read_bytes() for p in out.iterdir()}  # the old dataset is intact
+
+
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, monkeypatch):
     monkeypatch.setattr(corpus, "CHUNK_CHARS", 50_000)
     source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 200))
