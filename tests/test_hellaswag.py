@@ -50,16 +50,18 @@ def tiny_model(vocab_size, seed=0):
 
 def test_a_model_trained_on_the_right_endings_scores_one(tok, tmp_path):
     model = tiny_model(tok.vocab_size)
-    right = [torch.tensor(tok.encode(ctx + " " + endings[label])) for ctx, endings, label in SCENES]
+    right = [tok.encode(ctx + " " + endings[label]) for ctx, endings, label in SCENES]
+    width = max(map(len, right))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in right])  # (5, width), right-padded
+    targets = torch.tensor([r[1:] + [-1] * (width - len(r)) for r in right])  # -1: padding, not learnt
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):  # memorise the five right sentences
-        loss = sum(model(ids[None, :-1], ids[None, 1:])[1] for ids in right)
+    for _ in range(200):  # memorise the five right sentences
+        _, loss = model(ids[:, :-1], targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    result = hellaswag.score(
-        model, tok, hellaswag.read_examples(write_fixture(tmp_path / "val.jsonl")), 64, "cpu", "float32", Dist()
-    )
+    examples = hellaswag.read_examples(write_fixture(tmp_path / "val.jsonl"))
+    result = hellaswag.score(model, tok, examples, 64, "cpu", "float32", Dist())
     assert result == {"acc": 1.0, "acc_norm": 1.0, "examples": 5}
 
 
