@@ -3,16 +3,20 @@
 
 import os
 
-from gptcraft.config import ConfigError
 from gptcraft.data.nanogpt import META_PKL, read_meta_pkl
 from gptcraft.data.shards import META, read_meta
-from gptcraft.data.tokenizer import GPT2_META, TokenizerError, load_tokenizer
-from gptcraft.hf import HUB_MODELS, HFFormatError, from_pretrained
-from gptcraft.train.checkpoint import CheckpointError, load_checkpoint, sampling_path
+from gptcraft.data.tokenizer import GPT2_META, load_tokenizer
+from gptcraft.errors import GptcraftError
+from gptcraft.hf import HUB_MODELS, from_pretrained
+from gptcraft.train.checkpoint import load_checkpoint, sampling_path
 from model import GPT, GPTConfig
 
 INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl: OpenAI's weights "
                   "from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format")  # fmt: skip
+
+
+class InitFromError(GptcraftError):
+    """init_from names no model this machine can load."""
 
 
 def check_init_from(init_from, allowed=("resume",)):
@@ -20,7 +24,7 @@ def check_init_from(init_from, allowed=("resume",)):
     if init_from in allowed or init_from in HUB_MODELS or os.path.isdir(init_from):
         return
     names = ", ".join((*allowed, *HUB_MODELS))
-    raise ConfigError(f"init_from={init_from!r} is none of {names} and not a folder holding a Hugging Face GPT-2")
+    raise InitFromError(f"init_from={init_from!r} is none of {names} and not a folder holding a Hugging Face GPT-2")
 
 
 def run_meta(out_dir, ckpt, vocab_size):
@@ -37,36 +41,22 @@ def run_meta(out_dir, ckpt, vocab_size):
         return read_meta_pkl(os.path.join(data_dir, META_PKL))
     if vocab_size < GPT2_META["vocab_size"]:
         where = f", or run from the folder that holds {data_dir}/{META_PKL}" if config.get("dataset") else ""
-        raise ConfigError(f"{os.path.join(out_dir, META)} not found, and the model's {vocab_size}-token vocabulary "
-                          f"is not GPT-2's; copy the dataset's meta.json into {out_dir}{where}")  # fmt: skip
+        raise InitFromError(f"{os.path.join(out_dir, META)} not found, and the model's {vocab_size}-token vocabulary "
+                            f"is not GPT-2's; copy the dataset's meta.json into {out_dir}{where}")  # fmt: skip
     return dict(GPT2_META)
 
 
 def load_run(out_dir, device):
-    """(GPT, tokenizer description) of a training run's out_dir: best.pt (lowest val loss) when
-    there is one, else ckpt.pt."""
-    try:
-        ckpt = load_checkpoint(sampling_path(out_dir), map_location=device)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
+    """(GPT, tokenizer description) of a training run's out_dir, ours or nanoGPT's: best.pt (lowest
+    val loss) when there is one, else ckpt.pt."""
+    path = sampling_path(out_dir)
+    ckpt = load_checkpoint(path, map_location=device)
     try:
         model = GPT(GPTConfig(**ckpt["model_args"]))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{sampling_path(out_dir)}: its model_args do not describe a GPT ({e})") from None
+        raise InitFromError(f"{path}: its model_args do not describe a GPT ({e})") from None
     model.load_state_dict(ckpt["model"])
-    try:
-        meta = run_meta(out_dir, ckpt, model.config.vocab_size)
-    except (FileNotFoundError, ValueError) as e:  # ValueError: TokenFileError, MetaPickleError
-        raise ConfigError(str(e)) from None
-    return model, meta
-
-
-def load_gpt2(name_or_path, block_size=None, dropout=0.0):
-    """GPT-2 weights as a GPT; a bad name, folder or download is a ConfigError."""
-    try:
-        return from_pretrained(name_or_path, block_size, dropout)
-    except HFFormatError as e:
-        raise ConfigError(str(e)) from None
+    return model, run_meta(out_dir, ckpt, model.config.vocab_size)
 
 
 def load_model(init_from, out_dir, device, tokenizer_file=""):
@@ -75,15 +65,8 @@ def load_model(init_from, out_dir, device, tokenizer_file=""):
     if init_from == "resume":
         model, meta = load_run(out_dir, device)
     else:
-        model = load_gpt2(init_from)
+        model = from_pretrained(init_from)
         # A folder written by export.py carries the run's meta.json; OpenAI's models use GPT-2 BPE.
-        meta_dir = init_from if os.path.exists(os.path.join(init_from, META)) else None
-        try:
-            meta = read_meta(meta_dir) if meta_dir else GPT2_META
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{e}; copy the dataset's meta.json into {meta_dir}") from None
-    try:
-        tokenizer = load_tokenizer(meta, tokenizer_file or None)
-    except (ValueError, TokenizerError) as e:
-        raise ConfigError(str(e)) from None
+        meta = read_meta(init_from) if os.path.exists(os.path.join(init_from, META)) else GPT2_META
+    tokenizer = load_tokenizer(meta, tokenizer_file or None)
     return model.to(device).eval(), tokenizer

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from conftest import run_script
 
-from gptcraft.config import ConfigError
 from gptcraft.data.shards import write_meta
 from gptcraft.data.tokenizer import CharTokenizer
 from gptcraft.evaluate import hellaswag
@@ -129,5 +128,5 @@ def test_the_command_in_one_and_two_processes(run_dir, tmp_path, capsys):
 
 
 def test_a_missing_file_is_one_line(run_dir, tmp_path):
-    with pytest.raises(ConfigError, match="cannot read HellaSwag file"):
+    with pytest.raises(hellaswag.HellaSwagError, match="cannot read HellaSwag file"):
         hellaswag.main([f"--out_dir={run_dir}", f"--file={tmp_path / 'none.jsonl'}", "--device=cpu"])

@@ -11,8 +11,8 @@ import torch
 from conftest import run_script, tiny_train_args
 
 from gptcraft import export, sample
-from gptcraft.config import ConfigError
 from gptcraft.data.shards import TokenFileError, open_dataset, read_meta
+from gptcraft.errors import GptcraftError
 from gptcraft.evaluate import run
 from gptcraft.prepare import index_shards
 from gptcraft.track.logfile import read_log
@@ -141,11 +141,11 @@ def test_a_nanogpt_checkpoint_samples_evaluates_and_exports(nanogpt_data, tmp_pa
     hf = tmp_path / "hf"
     export.main(["--out_dir=out-nano", f"--hf_dir={hf}"])
     assert read_meta(hf)["tokenizer"] == "char"
-    with pytest.raises(ConfigError, match="already holds a model .* --overwrite=True"):
+    with pytest.raises(GptcraftError, match="already holds a model .* --overwrite=True"):
         export.main(["--out_dir=out-nano", f"--hf_dir={hf}"])
     export.main(["--out_dir=out-nano", f"--hf_dir={hf}", "--overwrite=True"])
     monkeypatch.chdir(tmp_path)  # data/shakespeare_char/meta.pkl is not found from here
-    with pytest.raises(ConfigError, match="not GPT-2's; .* holds data/shakespeare_char/meta.pkl"):
+    with pytest.raises(GptcraftError, match="not GPT-2's; .* holds data/shakespeare_char/meta.pkl"):
         sample.main([f"--out_dir={out}", "--device=cpu"])
 
 

@@ -11,12 +11,13 @@ import os
 import pickle
 
 from gptcraft.data.tokenizer import GPT2_META
+from gptcraft.errors import GptcraftError
 
 META_PKL = "meta.pkl"
 BIN_FILES = ("train.bin", "val.bin")
 
 
-class MetaPickleError(ValueError):
+class MetaPickleError(GptcraftError, ValueError):
     """meta.pkl is not a plain nanoGPT vocabulary; the message names the file."""
 
 

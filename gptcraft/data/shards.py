@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptcraft.data.nanogpt import MetaPickleError, is_nanogpt_folder, nanogpt_meta
+from gptcraft.data.nanogpt import is_nanogpt_folder, nanogpt_meta
+from gptcraft.errors import GptcraftError
 
 META = "meta.json"
 MAGIC = 20240520
@@ -30,7 +31,7 @@ VERSION_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 SPLITS = ("train", "val")
 
 
-class TokenFileError(ValueError):
+class TokenFileError(GptcraftError, ValueError):
     """A token file or dataset directory is damaged or of the wrong kind; the message names it."""
 
 
@@ -243,10 +244,7 @@ def dataset_meta(data_dir):
     """The dataset's description: its meta.json, or for a nanoGPT folder without one, its meta.pkl's."""
     if os.path.exists(os.path.join(data_dir, META)) or not is_nanogpt_folder(data_dir):
         return read_meta(data_dir)
-    try:
-        return nanogpt_meta(data_dir)
-    except MetaPickleError as e:
-        raise TokenFileError(str(e)) from None
+    return nanogpt_meta(data_dir)
 
 
 def shard_meta(tokenizer_meta, splits, **extra):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import write_atomic
+from gptcraft.errors import GptcraftError
 from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
 from gptcraft.system import distributed, hardware
 
@@ -33,7 +34,7 @@ VAL_EXAMPLES = 10_042
 ENDINGS = 4
 
 
-class HellaSwagError(ValueError):
+class HellaSwagError(GptcraftError, ValueError):
     """The examples file is missing, damaged or not in the official format; the message names it."""
 
 
@@ -164,10 +165,7 @@ def main(argv=None):
     d, device = distributed.init(hardware.resolve_device(cfg.device), cfg.backend)
     try:
         dtype = hardware.resolve_dtype(cfg.dtype, device)
-        try:
-            examples = read_examples(examples_file(cfg, d))
-        except HellaSwagError as e:
-            raise ConfigError(str(e)) from None
+        examples = read_examples(examples_file(cfg, d))
         model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
         if cfg.max_examples:
             examples = examples[: cfg.max_examples]
