@@ -25,6 +25,7 @@ PREPARE = {
     "shakespeare_char": "tiny Shakespeare as characters",
     "shakespeare": "tiny Shakespeare in GPT-2 tokens",
     "openwebtext": "OpenWebText in GPT-2 tokens",
+    "fineweb": "FineWeb-Edu (or FineWeb) sample-10BT in GPT-2 tokens",
     "corpus": "any text corpus in GPT-2 tokens",
     "index_shards": "write meta.json for token shards made elsewhere",
 }

@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script
+from conftest import run_script, tiny_train_args
 
 from gptcraft.data.shards import write_meta
 from gptcraft.data.tokenizer import CharTokenizer
 from gptcraft.evaluate import hellaswag
 from gptcraft.system.distributed import Dist
+from gptcraft.track.logfile import read_log
+from gptcraft.train import loop
 from gptcraft.train.checkpoint import save_checkpoint
 from model import GPT, GPTConfig
 
@@ -130,3 +132,17 @@ def test_the_command_in_one_and_two_processes(run_dir, tmp_path, capsys):
 def test_a_missing_file_is_one_line(run_dir, tmp_path):
     with pytest.raises(hellaswag.HellaSwagError, match="cannot read HellaSwag file"):
         hellaswag.main([f"--out_dir={run_dir}", f"--file={tmp_path / 'none.jsonl'}", "--device=cpu"])
+
+
+def test_training_scores_hellaswag_at_each_evaluation(char_data_dir, tmp_path, capsys):
+    fixture = write_fixture(tmp_path / "val.jsonl")
+    out = tmp_path / "out"
+    loop.main(tiny_train_args(char_data_dir, out, max_iters=4, eval_interval=2, hellaswag_file=fixture))
+    rows = [r for r in read_log(out) if "val_loss" in r]
+    assert [r["iter"] for r in rows] == [0, 2, 4]
+    assert all(r["hellaswag_acc_norm"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) and "hellaswag_acc" in r for r in rows)
+    assert "hellaswag acc " in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    with pytest.raises(hellaswag.HellaSwagError, match="bad.jsonl, line 1"):
+        loop.main(tiny_train_args(char_data_dir, tmp_path / "out2", hellaswag_file=tmp_path / "bad.jsonl"))
+    assert not (tmp_path / "out2" / "log.jsonl").exists()  # refused before the run started

@@ -11,7 +11,8 @@ import torch
 from conftest import run_script, tiny_train_args
 
 from gptcraft import export, sample
-from gptcraft.data.shards import TokenFileError, open_dataset, read_meta
+from gptcraft.data.nanogpt import MetaPickleError
+from gptcraft.data.shards import open_dataset, read_meta
 from gptcraft.errors import GptcraftError
 from gptcraft.evaluate import run
 from gptcraft.prepare import index_shards
@@ -95,7 +96,7 @@ def test_a_meta_pkl_that_would_run_code_is_refused(tmp_path, shakespeare_path):
     marker = tmp_path / "code_ran"
     with open(folder / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": 3, "itos": Payload(str(marker))}, f)
-    with pytest.raises(TokenFileError, match="names os.makedirs, and only plain dicts"):
+    with pytest.raises(MetaPickleError, match="names os.makedirs, and only plain dicts"):
         open_dataset(folder)
     result = run_script("train.py", *tiny_train_args(tmp_path / "data", tmp_path / "out", dataset="evil"),
                         check=False)  # fmt: skip

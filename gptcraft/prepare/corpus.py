@@ -357,12 +357,16 @@ def parser(dataset=None, out_dir=None):
     return p
 
 
-def main(argv=None, dataset=None, out_dir=None):
-    args = parser(dataset, out_dir).parse_args(argv)
+def run(args):
+    """prepare(args), with a one-line error for what the user can fix."""
     try:
         prepare(args)
     except (CorpusError, TokenizerError, TokenFileError, OSError) as e:
         sys.exit(f"error: {e}")
+
+
+def main(argv=None, dataset=None, out_dir=None):
+    run(parser(dataset, out_dir).parse_args(argv))
 
 
 if __name__ == "__main__":
