@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
-from gptcraft import export, sample
+from gptcraft import export, init_from, sample
 from gptcraft.data.nanogpt import MetaPickleError
 from gptcraft.data.shards import open_dataset, read_meta
 from gptcraft.errors import GptcraftError
@@ -163,3 +163,11 @@ def test_a_nanogpt_checkpoint_resumes_with_its_weights_and_adamw_state(nanogpt_d
     assert "at iteration 10" in printed and "is nanoGPT's" in printed and "optimizer starts afresh" not in printed
     ours = torch.load(out / "ckpt.pt", weights_only=True)
     assert ours["iter_num"] == 12 and [r["iter"] for r in read_log(out) if "val_loss" in r] == [12]
+
+
+def test_a_gpt2_sized_nanogpt_run_without_meta_decodes_with_gpt2_bpe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/openwebtext/ here, as on a machine that only has out/
+    ckpt = {"config": {"dataset": "openwebtext"}}
+    assert init_from.run_meta(str(tmp_path), ckpt, 50304)["tokenizer"] == "gpt2"
+    with pytest.raises(init_from.InitFromError, match="65-token vocabulary is not GPT-2's"):
+        init_from.run_meta(str(tmp_path), ckpt, 65)
