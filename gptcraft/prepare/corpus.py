@@ -213,15 +213,15 @@ def prepare(args):
     source = describe_source(args, files)
     tokenizer = GPT2Tokenizer(args.tokenizer_file)
     os.makedirs(args.out_dir, exist_ok=True)
-    if args.force:  # --force deletes what out_dir holds: only once the new source is known to read
-        ds, where = open_corpus(args, files, builder)
-        next(chunks(ds, where, args.text_column), None)
+    # --force deletes what out_dir holds: only once the new source has opened and its first documents read.
+    opened = open_corpus(args, files, builder) if args.force else None
+    if opened:
+        next(chunks(*opened, args.text_column), None)
     progress = check_out_dir(args.out_dir, source, args.force)
     if progress == "done":
         print(f"{args.out_dir} already holds this dataset; nothing to do (--force prepares it again)")
         return read_meta(args.out_dir)
-    if not args.force:
-        ds, where = open_corpus(args, files, builder)
+    ds, where = opened or open_corpus(args, files, builder)
     return Pipeline(args, tokenizer, source, progress or {}).run(ds, where)
 
 

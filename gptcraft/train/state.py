@@ -136,9 +136,9 @@ class Resume:
 
     def restore_rng(self, d, device):
         """This rank's RNG states as they were at the save."""
-        states = self.rng_states
         if self.nanogpt:
             return  # nanoGPT saves none
+        states = self.rng_states
         if len(states) == d.world_size:
             set_rng_state(states[d.rank], device)
         elif d.master:
