@@ -4,15 +4,11 @@ import io
 import os
 
 import pytest
-import tiktoken
 from conftest import GPT2_TIKTOKEN, run_script
-from tiktoken.load import load_tiktoken_bpe
 
 from gptcraft import sample
 from gptcraft.config import ConfigError
-
-# GPT-2's pre-tokenizer split pattern (tiktoken's r50k_base).
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+from gptcraft.data.tokenizer import gpt2_encoding
 
 
 def run(capsys, run_dir, *args):
@@ -89,14 +85,8 @@ def test_missing_checkpoint(tmp_path):
         sample.main([f"--out_dir={tmp_path}", "--device=cpu"])
 
 
-def gpt2_encoding():
-    ranks = load_tiktoken_bpe(str(GPT2_TIKTOKEN))
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256})  # fmt: skip
-
-
 def test_bpe_stream_decodes_characters_split_across_tokens():
-    enc = gpt2_encoding()
+    enc = gpt2_encoding(GPT2_TIKTOKEN)  # the project's own tokenizer, as sample.py builds it
     text = "Ünïcödé — 日本語のテキスト 🎭🦜 naïve café"
     ids = enc.encode(text)
     assert any(not enc.decode_single_token_bytes(i).decode("utf-8", "ignore") for i in ids)  # split chars
