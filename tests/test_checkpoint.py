@@ -3,6 +3,7 @@ sharded save, and a divergence guard that never lets NaN weights over a good che
 
 import errno
 import os
+import re
 
 import pytest
 import torch
@@ -21,6 +22,20 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("always, saved", [(True, [5, 10, 15, 20]), (False, [5, 15])])
+def test_always_save_checkpoint_false_saves_only_when_val_loss_improves(char_data_dir, tmp_path, monkeypatch,
+                                                                         capsys, always, saved):  # fmt: skip
+    val_losses = iter([4.0, 3.0, 3.5, 2.5, 2.8])  # at iters 0, 5, 10, 15, 20: better at 5 and 15 only
+    monkeypatch.setattr(loop, "estimate_loss", lambda *args: {"train": 1.0, "val": next(val_losses)})
+    out = tmp_path / "run"
+    loop.main(tiny_train_args(char_data_dir, out, max_iters=20, eval_interval=5, always_save_checkpoint=always))
+    saves = re.findall(r"saved ckpt.pt( and best.pt)? in .* at iter (\d+)", capsys.readouterr().out)
+    assert [int(it) for _, it in saves] == saved
+    assert [int(it) for best, it in saves if best] == [5, 15]  # best.pt whenever val loss improves
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == saved[-1]
+    assert checkpoint.load_checkpoint(out / "best.pt")["best_val_loss"] == 2.5
 
 
 def test_pickled_payload_is_refused(tmp_path):
