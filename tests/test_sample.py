@@ -7,8 +7,8 @@ import pytest
 from conftest import GPT2_TIKTOKEN, run_script
 
 from gptcraft import sample
-from gptcraft.config import ConfigError
 from gptcraft.data.tokenizer import gpt2_encoding
+from gptcraft.errors import GptcraftError
 
 
 def run(capsys, run_dir, *args):
@@ -67,7 +67,7 @@ def test_empty_prompt_starts_from_a_newline(capsys, tiny_run_dir):
     ],
 )
 def test_bad_input_is_refused(tiny_run_dir, args, message):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(GptcraftError) as e:
         sample.main([f"--out_dir={tiny_run_dir}", "--device=cpu", *args])
     assert message in str(e.value)
 
@@ -81,7 +81,7 @@ def test_checkpoint_without_meta_json(tiny_run_dir):
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(ConfigError, match="no checkpoint at"):
+    with pytest.raises(GptcraftError, match="no checkpoint at"):
         sample.main([f"--out_dir={tmp_path}", "--device=cpu"])
 
 

@@ -14,10 +14,12 @@ the size of the dataset.
 import numpy as np
 import torch
 
+from gptcraft.errors import GptcraftError
+
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
 
-class LoaderStateError(ValueError):
+class LoaderStateError(GptcraftError, ValueError):
     """A checkpoint's loader state does not match the data or settings of this run."""
 
 

@@ -15,12 +15,13 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from gptcraft.errors import GptcraftError
 from gptcraft.track.logfile import read_log, warn  # noqa: E402
 
 X_AXES = {"iter": "iteration", "time": "wall time", "tokens": "tokens seen"}
 
 
-class PlotError(Exception):
+class PlotError(GptcraftError):
     """Nothing can be drawn; the message says why."""
 
 
