@@ -120,6 +120,33 @@ def poison_forward(monkeypatch, bad_steps=(), break_weights_at=None):
     monkeypatch.setattr(model.GPT, "forward", forward)
 
 
+def test_float16_infinite_gradients_are_the_scalers_to_skip(char_data_dir, tmp_path, monkeypatch, capsys):
+    """Step 5's gradients are infinite, its loss is not: the scaler skips the step and halves its
+    scale; the divergence guard does not count it."""
+    args = {**RUN, "dtype": "float16", "eval_interval": 100, "max_nonfinite_steps": 1}
+    loop.main(tiny_train_args(char_data_dir, tmp_path / "four", **{**args, "max_iters": 4}))
+    real_forward, calls = model.GPT.forward, []
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 5:
+                logits.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        return logits, loss
+
+    monkeypatch.setattr(model.GPT, "forward", forward)
+    loop.main(tiny_train_args(char_data_dir, tmp_path / "five", **{**args, "max_iters": 5}))
+    assert "skipped step" not in capsys.readouterr().out
+    four, five = (checkpoint.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("four", "five"))
+    assert five["iter_num"] == 5 and five["scaler"]["scale"] == four["scaler"]["scale"] / 2
+    for name, tensor in four["model"].items():  # step 5 changed nothing
+        assert torch.equal(five["model"][name], tensor), name
+    for key, state in four["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(five["optimizer"]["state"][key][field], value), (key, field)
+
+
 def test_a_few_nan_steps_are_skipped(char_data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     poison_forward(monkeypatch, bad_steps=(12, 13))
