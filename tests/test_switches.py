@@ -55,10 +55,13 @@ def test_rope_model_has_no_position_table_and_takes_offsets():
     assert torch.equal(cos, m.rope_cos[4:9]) and torch.equal(sin, m.rope_sin[4:9])
     assert m.rope(torch.arange(3)) is not None and tiny().rope(torch.arange(3)) is None
     # With a KV cache the new tokens are rotated at their true positions: a prefill then
-    # one-token steps give the logits of a single pass over the whole sequence.
+    # one-token steps give the logits of a single pass over the whole sequence. (Perturbed
+    # weights: attention at initialisation is nearly uniform and blind to positions.)
     x, _ = batch()
     m.eval()
     with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
         whole, _ = m(x)  # logits after the last position, (B, 1, V)
         cache = m.new_cache()
         m(x[:, :10], cache=cache)
