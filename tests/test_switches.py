@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
+from gptcraft.train import loop
 from gptcraft.train.loop import TrainConfig, learning_rate
 from gptcraft.train.optimizer import Optimizers, make_optimizer
 from model import GPT, GPTConfig, apply_rope, rope_tables
@@ -179,9 +180,9 @@ def test_muon_run_resumes_exactly(char_data_dir, tmp_path):
     with the same weights as an uninterrupted one."""
     switches = dict(optimizer="muon", pos_embedding="rope", qk_norm=True, tie_embeddings=False, eval_interval=4)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_script("train.py", *tiny_train_args(char_data_dir, straight, max_iters=8, **switches))
-    run_script("train.py", *tiny_train_args(char_data_dir, resumed, max_iters=4, **switches))
-    run_script("train.py", *tiny_train_args(char_data_dir, resumed, max_iters=8, init_from="resume", **switches))
+    loop.main(tiny_train_args(char_data_dir, straight, max_iters=8, **switches))
+    loop.main(tiny_train_args(char_data_dir, resumed, max_iters=4, **switches))
+    loop.main(tiny_train_args(char_data_dir, resumed, max_iters=8, init_from="resume", **switches))
     a = torch.load(straight / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(resumed / "ckpt.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and "lm_head.weight" in a
