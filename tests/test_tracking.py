@@ -95,11 +95,14 @@ def test_wandb_offline_records_the_rows_and_config(wandb_run):
     assert start["event"] == "start" and start["wandb_id"] == run["run_id"]
 
 
-def test_plot_loss_redraws_a_png_at_each_eval(wandb_run, tmp_path):
+def test_plot_loss_leaves_a_png(wandb_run):
     out_dir, _ = wandb_run
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out_dir.glob("*.tmp.png"))
-    # Each evaluation redraws the figure with the rows logged so far; a train row alone does not.
+
+
+def test_plot_loss_redraws_the_png_at_each_eval(tmp_path):
+    """Each evaluation redraws the figure with the rows logged so far; a train row alone does not."""
     log = RunLog(str(tmp_path), True, start_iter=0, max_iters=20, config={"plot_loss": True})
     drawn = []
     for it, loss in ((10, 3.0), (20, 2.0)):
