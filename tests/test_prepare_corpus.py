@@ -57,16 +57,17 @@ def test_tokens_are_tiktokens_encoding_of_each_document_plus_end_of_text(tmp_pat
     assert open_dataset(tmp_path / "out").max_token() == EOT  # what train.py checks against vocab_size
 
 
-def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path, shakespeare_path, monkeypatch):
+def test_shards_are_byte_identical_for_one_two_and_three_workers(tmp_path, shakespeare_path, monkeypatch):
     monkeypatch.setattr(corpus, "CHUNK_CHARS", 100_000)  # several chunks in flight
     source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 300))
-    for n in (1, 2):
+    for n in (1, 2, 3):
         run(source, tmp_path / f"out{n}", "--num_proc", str(n), "--shard_tokens", "100000", "--val_fraction", "0.02")
     names = sorted(p.name for p in (tmp_path / "out1").iterdir())
     assert len([n for n in names if n.startswith("train_")]) >= 4 and "val_000000.bin" in names
-    assert names == sorted(p.name for p in (tmp_path / "out2").iterdir())
-    for name in names:
-        assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes(), name
+    for n in (2, 3):
+        assert names == sorted(p.name for p in (tmp_path / f"out{n}").iterdir())
+        for name in names:
+            assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / f"out{n}" / name).read_bytes(), (n, name)
 
 
 def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(tmp_path, shakespeare_path, capsys):
@@ -188,6 +189,20 @@ def test_text_files_and_the_command_line(tmp_path, shakespeare_path):
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 4
     with pytest.raises(SystemExit, match="^error: cannot read --input file .*nope.txt"):
         corpus.main(["--input", str(folder / "nope.txt"), "--out_dir", str(tmp_path / "o2")])
+
+
+@pytest.mark.parametrize("sample_by, documents", [("document", 2), ("paragraph", 6), ("line", 10)])
+def test_txt_sample_by_makes_a_document_of_a_file_a_paragraph_or_a_line(tmp_path, sample_by, documents):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):  # each: 3 paragraphs, 5 lines with text
+        (folder / name).write_text("To be,\nor not.\n\nThat is\nthe question.\n\nWhether 'tis nobler\n")
+    meta = run(folder, tmp_path / "out", "--txt_sample_by", sample_by, "--num_proc", "1")
+    splits = meta["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == documents
+    # Each document ends with end-of-text: one per document among the tokens.
+    tokens = np.concatenate([split_tokens(tmp_path / "out", split) for split in ("train", "val")])
+    assert (tokens == EOT).sum() == documents
 
 
 def test_shakespeare_in_gpt2_tokens(tmp_path, shakespeare_path):
