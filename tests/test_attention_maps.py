@@ -126,10 +126,9 @@ def test_char_run_png_size_labels_and_white_upper_triangle(tmp_path, char_meta, 
 
 def test_bpe_run_labels_show_the_spaces_of_gpt2_tokens(tmp_path):
     write_run(tmp_path / "run", GPT2_META, n_layer=1, n_embd=16)
-    out = tmp_path / "maps.png"
-    attention.main([f"--out_dir={tmp_path / 'run'}", "--start=The cat sat", f"--output={out}", "--device=cpu",
+    attention.main([f"--out_dir={tmp_path / 'run'}", "--start=The cat sat", "--device=cpu",
                     f"--tokenizer_file={GPT2_TIKTOKEN}"])  # fmt: skip
-    assert out.exists()
+    assert (tmp_path / "run" / "attention.png").exists()  # without --output: next to the run's checkpoint
     tok = GPT2Tokenizer(GPT2_TIKTOKEN)
     assert attention.token_labels(tok, tok.encode("The cat sat\n$5 é")) == ["The", "␣cat", "␣sat", "↵", r"\$", "5",
                                                                             "␣é"]  # fmt: skip

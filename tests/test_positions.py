@@ -39,8 +39,8 @@ def test_sinusoidal_and_rope_similarities_depend_on_the_offset_alone():
 
 
 def test_learned_table_of_a_run_is_drawn_next_to_the_fixed_ones(tmp_path, tiny_run_dir, capsys):
-    out = tmp_path / "pos.png"
-    positions.main(["--init_from=resume", f"--out_dir={tiny_run_dir}", f"--output={out}"])
+    out = tiny_run_dir / "positions.png"  # without --output: next to the run's checkpoint
+    positions.main(["--init_from=resume", f"--out_dir={tiny_run_dir}"])
     printed = capsys.readouterr().out.strip()
     names = f"sinusoidal, d=32; {tiny_run_dir} (learned), d=32; rope, head size 16: cos(pos θ_i)"
     assert printed == f"wrote {out} ({names})"

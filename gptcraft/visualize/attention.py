@@ -35,7 +35,7 @@ class AttentionConfig:
     start: str = option("ROMEO:\nBut soft, what light", "prompt text; FILE:path reads it from a file, - from stdin")
     layers: str = option("all", "layers to draw: all, or indices counted from 0 separated by commas, e.g. 0,3")
     heads: str = option("all", "heads to draw in each layer: all, or indices counted from 0, e.g. 0,1")
-    output: str = option("attention.png", "PNG file to write")
+    output: str = option("", "PNG file to write; empty: attention.png in out_dir (init_from=resume), else here")
     device: str = hardware.device_option()
     tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
 
@@ -145,5 +145,6 @@ def main(argv=None):
     source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     title = f"{source}: attention weights (rows: queries, columns: keys)"
     fig = draw(maps, token_labels(tok, ids), layers, heads, title)
-    png.save(fig, cfg.output)
-    print(f"wrote {cfg.output} ({len(layers)} layers x {len(heads)} heads, {len(ids)} tokens)")
+    output = png.output_path(cfg.output, "attention.png", cfg.out_dir if cfg.init_from == "resume" else None)
+    png.save(fig, output)
+    print(f"wrote {output} ({len(layers)} layers x {len(heads)} heads, {len(ids)} tokens)")

@@ -1,5 +1,7 @@
 """Writing the pictures: PNG names checked before any work, figures saved at one resolution."""
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
@@ -16,9 +18,14 @@ class PictureError(GptcraftError):
 
 
 def check_png_name(path):
-    """The output key names a PNG file; ConfigError otherwise."""
-    if not path.lower().endswith(".png"):
+    """The output key is empty (the default place) or names a PNG file; ConfigError otherwise."""
+    if path and not path.lower().endswith(".png"):
         raise ConfigError(f"output is a PNG image: give a name ending in .png, not {path!r}")
+
+
+def output_path(output, name, run_dir=None):
+    """output if given; else name inside run_dir, so that a run's pictures sit with it, or in the current folder."""
+    return output or os.path.join(run_dir or "", name)
 
 
 def save(fig, path):

@@ -21,7 +21,7 @@ import torch
 
 from gptcraft.config import ConfigError, option, parse_config
 from gptcraft.hf import HUB_MODELS, from_pretrained
-from gptcraft.init_from import check_init_from, load_run_model
+from gptcraft.init_from import check_init_from, load_run
 from gptcraft.visualize import png
 from model import apply_rope, rope_tables, sinusoidal_positions
 
@@ -37,7 +37,7 @@ class PositionsConfig:
     block_size: int = option(0, "positions drawn; 0: the model's block_size, or 64 without a model")
     n_embd: int = option(0, "channels of the sinusoidal table; 0: the model's n_embd, or 128 without a model")
     n_head: int = option(0, "heads: rope rotates n_embd / n_head channels; 0: the model's n_head, or 4")
-    output: str = option("positions.png", "PNG file to write")
+    output: str = option("", "PNG file to write; empty: positions.png in out_dir (init_from=resume), else here")
 
     def __post_init__(self):
         if self.init_from:
@@ -68,7 +68,7 @@ def model_name(cfg):
 def learned_table(cfg):
     """The learned position table (T, C) of the model cfg names, and its config; ConfigError without one."""
     name = model_name(cfg)
-    model = load_run_model(cfg.out_dir, "cpu") if cfg.init_from == "resume" else from_pretrained(cfg.init_from)
+    model = load_run(cfg.out_dir, "cpu")[0] if cfg.init_from == "resume" else from_pretrained(cfg.init_from)
     kind = model.config.pos_embedding
     if kind != "learned":
         raise ConfigError(f"{name} uses {kind} positions, not a learned table: its encoding is the fixed one "
@@ -126,5 +126,6 @@ def main(argv=None):
     block_size, n_embd, n_head = sizes(cfg, model_config)
     columns = panels(block_size, n_embd, n_head, learned, model_name(cfg))
     fig = draw(columns, f"position encodings, {block_size} positions")
-    png.save(fig, cfg.output)
-    print(f"wrote {cfg.output} ({'; '.join(column[0] for column in columns)})")
+    output = png.output_path(cfg.output, "positions.png", cfg.out_dir if cfg.init_from == "resume" else None)
+    png.save(fig, output)
+    print(f"wrote {output} ({'; '.join(column[0] for column in columns)})")
