@@ -22,17 +22,17 @@ def test_cached_forward_equals_full_forward(pos_embedding, attention):
     model = tiny_model(pos_embedding=pos_embedding, attention=attention)
     idx = torch.randint(0, 40, (3, BLOCK))
     full, _ = model(idx, idx)  # targets given: logits at every position, (B, T, V)
-    cache = model.new_cache()
-    pieces = [model(idx[:, :5], cache=cache)[0]]
+    cache = model.new_cache(3)
+    pieces = [model(idx[:, :5], cache=cache)[0]]  # a prefill: positions 0 .. 4
     for t in range(5, 8):
-        pieces.append(model(idx[:, t : t + 1], cache=cache)[0])
-    pieces.append(model(idx[:, 8:], cache=cache)[0])  # several new queries after cached keys: shifted mask
+        pieces.append(model(idx[:, t : t + 1], cache=cache, input_pos=torch.tensor([t]))[0])
+    # several new queries after cached keys: each sees the cached positions and the new ones before it
+    pieces.append(model(idx[:, 8:], cache=cache, input_pos=torch.arange(8, BLOCK))[0])
     cached = torch.cat([p[:, -1] for p in pieces], dim=0)
     expected = torch.cat([full[:, t] for t in (4, 5, 6, 7, BLOCK - 1)], dim=0)
     torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
-    assert cache[0].length == BLOCK
     with pytest.raises(ValueError, match="longer than block_size"):
-        model(idx[:, :1], cache=cache)
+        model(torch.zeros(1, BLOCK + 1, dtype=torch.long))
 
 
 @pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal", "rope"])
@@ -91,7 +91,7 @@ def test_prefill_without_cache_returns_none():
     idx = torch.randint(0, 40, (1, 6))
     logits, cache = prefill(model, idx, use_cache=False)
     cached_logits, full_cache = prefill(model, idx)
-    assert cache is None and full_cache[0].length == 6
+    assert cache is None and full_cache[0].k.shape == (1, 2, BLOCK, 16)  # (B, nh, block_size, hs)
     torch.testing.assert_close(logits, cached_logits)
 
 

@@ -60,10 +60,10 @@ def test_rope_model_has_no_position_table_and_takes_offsets():
     m.eval()
     with torch.no_grad():
         whole, _ = m(x)  # logits after the last position, (B, 1, V)
-        cache = m.new_cache()
+        cache = m.new_cache(x.size(0))
         m(x[:, :10], cache=cache)
         for t in range(10, 16):
-            step, _ = m(x[:, t : t + 1], cache=cache)
+            step, _ = m(x[:, t : t + 1], cache=cache, input_pos=torch.tensor([t]))
     assert torch.allclose(step, whole, atol=1e-5)
     with pytest.raises(ValueError, match="even"):
         GPTConfig(n_embd=30, n_head=2, pos_embedding="rope")
