@@ -47,7 +47,12 @@ def new_cache(model, batch_size):
     """A KV cache for batch_size sequences, in the dtype the keys will have: autocast's when it is on."""
     device_type = model.lm_head.weight.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    return model.new_cache(batch_size, dtype)
+    cache = model.new_cache(batch_size, dtype)
+    for layer in cache:
+        # Buffers that stay at one address: a CUDA graph of the compiled step may write into them in place.
+        torch._dynamo.mark_static_address(layer.k)
+        torch._dynamo.mark_static_address(layer.v)
+    return cache
 
 
 @torch.no_grad()
@@ -110,14 +115,14 @@ def decode_n_tokens(model, idx, n, temperature=1.0, top_k=None, top_p=None, gene
     if not 1 <= keep <= block_size:
         raise ValueError(f"keep must be in [1, block_size={block_size}], got {keep}")
     cache = new_cache(model, idx.size(0)) if use_cache else None
-    cache_start = None  # the cache holds the context from cache_start on
+    cache_start, token = None, None  # the cache holds the context from cache_start on; the last token drawn
     finished = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     for _ in range(n):
         start = context_start(idx.size(1), block_size, keep)
         if use_cache and start == cache_start:
             # The newest token's position in the window, < block_size by context_start.
             input_pos = torch.tensor([idx.size(1) - 1 - start], device=idx.device)
-            logits = decode(model, idx[:, -1:], cache, input_pos)
+            logits = decode(model, token, cache, input_pos)  # token (B, 1): a fresh tensor, contiguous
         else:
             logits, cache = prefill(model, idx[:, start:], use_cache, cache)
             cache_start = start

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from gptcraft.generate import context_start, decode_n_tokens, generate, logits_to_probs, prefill, sample
+from gptcraft.generate import (
+    context_start,
+    decode_n_tokens,
+    decode_one_token,
+    generate,
+    logits_to_probs,
+    prefill,
+    sample,
+)
 from model import GPT, GPTConfig
 
 BLOCK = 16
@@ -145,3 +153,40 @@ def test_cached_equals_uncached_on_cuda():
     idx = torch.randint(0, 40, (3, 5), device="cuda")
     out = [generate(model, idx, 3 * BLOCK, temperature=0, use_cache=use_cache) for use_cache in (True, False)]
     assert torch.equal(out[0], out[1])
+
+
+def perturbed_model(**overrides):
+    """A tiny model with weights far from their initialisation, so that attention is far from uniform
+    and a wrong position or a stale cached key changes the tokens."""
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0)], ids=["greedy", "sampled"])
+def test_static_cache_equals_recompute_token_for_token(pos_embedding, sampling):
+    model = perturbed_model(pos_embedding=pos_embedding, qk_norm=True)
+    idx = torch.randint(0, 40, (2, 3))
+    weights = torch.softmax(model(idx[:, :1].repeat(1, BLOCK), idx[:, :1].repeat(1, BLOCK))[0], -1)
+    assert weights.max() > 0.2  # peaked predictions: not the near-uniform model of the initialisation
+    out = {}
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(3)
+        out[use_cache] = generate(model, idx, 3 * BLOCK, generator=gen, use_cache=use_cache, keep=5, **sampling)
+    assert torch.equal(out[True], out[False])
+
+
+def test_compiled_decoding_step_is_traced_once_for_every_position():
+    """The whole generation, window slides included, replays one graph: a recompile raises."""
+    import torch._dynamo
+
+    model = perturbed_model(pos_embedding="rope")
+    idx = torch.randint(0, 40, (2, 3))
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, backend="eager", fullgraph=True)  # tracing, not code generation
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = generate(model, idx, 3 * BLOCK, temperature=0, keep=5, decode=step)
+    assert torch.equal(compiled, generate(model, idx, 3 * BLOCK, temperature=0, keep=5, use_cache=False))
