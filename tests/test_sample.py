@@ -68,6 +68,7 @@ def test_empty_prompt_starts_from_a_newline(capsys, tiny_run_dir):
         (["--temperature=-0.1"], "temperature must be >= 0"),
         (["--window_keep=33"], "window_keep (33) must not exceed the model's block_size (32)"),
         (["--start=FILE:/no/such/prompt.txt"], "cannot read prompt file /no/such/prompt.txt"),
+        (["--compile=True", "--use_cache=False"], "compile=True compiles the KV-cache decoding step"),
     ],
 )
 def test_bad_input_is_refused(tiny_run_dir, args, message):
@@ -133,3 +134,16 @@ def test_gpt2_bpe_run_streams_the_same_text(capsys, tmp_path):
     assert samples(streamed.out) == samples(whole.out)
     assert "\ufffd" in streamed.out  # the case worth testing: bytes that do not form whole characters
     assert "prompt of 1 tokens" in streamed.err
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_text_and_compiles_once(tiny_run_dir):
+    """--compile=True with inductor on the CPU: the text of the eager path, across a window slide,
+    and no recompilation (TORCH_LOGS=recompiles reports each one on stderr)."""
+    common = [f"--out_dir={tiny_run_dir}", "--device=cpu", "--start=ROMEO:", "--max_new_tokens=40",
+              "--num_samples=2", "--seed=5"]  # fmt: skip
+    env = dict(os.environ, TORCH_LOGS="recompiles")
+    compiled = run_script("sample.py", *common, "--compile=True", env=env)
+    eager = run_script("sample.py", *common)
+    assert samples(compiled.stdout) == samples(eager.stdout) and len(samples(eager.stdout)) == 2
+    assert "Recompiling" not in compiled.stderr and "tokens/s" in compiled.stderr
