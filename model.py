@@ -12,7 +12,7 @@ trainer applies those.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -23,30 +23,44 @@ ATTENTION_IMPLS = ("sdpa", "explicit")
 ACTIVATIONS = ("gelu", "relu2")
 
 
+def setting(default, help, **tags):
+    """A GPTConfig field: its default, one line of help (the command line's --help shows it) and tags.
+    free=True: the weights compute the same function whatever the value, so it may change on resume.
+    beyond_gpt2=True: a change from GPT-2's architecture; the default is GPT-2's choice."""
+    return field(default=default, metadata={"help": help, **tags})
+
+
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest context the model sees
-    vocab_size: int = 50304  # GPT-2's 50257 rounded up to a multiple of 64
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
-    pos_embedding: str = "learned"  # "learned" (GPT-2), "sinusoidal" (fixed) or "rope" (rotary q, k)
-    attention: str = "sdpa"  # "sdpa" (fused kernels) or "explicit" (the equation)
-    qk_norm: bool = False  # RMS-normalise queries and keys per head before the dot product
-    activation: str = "gelu"  # MLP non-linearity: "gelu" (GPT-2) or "relu2" (relu(x)^2)
-    tie_embeddings: bool = True  # lm_head shares the token embedding's weight (GPT-2)
-    zero_init_proj: bool = False  # output projections start at zero: each block starts as the identity
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 disables
+    block_size: int = setting(1024, "context length in tokens: the longest sequence the model sees")
+    vocab_size: int = setting(50304, "token ids the model knows (GPT-2's 50257 rounded up to a multiple of 64)")
+    n_layer: int = setting(12, "transformer blocks")
+    n_head: int = setting(12, "attention heads per block")
+    n_embd: int = setting(768, "width of the residual stream")
+    dropout: float = setting(0.0, "dropout probability (0 for pretraining, 0.1+ for finetuning)", free=True)
+    bias: bool = setting(True, "biases in Linear and LayerNorm layers, as in GPT-2")
+    pos_embedding: str = setting("learned", "position encoding: learned (GPT-2), sinusoidal (fixed) or rope "
+                                 "(rotary q, k)", choices=POS_EMBEDDINGS, beyond_gpt2=True)  # fmt: skip
+    attention: str = setting("sdpa", "sdpa: fused kernels; explicit: the written-out equation",
+                             choices=ATTENTION_IMPLS, free=True)  # fmt: skip
+    qk_norm: bool = setting(False, "RMS-normalise queries and keys per head before the dot product", beyond_gpt2=True)
+    activation: str = setting("gelu", "MLP non-linearity: gelu (GPT-2) or relu2 (relu(x)^2)", choices=ACTIVATIONS,
+                              beyond_gpt2=True)  # fmt: skip
+    tie_embeddings: bool = setting(True, "lm_head shares the token embedding's weight (False: a separate head)")
+    zero_init_proj: bool = setting(False, "output projections start at zero: each block starts as the identity")
+    logit_softcap: float = setting(0.0, "> 0: logits = cap * tanh(logits / cap); 0 disables", beyond_gpt2=True)
 
     def __post_init__(self):
-        if self.pos_embedding not in POS_EMBEDDINGS:
-            raise ValueError(f"pos_embedding must be one of {POS_EMBEDDINGS}, got {self.pos_embedding!r}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for f in fields(self):
+            if f.metadata.get("choices") and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(
+                    f"{f.name} must be one of {', '.join(f.metadata['choices'])}; got {getattr(self, f.name)!r}"
+                )
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:

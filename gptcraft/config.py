@@ -6,20 +6,33 @@ as in nanoGPT), then the overrides, checking every key and every type.
 """
 
 import difflib
+import os
 import sys
 import traceback
 import types
 import typing
 from dataclasses import MISSING, field, fields
 
+from gptcraft.errors import GptcraftError
 
-class ConfigError(ValueError):
+
+class ConfigError(GptcraftError, ValueError):
     """A bad key or value; the message says what is wrong and how to fix it."""
 
 
 def option(default, help, choices=None):
     """A config field with its default, one line of help and, optionally, the allowed values."""
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def options_of(cls, names, **defaults):
+    """(name, type, option) triples of dataclass `cls`'s fields `names`, for dataclasses.make_dataclass:
+    each keeps its help text and choices from the field's metadata, and its default unless `defaults`
+    gives another. A settings class defined once (GPTConfig) becomes command-line keys this way."""
+    types_, by_name = _field_types(cls), {f.name: f for f in fields(cls)}
+    return [(name, types_[name], option(defaults.get(name, by_name[name].default), by_name[name].metadata["help"],
+                                        by_name[name].metadata.get("choices")))
+            for name in names]  # fmt: skip
 
 
 def _type_name(tp):
@@ -125,9 +138,11 @@ def parse_config(cls, argv, prog="train.py"):
 
 
 def run_cli(main):
-    """Call main(), turning a ConfigError into a one-line message and exit status 2."""
+    """Call main(), turning any GptcraftError into a one-line message and exit status 2. Under
+    torchrun every rank meets the same error: only rank 0 prints it."""
     try:
         return main()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except GptcraftError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -15,21 +15,16 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from gptcraft.data.tokenizer import GPT2_EOT
+from gptcraft.errors import GptcraftError
 from model import GPT, GPTConfig
 
 # OpenAI's GPT-2 checkpoints on the Hugging Face hub: 124M, 350M, 774M and 1558M parameters.
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# GPTConfig fields that GPT-2's format can hold whatever their value: its sizes; dropout and the
-# attention kernel, which do not change what an eval-mode model computes; bias=False, written as
-# zero biases; an untied head, written as its own lm_head.weight; and an initialisation choice.
-# Every other field must keep its default (GPT-2's behaviour) to be exported.
-EXPRESSIBLE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "attention", "bias",
-               "tie_embeddings", "zero_init_proj"}  # fmt: skip
-GPT2_EOT = 50256
 
 
-class HFFormatError(ValueError):
+class HFFormatError(GptcraftError, ValueError):
     """A checkpoint that is not GPT-2 in Hugging Face's format, or a model that format cannot hold."""
 
 
@@ -123,11 +118,13 @@ def from_pretrained(name_or_path, block_size=None, dropout=0.0):
 
 
 def check_expressible(config):
-    """Refuse, naming each field, a GPTConfig that GPT-2's architecture cannot represent."""
+    """Refuse, naming each field, a GPTConfig that GPT-2's architecture cannot represent: a field
+    tagged beyond_gpt2 away from its default. (bias=False is written as zero biases, an untied head
+    as its own lm_head.weight.)"""
     default = GPTConfig()
     odd = [f"{f.name}={getattr(config, f.name)!r} (GPT-2: {getattr(default, f.name)!r})"
            for f in dataclasses.fields(config)
-           if f.name not in EXPRESSIBLE and getattr(config, f.name) != getattr(default, f.name)]  # fmt: skip
+           if f.metadata.get("beyond_gpt2") and getattr(config, f.name) != getattr(default, f.name)]  # fmt: skip
     if odd:
         raise HFFormatError(f"GPT-2's format cannot express {', '.join(odd)}; only GPT-2-style models export")
 

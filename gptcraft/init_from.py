@@ -1,17 +1,21 @@
 """The model to sample from, evaluate or export, with its tokenizer: a training run's checkpoint
-(init_from=resume) or GPT-2 weights (a hub name or a Hugging Face folder, see hf_gpt2.py)."""
+(init_from=resume) or GPT-2 weights (a hub name or a Hugging Face folder, see hf.py)."""
 
 import os
 
-from gptcraft.config import ConfigError
 from gptcraft.data.shards import read_meta
-from gptcraft.data.tokenizer import GPT2_META, TokenizerError, load_tokenizer
-from gptcraft.hf import HUB_MODELS, HFFormatError, from_pretrained
-from gptcraft.train.checkpoint import CheckpointError, load_checkpoint, sampling_path
+from gptcraft.data.tokenizer import GPT2_META, load_tokenizer
+from gptcraft.errors import GptcraftError
+from gptcraft.hf import HUB_MODELS, from_pretrained
+from gptcraft.train.checkpoint import load_checkpoint, sampling_path
 from model import GPT, GPTConfig
 
 INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl: OpenAI's weights "
                   "from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format")  # fmt: skip
+
+
+class InitFromError(GptcraftError):
+    """init_from names no model this machine can load."""
 
 
 def check_init_from(init_from, allowed=("resume",)):
@@ -19,26 +23,15 @@ def check_init_from(init_from, allowed=("resume",)):
     if init_from in allowed or init_from in HUB_MODELS or os.path.isdir(init_from):
         return
     names = ", ".join((*allowed, *HUB_MODELS))
-    raise ConfigError(f"init_from={init_from!r} is none of {names} and not a folder holding a Hugging Face GPT-2")
+    raise InitFromError(f"init_from={init_from!r} is none of {names} and not a folder holding a Hugging Face GPT-2")
 
 
 def load_run_model(out_dir, device):
     """The GPT saved in a training run's out_dir: best.pt (lowest val loss) when there is one, else ckpt.pt."""
-    try:
-        ckpt = load_checkpoint(sampling_path(out_dir), map_location=device)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
+    ckpt = load_checkpoint(sampling_path(out_dir), map_location=device)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model
-
-
-def load_gpt2(name_or_path, block_size=None, dropout=0.0):
-    """GPT-2 weights as a GPT; a bad name, folder or download is a ConfigError."""
-    try:
-        return from_pretrained(name_or_path, block_size, dropout)
-    except HFFormatError as e:
-        raise ConfigError(str(e)) from None
 
 
 def load_model(init_from, out_dir, device, tokenizer_file=""):
@@ -47,15 +40,12 @@ def load_model(init_from, out_dir, device, tokenizer_file=""):
     if init_from == "resume":
         model, meta_dir = load_run_model(out_dir, device), out_dir
     else:
-        model = load_gpt2(init_from)
+        model = from_pretrained(init_from)
         # A folder written by export.py carries the run's meta.json; OpenAI's models use GPT-2 BPE.
         meta_dir = init_from if os.path.exists(os.path.join(init_from, "meta.json")) else None
     try:
         meta = read_meta(meta_dir) if meta_dir else GPT2_META
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"{e}; copy the dataset's meta.json into {meta_dir}") from None
-    try:
-        tokenizer = load_tokenizer(meta, tokenizer_file or None)
-    except (ValueError, TokenizerError) as e:
-        raise ConfigError(str(e)) from None
+        raise InitFromError(f"{e}; copy the dataset's meta.json into {meta_dir}") from None
+    tokenizer = load_tokenizer(meta, tokenizer_file or None)
     return model.to(device).eval(), tokenizer

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
 from gptcraft.train import loop
 
 RUN = {"max_iters": 10, "eval_interval": 10}
@@ -31,9 +31,9 @@ def snapshot(out):
 
 
 def refuses(data_dir, out, match, **overrides):
-    """train.main refuses the arguments with a ConfigError matching `match`, changing no file in out."""
+    """train.main refuses the arguments with a GptcraftError matching `match`, changing no file in out."""
     before = snapshot(out) if out.exists() else None
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(GptcraftError, match=match):
         loop.main(tiny_train_args(data_dir, out, **{**RUN, **overrides}))
     if before is not None:
         assert snapshot(out) == before
@@ -118,7 +118,7 @@ def test_an_unprepared_dataset_offline_says_the_one_command_to_run(tmp_path, mon
         raise OSError("no network")
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(GptcraftError) as e:
         loop.main(tiny_train_args(tmp_path / "data", tmp_path / "out", **RUN))
     message = str(e.value)
     assert message.startswith("dataset shakespeare_char is not prepared and cannot download https://")

@@ -6,7 +6,8 @@ import pytest
 from conftest import run_script, tiny_train_args
 
 from gptcraft.bench import speed
-from gptcraft.config import ConfigError, run_cli
+from gptcraft.config import run_cli
+from gptcraft.errors import GptcraftError
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--vocab_size=65", "--compile=False", "--dtype=float32"]  # fmt: skip
@@ -86,7 +87,7 @@ def test_speedrun_times_whole_runs(char_data_dir, tmp_path):
 
 
 def test_speedrun_needs_the_last_step_logged():
-    with pytest.raises(ConfigError, match="log_interval"):
+    with pytest.raises(GptcraftError, match="log_interval"):
         speed.parse_args(["--speedrun=1", "--max_iters=10", "--log_interval=3"])
 
 

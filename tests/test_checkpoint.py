@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_train_args
 
 import model
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
 from gptcraft.train import checkpoint, loop
 from gptcraft.train.checkpoint import CheckpointError
 
@@ -51,7 +51,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(char_data_dir, tm
         real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_full)
-    with pytest.raises(SystemExit, match="could not write .*No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(GptcraftError, match="could not write .*No space left on device.*previous checkpoint is intact"):
         loop.main(tiny_train_args(char_data_dir, out, **RUN))
     monkeypatch.undo()
     assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
@@ -119,7 +119,7 @@ def test_a_few_nan_steps_are_skipped(char_data_dir, tmp_path, monkeypatch, capsy
 def test_nan_in_a_row_stops_the_run_and_keeps_the_good_checkpoint(char_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     poison_forward(monkeypatch, bad_steps=range(15, 100))
-    with pytest.raises(SystemExit, match=r"NaN/Inf for 3 steps in a row \(up to iteration 17\)"):
+    with pytest.raises(GptcraftError, match=r"NaN/Inf for 3 steps in a row \(up to iteration 17\)"):
         loop.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=3, **RUN))
     assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
 
@@ -138,6 +138,6 @@ def test_resume_refuses_a_corrupt_checkpoint_and_leaves_it(char_data_dir, tmp_pa
     loop.main(tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 10}))
     data = (out / "ckpt.pt").read_bytes()
     (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ConfigError, match="ckpt.pt is truncated or corrupt"):
+    with pytest.raises(GptcraftError, match="ckpt.pt is truncated or corrupt"):
         loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **RUN))
     assert (out / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # nothing touched

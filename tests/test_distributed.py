@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, run_script, tiny_train_args
 
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
 from gptcraft.system import distributed
 from gptcraft.train import loop
 from gptcraft.train.parallelize import parallelize
@@ -117,16 +117,16 @@ def test_even_share_gives_every_rank_the_same_number_of_items():
 
 
 def test_batch_settings_must_divide_across_ranks():
-    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps \(3\) must be a multiple .* \(2\)"):
+    with pytest.raises(GptcraftError, match=r"gradient_accumulation_steps \(3\) must be a multiple .* \(2\)"):
         distributed.local_accumulation(3, distributed.Dist(world_size=2))
     assert distributed.local_accumulation(8, distributed.Dist(world_size=4)) == 2
 
 
 def test_nccl_needs_cuda_and_fsdp_needs_torchrun():
-    with pytest.raises(ConfigError, match="backend nccl needs CUDA"):
+    with pytest.raises(GptcraftError, match="backend nccl needs CUDA"):
         distributed.resolve_backend("nccl", "cpu")
     assert distributed.resolve_backend("auto", "cpu") == "gloo"
-    with pytest.raises(ConfigError, match="launch with torchrun"):
+    with pytest.raises(GptcraftError, match="launch with torchrun"):
         parallelize(torch.nn.Module(), distributed.Dist(), "cpu", fsdp=True)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
 from gptcraft.evaluate import run
 from gptcraft.init_from import load_model
 
@@ -49,7 +49,7 @@ def test_dataset_split_and_max_tokens(tiny_run_dir, char_data_dir, capsys):
     ],
 )
 def test_bad_input(tiny_run_dir, tmp_path, args, message):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(GptcraftError) as e:
         run.main([f"--out_dir={tiny_run_dir}", f"--data_dir={tmp_path}", "--device=cpu", *args])
     assert message in str(e.value)
 
@@ -59,7 +59,7 @@ def test_tokens_beyond_the_vocabulary_are_refused(tiny_run_dir, tmp_path):
     (tmp_path / "d" / "meta.json").write_text('{"tokenizer": "char", "vocab_size": 301, "chars": []}')
     for split in ("train", "val"):
         np.array([1, 2, 300], dtype="<u2").tofile(tmp_path / "d" / f"{split}.bin")
-    with pytest.raises(ConfigError, match="token id 300, beyond the model's vocabulary of 65"):
+    with pytest.raises(GptcraftError, match="token id 300, beyond the model's vocabulary of 65"):
         run.main([f"--out_dir={tiny_run_dir}", f"--data_dir={tmp_path}", "--dataset=d", "--device=cpu"])
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gptcraft import export, sample
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
 from gptcraft.hf import from_pretrained
 from gptcraft.train import loop
 from gptcraft.train.checkpoint import load_checkpoint, save_checkpoint
@@ -118,7 +118,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tiny_run_di
 )
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, tiny_run_dir, model_args, message):
     write_run(tiny_run_dir, tiny_run_dir, **model_args)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(GptcraftError) as e:
         export.main([f"--out_dir={tiny_run_dir}", f"--hf_dir={tmp_path / 'hf'}"])
     assert message in str(e.value)
     assert not (tmp_path / "hf").exists()  # refused before anything is written
@@ -146,5 +146,5 @@ def test_gpt2_offline_and_wrong_dataset_errors(tmp_path, char_data_dir):
     assert result.returncode == 2
     assert "cannot get openai-community/gpt2 from the Hugging Face hub" in result.stderr
     assert "pass their folder" in result.stderr
-    with pytest.raises(ConfigError, match="init_from='gpt-3' is none of scratch, resume, gpt2"):
+    with pytest.raises(GptcraftError, match="init_from='gpt-3' is none of scratch, resume, gpt2"):
         loop.main(tiny_train_args(char_data_dir, tmp_path / "out", init_from="gpt-3"))

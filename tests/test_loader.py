@@ -76,7 +76,7 @@ def test_resident_memory_stays_flat_while_reading_a_large_dataset(tmp_path):
 
 
 def test_resume_on_other_data_or_a_too_small_vocabulary_is_refused(tmp_path, char_data_dir, shakespeare_path):
-    from gptcraft.config import ConfigError
+    from gptcraft.errors import GptcraftError
     from gptcraft.prepare import shakespeare
     from gptcraft.train import loop
 
@@ -88,11 +88,11 @@ def test_resume_on_other_data_or_a_too_small_vocabulary_is_refused(tmp_path, cha
         (other / name).write_bytes((char_data_dir / "shakespeare_char" / name).read_bytes())
     (other / "train.bin").write_bytes((char_data_dir / "shakespeare_char" / "train.bin").read_bytes()[:-1000])
     args = tiny_train_args(tmp_path / "data", out, max_iters=20, eval_interval=10, init_from="resume")
-    with pytest.raises(ConfigError, match="trained on other data"):
+    with pytest.raises(GptcraftError, match="trained on other data"):
         loop.main(args)
     # GPT-2 token ids do not fit the 65-token character model: refused at start, not in a kernel.
     shakespeare.prepare(tmp_path / "data" / "shakespeare", shakespeare_path, GPT2_TIKTOKEN)
-    with pytest.raises(ConfigError, match=r"token ids up to \d+, but the model.s vocab_size is 65"):
+    with pytest.raises(GptcraftError, match=r"token ids up to \d+, but the model.s vocab_size is 65"):
         loop.main([*args, "--dataset=shakespeare"])
 
 

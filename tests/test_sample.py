@@ -9,7 +9,7 @@ from conftest import GPT2_TIKTOKEN, run_script
 from tiktoken.load import load_tiktoken_bpe
 
 from gptcraft import sample
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
 
 # GPT-2's pre-tokenizer split pattern (tiktoken's r50k_base).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -72,7 +72,7 @@ def test_empty_prompt_starts_from_a_newline(capsys, tiny_run_dir):
     ],
 )
 def test_bad_input_is_refused(tiny_run_dir, args, message):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(GptcraftError) as e:
         sample.main([f"--out_dir={tiny_run_dir}", "--device=cpu", *args])
     assert message in str(e.value)
 
@@ -86,7 +86,7 @@ def test_checkpoint_without_meta_json(tiny_run_dir):
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(ConfigError, match="no checkpoint at"):
+    with pytest.raises(GptcraftError, match="no checkpoint at"):
         sample.main([f"--out_dir={tmp_path}", "--device=cpu"])
 
 

@@ -11,7 +11,7 @@ import types
 import pytest
 from conftest import ROOT, run_script, tiny_train_args
 
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
 from gptcraft.track.logfile import metric_rows, read_log, read_rows, summarize
 from gptcraft.track.runlog import RunLog
 
@@ -227,7 +227,7 @@ def test_a_run_wandb_refuses_stops_with_its_reason_and_keeps_the_log(tmp_path, m
     fake = types.SimpleNamespace(init=init, errors=types.SimpleNamespace(Error=WandbError))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     (tmp_path / "log.jsonl").write_text('{"iter": 10, "loss": 3.0}\n')
-    with pytest.raises(ConfigError, match="wandb login.*WANDB_MODE=offline"):
+    with pytest.raises(GptcraftError, match="wandb login.*WANDB_MODE=offline"):
         RunLog(str(tmp_path), True, start_iter=10, max_iters=20, resumed=True, config={"wandb_log": True})
     assert (tmp_path / "log.jsonl").read_text() == '{"iter": 10, "loss": 3.0}\n'
 

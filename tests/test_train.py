@@ -6,7 +6,7 @@ import os
 import torch
 from conftest import run_script, tiny_train_args
 
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
 from gptcraft.train import loop
 
 
@@ -78,10 +78,10 @@ def test_missing_dataset_offline_names_the_prepare_command(tmp_path, monkeypatch
     cfg = loop.TrainConfig(dataset="shakespeare_char", data_dir=str(tmp_path))
     try:
         loop.ensure_dataset(cfg, loop.distributed.Dist())
-    except ConfigError as e:
+    except GptcraftError as e:
         assert "--input" in str(e) and "prepare/shakespeare_char.py" in str(e)
     else:
-        raise AssertionError("expected a ConfigError")
+        raise AssertionError("expected a GptcraftError")
     assert not os.path.exists(tmp_path / "shakespeare_char" / "meta.json")
 
 

@@ -32,13 +32,14 @@ from gptcraft.data.shards import read_meta, write_meta, write_tokens
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token, prefill
 from gptcraft.system import hardware
 from gptcraft.train import loop
+from gptcraft.train.config import TrainConfig
 from model import GPT, GPTConfig
 
 KNOWN_VOCAB_SIZES = {"shakespeare_char": 65}  # used when the dataset is not prepared here
 
 
 @dataclass
-class BenchConfig(loop.TrainConfig):
+class BenchConfig(TrainConfig):
     bench_iters: int = option(10, "timed training steps (as many again run first as warm-up); 0 skips training")
     sample_tokens: int = option(500, "new tokens per sampling run; 0 skips sampling")
     prompt_tokens: int = option(0, "prompt length for sampling (0: block_size // 2)")
@@ -115,7 +116,7 @@ def peak_memory_bytes(device):
 
 def train_args(cfg, **overrides):
     """train.py arguments that reproduce cfg's training keys, with overrides."""
-    train_keys = {f.name for f in fields(loop.TrainConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in asdict(cfg).items() if k in train_keys} | overrides
     return [f"--{k}={v}" for k, v in values.items()]
 
@@ -213,7 +214,7 @@ def bench_sampling(cfg, device, dtype, vocab, peak):
     """Prompt (prefill) tokens/s, then decode tokens/s with the KV cache (eager, and compiled with
     --compile=True) and by full recomputation, over all sample_batch sequences together, each next
     to the bounds of decode_bounds."""
-    model_args = {k: getattr(cfg, k) for k in loop.MODEL_KEYS} | {"vocab_size": vocab}
+    model_args = cfg.model_args() | {"vocab_size": vocab}
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**model_args)).to(device).eval()
     P = cfg.prompt_tokens or max(1, cfg.block_size // 2)
@@ -295,7 +296,7 @@ def main(argv=None):
         raise ConfigError(f"dataset {cfg.dataset} is not prepared in {cfg.data_dir}: prepare it first (not timed)")
     vocab = vocab_size(cfg)
     with torch.device("meta"):
-        shape = GPT(GPTConfig(**{k: getattr(cfg, k) for k in loop.MODEL_KEYS}, vocab_size=vocab))
+        shape = GPT(GPTConfig(**cfg.model_args(), vocab_size=vocab))
     results = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device), "dtype": dtype,
                "compile": cfg.compile, "params": shape.num_params(), "flops_per_token": shape.flops_per_token(),
                "peak_flops": hardware.peak_flops(device, dtype),

@@ -14,11 +14,17 @@ the size of the dataset.
 import numpy as np
 import torch
 
+from gptcraft.errors import GptcraftError
+
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
 
-class LoaderStateError(ValueError):
+class LoaderStateError(GptcraftError, ValueError):
     """A checkpoint's loader state does not match the data or settings of this run."""
+
+
+class WindowError(GptcraftError, ValueError):
+    """The data holds no window of block_size + 1 tokens."""
 
 
 class WindowSampler:
@@ -27,7 +33,7 @@ class WindowSampler:
         starts = np.array([f.count - block_size for f in files], dtype=np.int64)  # valid starts per file
         if starts.max(initial=0) <= 0:
             longest = max(files, key=lambda f: f.count)
-            raise ValueError(
+            raise WindowError(
                 f"block_size {block_size} needs more than {block_size} tokens in one file, but the longest, "
                 f"{longest.path}, holds {longest.count}; lower block_size"
             )

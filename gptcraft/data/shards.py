@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gptcraft.errors import GptcraftError
+
 META = "meta.json"
 MAGIC = 20240520
 HEADER_INTS = 256
@@ -26,7 +28,7 @@ VERSION_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 SPLITS = ("train", "val")
 
 
-class TokenFileError(ValueError):
+class TokenFileError(GptcraftError, ValueError):
     """A token file or dataset directory is damaged or of the wrong kind; the message names it."""
 
 

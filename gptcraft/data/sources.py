@@ -3,11 +3,13 @@
 import hashlib
 import urllib.request
 
+from gptcraft.errors import GptcraftError
+
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
-class SourceError(RuntimeError):
+class SourceError(GptcraftError, RuntimeError):
     """The raw text could not be had: `problem` says why, the message also how to supply it."""
 
     def __init__(self, problem, fix=None):

@@ -12,13 +12,16 @@ import os
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from gptcraft.errors import GptcraftError
+
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # r50k_base.tiktoken
+GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # where tiktoken fetches it
 GPT2_EOT = 50256  # <|endoftext|>, the last id of GPT-2's 50,257
 TIKTOKEN_FILE_ENV = "GPTCRAFT_TIKTOKEN_FILE"
 GPT2_META = {"tokenizer": "gpt2", "vocab_size": GPT2_EOT + 1, "eot_token": GPT2_EOT}  # meta.json fields
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(GptcraftError, RuntimeError):
     """The tokenizer could not be built; the message says how to supply it."""
 
 
@@ -116,4 +119,4 @@ def load_tokenizer(meta, tokenizer_file=None):
         return CharTokenizer(meta["chars"])
     if kind == "gpt2":
         return GPT2Tokenizer(tokenizer_file)
-    raise ValueError(f"unknown tokenizer {kind!r} in meta.json")
+    raise TokenizerError(f"unknown tokenizer {kind!r} in meta.json")

@@ -37,13 +37,14 @@ from gptcraft.data.shards import (
     write_meta,
 )
 from gptcraft.data.tokenizer import GPT2Tokenizer, TokenizerError
+from gptcraft.errors import GptcraftError
 
 CHUNK_CHARS = 1 << 20  # documents per task: about a million characters, whatever --num_proc
 PROGRESS = "progress.json"
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class CorpusError(RuntimeError):
+class CorpusError(GptcraftError, RuntimeError):
     """Bad input or output directory; the message says what and how to fix it."""
 
 

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
+
+
+class DistributedError(GptcraftError):
+    """A launch that cannot work: a backend, GPU count or setting that does not fit the processes."""
 
 
 @dataclass
@@ -34,7 +38,9 @@ def resolve_backend(backend, device):
     if backend == "auto":
         return "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl" and not device.startswith("cuda"):
-        raise ConfigError(f"backend nccl needs CUDA devices but the device is {device}; use --backend=gloo or auto")
+        raise DistributedError(
+            f"backend nccl needs CUDA devices but the device is {device}; use --backend=gloo or auto"
+        )
     return backend
 
 
@@ -48,7 +54,7 @@ def init(device, backend="auto"):
     backend = resolve_backend(backend, device)
     if device.startswith("cuda"):
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(
+            raise DistributedError(
                 f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; lower --nproc_per_node"
             )
         device = f"cuda:{local_rank}"
@@ -58,12 +64,16 @@ def init(device, backend="auto"):
 
 
 def local_accumulation(global_steps, d):
-    """Each rank's share of the global gradient_accumulation_steps (nanoGPT's convention), so a run
-    sees the same batches per optimizer step whatever the number of processes."""
+    """Micro-steps per optimizer step on this rank. gradient_accumulation_steps counts the micro-batches
+    of one step over all ranks together (nanoGPT's convention), so a step sees the same batch whatever
+    the number of processes; with fewer of them than processes, each process still does one, and the
+    step holds world_size micro-batches."""
+    if global_steps <= d.world_size:
+        return 1
     if global_steps % d.world_size:
-        raise ConfigError(
+        raise DistributedError(
             f"gradient_accumulation_steps ({global_steps}) must be a multiple of the number of processes "
-            f"({d.world_size}); use {max(1, round(global_steps / d.world_size)) * d.world_size}"
+            f"({d.world_size}) to share it out; use {round(global_steps / d.world_size) * d.world_size}"
         )
     return global_steps // d.world_size
 

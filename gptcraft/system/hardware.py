@@ -5,7 +5,13 @@ import time
 
 import torch
 
-from gptcraft.config import ConfigError, option
+from gptcraft.config import option
+from gptcraft.errors import GptcraftError
+
+
+class DeviceError(GptcraftError):
+    """The device asked for is not available here."""
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,11 +51,11 @@ def resolve_device(name):
         return "cpu"
     kind = name.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available here; use --device=cpu or auto")
+        raise DeviceError(f"device {name!r} asked for but CUDA is not available here; use --device=cpu or auto")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' asked for but MPS is not available here; use --device=cpu or auto")
+        raise DeviceError("device 'mps' asked for but MPS is not available here; use --device=cpu or auto")
     if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return name
 
 

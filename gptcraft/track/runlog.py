@@ -17,18 +17,23 @@ import time
 
 from tqdm import tqdm
 
-from gptcraft.config import ConfigError
+from gptcraft.errors import GptcraftError
 from gptcraft.track.logfile import ends_a_line, read_log, read_rows, summarize
+
+
+class TrackingError(GptcraftError):
+    """Weights & Biases is asked for but cannot run."""
+
 
 WANDB_INSTALL = 'pip install -e ".[wandb]"'
 
 
 def require_wandb():
-    """The wandb module, or a ConfigError that says how to install it."""
+    """The wandb module, or a TrackingError that says how to install it."""
     try:
         import wandb
     except ImportError:
-        raise ConfigError(f"wandb_log=True needs the wandb package; install it with: {WANDB_INSTALL}") from None
+        raise TrackingError(f"wandb_log=True needs the wandb package; install it with: {WANDB_INSTALL}") from None
     return wandb
 
 
@@ -109,7 +114,7 @@ class RunLog:
                              id=resume_id, resume="allow" if resume_id else None)  # fmt: skip
         except wandb.errors.Error as e:  # no login, no network, a bad project name
             hint = "to log without a network: WANDB_MODE=offline"
-            raise ConfigError(f"wandb could not start a run: {e} ({hint})") from None
+            raise TrackingError(f"wandb could not start a run: {e} ({hint})") from None
         # Plot against the iteration: a resumed run logs iterations again from its checkpoint.
         run.define_metric("iter")
         run.define_metric("*", step_metric="iter")

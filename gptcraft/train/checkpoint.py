@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
 from gptcraft.data.shards import write_atomic
+from gptcraft.errors import GptcraftError
 
 LATEST = "ckpt.pt"
 SHARDED = "ckpt.dcp"
@@ -28,7 +29,7 @@ BEST = "best.pt"
 SHARDED_STATE = "train_state.pt"  # inside ckpt.dcp/: the non-sharded part of the state
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GptcraftError, RuntimeError):
     """A checkpoint is missing, corrupt, not safe to load, or could not be written."""
 
 

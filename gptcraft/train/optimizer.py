@@ -5,6 +5,8 @@ learning rate times that scale, so one schedule drives both optimizers (Muon's g
 muon_lr / learning_rate times the AdamW rate).
 """
 
+import math
+
 import torch
 
 OPTIMIZERS = ("adamw", "muon")
@@ -76,3 +78,25 @@ def make_optimizer(model, cfg, device):
         momentum=cfg.muon_momentum,
     )
     return Optimizers(muon, adamw([(n, p) for n, p in named if not is_hidden_matrix(n, p)], cfg, device))
+
+
+def learning_rate(cfg, it):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, or with
+    warmdown_iters a constant rate and a linear decay to min_lr at max_iters."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if cfg.warmdown_iters:
+        left = (cfg.max_iters - it) / cfg.warmdown_iters  # 1 where the warmdown starts, 0 at the end
+        return cfg.min_lr + min(1.0, left) * (cfg.learning_rate - cfg.min_lr)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def set_learning_rate(optimizer, lr):
+    """Every parameter group at lr times its own lr_scale (Muon's matrices have their own peak)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

@@ -12,14 +12,14 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from gptcraft.config import ConfigError
+from gptcraft.system.distributed import DistributedError
 
 
 def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, compile=False):
     """Apply, in this order, per-block activation checkpointing, compile and DDP or FSDP2 to `model`
     (already on `device`); returns the module to call in the training loop."""
     if fsdp and not d.enabled:
-        raise ConfigError("fsdp=True shards across processes: launch with torchrun (--nproc_per_node=1 is fine)")
+        raise DistributedError("fsdp=True shards across processes: launch with torchrun (--nproc_per_node=1 is fine)")
     blocks = model.transformer.h
     if activation_checkpointing:
         # Each block keeps only its input for backward and recomputes the rest: memory for compute.

@@ -4,6 +4,7 @@ model is plain, DDP-wrapped or sharded by FSDP2 (torch.distributed.checkpoint.st
 
 import os
 import random
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -16,14 +17,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 
-from gptcraft.config import ConfigError
 from gptcraft.system import distributed
 from gptcraft.train import checkpoint
+from gptcraft.train.checkpoint import CheckpointError
+from model import GPT, GPTConfig
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-# Model settings a resumed run may change: they leave the function the weights compute unchanged
-# (dropout is a training-time choice; both attention paths compute the same softmax).
-FREE_SETTINGS = ("dropout", "attention")
+# Model settings a resumed run may change: they leave the function the weights compute unchanged.
+FREE_SETTINGS = tuple(f.name for f in fields(GPTConfig) if f.metadata.get("free"))
 
 
 def rng_state(device):
@@ -54,20 +55,17 @@ class Resume:
         """model_keys: this run's model settings, which must match those the checkpoint was trained with."""
         path = checkpoint.latest_path(out_dir)
         if path is None:
-            raise ConfigError(f"init_from=resume but {out_dir} holds no checkpoint ({checkpoint.LATEST}); "
-                              "train first with init_from=scratch, or fix out_dir")  # fmt: skip
+            raise CheckpointError(f"init_from=resume but {out_dir} holds no checkpoint ({checkpoint.LATEST}); "
+                                  "train first with init_from=scratch, or fix out_dir")  # fmt: skip
         self.path = path
         self.sharded = os.path.isdir(path)
-        try:
-            if self.sharded:
-                self.state = checkpoint.load_sharded_state(path)
-                shapes = checkpoint.sharded_shapes(path)
-                shapes = {k.removeprefix("model."): v for k, v in shapes.items() if k.startswith("model.")}
-            else:
-                self.state = checkpoint.load_checkpoint(path)
-                shapes = {k: tuple(v.shape) for k, v in self.state["model"].items()}
-        except checkpoint.CheckpointError as e:
-            raise ConfigError(str(e)) from None
+        if self.sharded:
+            self.state = checkpoint.load_sharded_state(path)
+            shapes = checkpoint.sharded_shapes(path)
+            shapes = {k.removeprefix("model."): v for k, v in shapes.items() if k.startswith("model.")}
+        else:
+            self.state = checkpoint.load_checkpoint(path)
+            shapes = {k: tuple(v.shape) for k, v in self.state["model"].items()}
         # The checkpoint's model, with this run's choice of the settings that may change.
         free = {k: model_keys[k] for k in FREE_SETTINGS if k in model_keys}
         self.model_args = {**self.state["model_args"], **free}
@@ -78,8 +76,8 @@ class Resume:
         self.check_settings(model_keys)
         diff = checkpoint.shape_mismatch(model_shapes(self.model_args), shapes)
         if diff:
-            raise ConfigError(f"{path} is inconsistent: its weights do not fit its own model_args ("
-                              f"{'; '.join(diff[:8])}); use another checkpoint")  # fmt: skip
+            raise CheckpointError(f"{path} is inconsistent: its weights do not fit its own model_args ("
+                                  f"{'; '.join(diff[:8])}); use another checkpoint")  # fmt: skip
 
     def check_settings(self, model_keys):
         """The run's model settings must be those the checkpoint was trained with."""
@@ -88,14 +86,15 @@ class Resume:
         if not differ:
             return
         if differ.get("block_size", 0) > saved["block_size"]:
-            raise ConfigError(f"block_size {differ['block_size']} is larger than the block_size {saved['block_size']} "
-                              f"of the model in {self.path}; use --block_size={saved['block_size']}")  # fmt: skip
+            asked, trained = differ["block_size"], saved["block_size"]
+            raise CheckpointError(f"block_size {asked} is larger than the block_size {trained} of the model in "
+                                  f"{self.path}; use --block_size={trained}")  # fmt: skip
         asked = {**self.model_args, **differ}
         diff = checkpoint.shape_mismatch(model_shapes(asked), model_shapes(self.model_args))
         settings = ", ".join(f"{k}={saved[k]} (this run: {v})" for k, v in differ.items())
         keys = "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "") if diff else "none, but they compute differently"
-        raise ConfigError(f"{self.path} holds a different model: {settings}. Differing weights: {keys}. "
-                          "Resume with the settings it was trained with, or start a new out_dir")  # fmt: skip
+        raise CheckpointError(f"{self.path} holds a different model: {settings}. Differing weights: {keys}. "
+                              "Resume with the settings it was trained with, or start a new out_dir")  # fmt: skip
 
     def restore(self, model, optimizer, scaler):
         """Collective: load weights, optimizer and grad scaler state."""
@@ -127,8 +126,6 @@ class Resume:
 
 def model_shapes(model_args):
     """{name: shape} of the state dict of the model these settings build, without building it."""
-    from model import GPT, GPTConfig
-
     with torch.device("meta"):
         model = GPT(GPTConfig(**model_args))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -12,6 +12,8 @@ import signal
 import torch
 from torch.distributed.tensor import DTensor
 
+from gptcraft.errors import GptcraftError
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -36,7 +38,7 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(GptcraftError, RuntimeError):
     """The loss or gradient norm stayed non-finite for max_nonfinite_steps steps in a row."""
 
 

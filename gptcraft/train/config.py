@@ -1,0 +1,100 @@
+"""The training run's settings: every key train.py takes, its default, its help and its checks.
+
+The model's keys are GPTConfig's own fields (all but vocab_size, which comes from the dataset),
+taken from model.py with their help and choices: they are defined there once and checked there once.
+"""
+
+from dataclasses import dataclass, fields, make_dataclass
+
+from gptcraft.config import ConfigError, option, options_of
+from gptcraft.init_from import check_init_from
+from gptcraft.system import hardware
+from gptcraft.track.runlog import require_wandb
+from gptcraft.train.optimizer import OPTIMIZERS
+from model import GPTConfig
+
+MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
+
+
+@dataclass
+class RunSettings:
+    # I/O
+    out_dir: str = option("out", "directory for ckpt.pt, log.jsonl and meta.json")
+    eval_interval: int = option(2000, "evaluate train and val loss every this many iterations")
+    log_interval: int = option(1, "print and log the training loss every this many iterations")
+    eval_iters: int = option(200, "batches per split in each evaluation")
+    eval_only: bool = option(False, "evaluate once and exit")
+    full_val: bool = option(False, "at the last iteration also score the whole val split (log.jsonl: full_val_loss)")
+    always_save_checkpoint: bool = option(True, "save at every eval, not only when val loss improves")
+    init_from: str = option("scratch", "scratch: a new model; resume: continue from out_dir/ckpt.pt; gpt2, gpt2-medium,"
+                            " gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder: finetune those weights")  # fmt: skip
+    seed: int = option(1337, "seed for initialisation, data order and dropout")
+    # data
+    dataset: str = option("openwebtext", "dataset name: token files are read from data_dir/dataset/")
+    data_dir: str = option("data", "directory that holds the prepared datasets")
+    gradient_accumulation_steps: int = option(40, "micro-batches per optimizer step over all ranks together (each "
+                                              "rank does its share; at least one each)")  # fmt: skip
+    batch_size: int = option(12, "sequences per micro-batch on each rank")
+
+
+# Then the model's keys, GPTConfig's own. Its defaults are GPT-2's; a model trained from scratch
+# here has no biases, as in nanoGPT.
+ModelSettings = make_dataclass("ModelSettings", options_of(GPTConfig, MODEL_KEYS, bias=False), bases=(RunSettings,))
+
+
+@dataclass
+class TrainConfig(ModelSettings):
+    # optimizer
+    optimizer: str = option("adamw", "adamw; or muon: Muon for hidden matrices, AdamW for the rest", OPTIMIZERS)
+    muon_lr: float = option(0.02, "peak learning rate of Muon's matrices (follows the same schedule)")
+    muon_momentum: float = option(0.95, "Muon's momentum")
+    learning_rate: float = option(6e-4, "peak learning rate")
+    max_iters: int = option(600000, "optimizer steps in all")
+    weight_decay: float = option(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradient norm to this value; 0 disables")
+    # learning-rate schedule
+    decay_lr: bool = option(True, "cosine decay after warmup; False keeps learning_rate constant")
+    warmup_iters: int = option(2000, "linear warmup steps")
+    lr_decay_iters: int = option(600000, "step at which the cosine reaches min_lr (about max_iters)")
+    min_lr: float = option(6e-5, "floor of the schedule (about learning_rate / 10)")
+    warmdown_iters: int = option(0, "> 0: instead of the cosine, hold learning_rate, then decay linearly to "
+                                    "min_lr over the last warmdown_iters steps before max_iters")  # fmt: skip
+    # system
+    backend: str = option("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo",
+                          ("auto", "nccl", "gloo"))  # fmt: skip
+    device: str = hardware.device_option()
+    dtype: str = hardware.dtype_option()
+    compile: bool = option(True, "torch.compile the model (pays off on GPUs, not on small CPU runs)")
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state across ranks (FSDP2) instead of DDP")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
+    max_nonfinite_steps: int = option(10, "stop after this many steps in a row with a NaN/Inf loss or gradient norm")
+    # tracking
+    wandb_log: bool = option(False, 'log to Weights & Biases (install: pip install -e ".[wandb]")')
+    wandb_project: str = option("gptcraft", "Weights & Biases project")
+    wandb_run_name: str = option("", "Weights & Biases run name; empty: the name of out_dir")
+    plot_loss: bool = option(False, "redraw out_dir/loss.png after every evaluation")
+
+    def __post_init__(self):
+        check_init_from(self.init_from, ("scratch", "resume"))
+        try:
+            GPTConfig(**self.model_args())  # the model's own checks, on this run's values
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                    "lr_decay_iters", "max_nonfinite_steps", "learning_rate", "muon_lr")  # fmt: skip
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("max_iters", "warmup_iters", "weight_decay", "grad_clip", "min_lr", "warmdown_iters"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        if self.wandb_log:
+            require_wandb()
+
+    def model_args(self):
+        """The GPTConfig arguments these settings give, all but vocab_size."""
+        return {k: getattr(self, k) for k in MODEL_KEYS}

@@ -1,0 +1,97 @@
+"""The shape of the code base: one installed package, imports that run one way, tools behind one command."""
+
+import ast
+import subprocess
+import sys
+
+import tomllib
+from conftest import ROOT
+
+# Packages that everything else builds on: they import nothing above them.
+LOW = ("gptcraft.errors", "gptcraft.config", "gptcraft.system", "gptcraft.data")
+HIGH = ("gptcraft.train", "gptcraft.track", "gptcraft.evaluate", "gptcraft.prepare", "gptcraft.bench", "gptcraft.hf",
+        "gptcraft.generate", "gptcraft.sample", "gptcraft.init_from", "gptcraft.export", "gptcraft.cli")  # fmt: skip
+
+
+def module_name(path):
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports():
+    """{module: set of project modules it imports}, function-level imports included."""
+    graph = {}
+    for path in [ROOT / "model.py", *sorted((ROOT / "gptcraft").rglob("*.py"))]:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from gptcraft.train import loop` imports the module gptcraft.train.loop
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            imported |= {n for n in names if n == "model" or n.startswith("gptcraft")}
+        graph[module_name(path)] = imported
+    # keep only names that are modules of the project
+    return {m: {i for i in deps if i in graph and i != m} for m, deps in graph.items()}
+
+
+def within(name, packages):
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_model_imports_nothing_from_the_project():
+    assert project_imports()["model"] == set()
+
+
+def test_no_import_circle():
+    graph = project_imports()
+    state = {}  # module -> "open" while on the path, "done" after
+
+    def visit(m, path):
+        state[m] = "open"
+        for dep in graph[m]:
+            if state.get(dep) == "open":
+                raise AssertionError("import circle: " + " -> ".join([*path[path.index(dep) :], dep]))
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_low_layers_import_nothing_above_them():
+    graph = project_imports()
+    upward = [(m, dep) for m, deps in graph.items() if within(m, LOW) for dep in deps if within(dep, HIGH)]
+    assert upward == []
+    assert graph["gptcraft.errors"] == set()
+    assert graph["gptcraft.config"] <= {"gptcraft.errors"}
+
+
+def test_only_gptcraft_and_model_are_installed_names(tmp_path):
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["py-modules"] == ["model"]
+    assert setuptools["packages"]["find"]["include"] == ["gptcraft*"]
+    # From another directory, names that used to be ours resolve to nothing of this repository.
+    names = ["config", "evaluate", "distributed", "tokens", "loader", "loading", "tracking", "checkpoint", "plot"]
+    code = ("import importlib.util, json; print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) "
+            f"for n in {names!r}}}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    found = {n: o for n, o in __import__("json").loads(out.stdout).items() if o and o.startswith(str(ROOT))}
+    assert found == {}
+
+
+def test_gptcraft_help_lists_the_subcommands(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "gptcraft", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("train", "sample", "eval", "export", "plot", "bench", "prepare NAME", "shakespeare_char"):
+        assert f"  {command} " in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "gptcraft", "nope"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown command 'nope'" in bad.stderr
+
+
+def test_root_holds_few_scripts():
+    assert sorted(p.name for p in ROOT.glob("*.py")) == ["bench.py", "model.py", "sample.py", "train.py"]
