@@ -17,6 +17,8 @@ import tempfile
 
 import numpy as np
 
+from gptcraft.errors import GptcraftError
+
 # nanoGPT's train.py keys that set the step being timed, as our TrainConfig names them too.
 RECIPE_KEYS = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "learning_rate",
                "weight_decay", "beta1", "beta2", "grad_clip", "gradient_accumulation_steps", "device")  # fmt: skip
@@ -24,7 +26,7 @@ CHECKOUT_FILES = ("train.py", "model.py", "configurator.py")
 STEP_LINE = re.compile(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms")
 
 
-class NanoGPTError(Exception):
+class NanoGPTError(GptcraftError):
     """The nanoGPT checkout is missing or its train.py did not run to the end."""
 
 

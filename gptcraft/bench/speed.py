@@ -60,10 +60,7 @@ class BenchConfig(TrainConfig):
         if self.nanogpt_dir:
             if not self.bench_iters or self.speedrun:
                 raise ConfigError("--nanogpt_dir times training steps: it needs bench_iters > 0 and no --speedrun")
-            try:
-                nanogpt.check_checkout(self.nanogpt_dir)
-            except nanogpt.NanoGPTError as e:
-                raise ConfigError(str(e)) from None
+            nanogpt.check_checkout(self.nanogpt_dir)
         if self.speedrun and self.max_iters % self.log_interval:
             raise ConfigError(f"--speedrun reads the log line of the last step: log_interval ({self.log_interval}) "
                               f"must divide max_iters ({self.max_iters})")  # fmt: skip
@@ -178,10 +175,7 @@ def side_by_side(cfg, device, vocab, flops_per_token, peak):
     for _ in range(cfg.repeats):
         runs.append(bench_training(cfg, device, vocab, flops_per_token, peak))
         if cfg.nanogpt_dir:
-            try:
-                reference.append(nanogpt.time_steps(cfg.nanogpt_dir, cfg, vocab, cfg.bench_iters))
-            except nanogpt.NanoGPTError as e:
-                raise ConfigError(str(e)) from None
+            reference.append(nanogpt.time_steps(cfg.nanogpt_dir, cfg, vocab, cfg.bench_iters))
     ms = [r["ms_per_iter"] for r in runs]
     result = dict(sorted(runs, key=lambda r: r["ms_per_iter"])[len(runs) // 2], runs_ms_per_iter=ms)
     if reference:
