@@ -3,11 +3,15 @@
 python bench.py configs/train_gpt2.py --device=cuda --json bench-gpt2.json
 python bench.py configs/train_shakespeare_char.py --device=cpu --compile=False --bench_iters=5
 python bench.py configs/speedrun_shakespeare_char_cpu.py --speedrun=3
+python bench.py configs/train_shakespeare_char_cpu.py --sample_tokens=0 --nanogpt_dir=../nanoGPT --repeats=3
 
 Training is timed by running train.py itself (same step, same compile and precision) on random
 tokens for 2 x bench_iters steps: the first bench_iters warm up (compile, allocator), the last
 bench_iters are timed together (train.py reads the loss once, at their end). Sampling is timed through generate.py:
 prefill of a prompt, then decoding with the KV cache and by full recomputation.
+Decoding is printed next to its bounds: the weights read once per step at the memory bandwidth
+measured here (a large copy), and the matmul peak. --nanogpt_dir=PATH also times nanoGPT's own
+train.py on the same recipe after each of --repeats training runs (gptcraft/bench/nanogpt.py).
 --speedrun=N instead runs the whole training N times, each in a fresh process, and reports the
 seconds from process start to the last training step and the whole-val loss (their medians).
 """
@@ -264,6 +268,7 @@ def table(results):
         rows = [("prompt tokens/s", f"{s['prompt_tokens_per_s']:,.0f}"),
                 ("decode tokens/s, KV cache", f"{s['decode_tokens_per_s_cached']:,.1f}"),
                 ("decode tokens/s, compiled", f"{compiled:,.1f}" if compiled else "--compile=True"),
+                ("compiling it (first step)", f"{s['compile_seconds']:.1f} s" if compiled else "n/a"),
                 ("decode tokens/s, recompute", f"{s['decode_tokens_per_s_full']:,.1f}"),
                 ("memory bandwidth (copy)", f"{s['memory_bandwidth'] / 1e9:.1f} GB/s"),
                 ("bound: weights / bandwidth", f"{bw:,.1f}"),
