@@ -47,12 +47,7 @@ def new_cache(model, batch_size):
     """A KV cache for batch_size sequences, in the dtype the keys will have: autocast's when it is on."""
     device_type = model.lm_head.weight.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    cache = model.new_cache(batch_size, dtype)
-    for layer in cache:
-        # Buffers that stay at one address: a CUDA graph of the compiled step may write into them in place.
-        torch._dynamo.mark_static_address(layer.k)
-        torch._dynamo.mark_static_address(layer.v)
-    return cache
+    return model.new_cache(batch_size, dtype)
 
 
 @torch.no_grad()
@@ -78,7 +73,17 @@ def decode_one_token(model, token, cache, input_pos):
 def compile_decoder(mode=None):
     """decode_one_token under torch.compile, as one graph; mode="reduce-overhead" on CUDA replays it
     as a CUDA graph. It compiles at its first call (seconds to a minute), then runs for every position."""
-    return torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    compiled = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+
+    def decode(model, token, cache, input_pos):
+        for layer in cache:
+            # Buffers that stay at one address: a CUDA graph may write into them in place. Marked here,
+            # not when the cache is made, so that eager decoding never imports torch._dynamo.
+            torch._dynamo.mark_static_address(layer.k)
+            torch._dynamo.mark_static_address(layer.v)
+        return compiled(model, token, cache, input_pos)
+
+    return decode
 
 
 def context_start(length, block_size, keep):
