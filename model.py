@@ -103,15 +103,22 @@ def causal_mask(query_pos, S):
     return torch.arange(S, device=query_pos.device) <= query_pos.unsqueeze(1)
 
 
-def explicit_attention(q, k, v, causal=True, dropout=None, mask=None):
-    """softmax(Q K^T / sqrt(d_k)) V with future positions masked out; q: (B, nh, T, hs), k, v: (B, nh, S, hs).
-    mask: (T, S) bool of the allowed pairs, instead of the causal one of T queries over T keys."""
+def attention_weights(q, k, causal=True, mask=None):
+    """softmax(Q K^T / sqrt(d_k)) with future positions masked out: (B, nh, T, S), each row sums to one;
+    q: (B, nh, T, hs), k: (B, nh, S, hs). mask: (T, S) bool of the allowed pairs, instead of the
+    causal one of T queries over the first T keys."""
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
     if mask is None and causal:
         mask = causal_mask(torch.arange(q.size(-2), device=q.device), k.size(-2))
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))  # -inf: weight 0 after softmax
-    att = F.softmax(att, dim=-1)
+    return F.softmax(att, dim=-1)
+
+
+def explicit_attention(q, k, v, causal=True, dropout=None, mask=None):
+    """softmax(Q K^T / sqrt(d_k)) V with future positions masked out; q: (B, nh, T, hs), k, v: (B, nh, S, hs);
+    mask: as in attention_weights."""
+    att = attention_weights(q, k, causal, mask)
     if dropout is not None:
         att = dropout(att)
     return att @ v  # (B, nh, T, hs)
@@ -151,9 +158,8 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(config.n_embd // config.n_head)
             self.k_norm = nn.RMSNorm(config.n_embd // config.n_head)
 
-    def forward(self, x, rope=None, cache=None, input_pos=None):
-        """x: (B, T, C); rope: (cos, sin) of the T positions of x, each (T, hs/2), or None;
-        cache: this layer's KVCache, written at input_pos (T,), the positions of x."""
+    def heads(self, x, rope=None):
+        """Queries, keys and values of x (B, T, C), split into heads: each (B, nh, T, hs); rope: as in forward."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         hs = C // self.n_head
@@ -165,6 +171,13 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x, rope=None, cache=None, input_pos=None):
+        """x: (B, T, C); rope: (cos, sin) of the T positions of x, each (T, hs/2), or None;
+        cache: this layer's KVCache, written at input_pos (T,), the positions of x."""
+        B, T, C = x.size()
+        q, k, v = self.heads(x, rope)
         mask = None  # without a cache: queries and keys at the same positions, causal
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, nh, max_len, hs): every position's buffer
