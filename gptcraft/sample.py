@@ -3,6 +3,7 @@
 python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
 python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
 echo "ROMEO:" | python sample.py --out_dir=out-shakespeare-char --start=- --num_samples=1
+python sample.py --out_dir=out-shakespeare-char --compile=True --device=cuda   # decoding as a CUDA graph
 python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=1
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
-from gptcraft.generate import decode_n_tokens
+from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token
 from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
 from gptcraft.system import hardware
 
@@ -34,6 +35,8 @@ class SampleConfig:
     use_cache: bool = option(True, "KV cache: one token's work per step; False recomputes the whole context")
     window_keep: int = option(0, "tokens kept when the context slides past block_size; 0: block_size // 2; "
                                  "block_size: slide one token per step (slow)")  # fmt: skip
+    compile: bool = option(False, "torch.compile the decoding step (once, at the first step; on CUDA as a CUDA "
+                                  "graph, mode=reduce-overhead); needs use_cache")  # fmt: skip
     stream: bool = option(True, "print a single sample token by token as it is generated")
     device: str = hardware.device_option()
     dtype: str = hardware.dtype_option()
@@ -49,6 +52,8 @@ class SampleConfig:
             raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if self.compile and not self.use_cache:
+            raise ConfigError("compile=True compiles the KV-cache decoding step: it needs use_cache=True")
         if self.window_keep < 0:
             raise ConfigError(f"window_keep must be >= 0 (0 means block_size // 2), got {self.window_keep}")
 
@@ -121,9 +126,12 @@ def main(argv=None):
     eot = end_of_text(tok)
     x = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T): one batch
     generator = torch.Generator(device).manual_seed(cfg.seed)
+    decode = decode_one_token
+    if cfg.compile:
+        decode = compile_decoder("reduce-overhead" if device.startswith("cuda") else None)
     steps = decode_n_tokens(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                             top_p=cfg.top_p, generator=generator, use_cache=cfg.use_cache,
-                            keep=cfg.window_keep or None, eos_id=eot)  # fmt: skip
+                            keep=cfg.window_keep or None, eos_id=eot, decode=decode)  # fmt: skip
     streaming = cfg.stream and cfg.num_samples == 1
     stream = TextStream(tok)
     if streaming:

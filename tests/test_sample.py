@@ -64,6 +64,7 @@ def test_empty_prompt_starts_from_a_newline(capsys, tiny_run_dir):
         (["--temperature=-0.1"], "temperature must be >= 0"),
         (["--window_keep=33"], "window_keep (33) must not exceed the model's block_size (32)"),
         (["--start=FILE:/no/such/prompt.txt"], "cannot read prompt file /no/such/prompt.txt"),
+        (["--compile=True", "--use_cache=False"], "compile=True compiles the KV-cache decoding step"),
     ],
 )
 def test_bad_input_is_refused(tiny_run_dir, args, message):
@@ -157,3 +158,16 @@ def test_generation_stops_at_end_of_text(capsys, tmp_path):
     assert len({len(t) for t in texts}) > 1  # each row cut at its own end
     single = run(capsys, tmp_path, *common, "--num_samples=1")
     assert int(single.err.split(" tokens x 1 sample(s)")[0]) < 60 and "<|endoftext|>" not in single.out
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_text_and_compiles_once(tiny_run_dir):
+    """--compile=True with inductor on the CPU: the text of the eager path, across a window slide,
+    and no recompilation (TORCH_LOGS=recompiles reports each one on stderr)."""
+    common = [f"--out_dir={tiny_run_dir}", "--device=cpu", "--start=ROMEO:", "--max_new_tokens=40",
+              "--num_samples=2", "--seed=5"]  # fmt: skip
+    env = dict(os.environ, TORCH_LOGS="recompiles")
+    compiled = run_script("sample.py", *common, "--compile=True", env=env)
+    eager = run_script("sample.py", *common)
+    assert samples(compiled.stdout) == samples(eager.stdout) and len(samples(eager.stdout)) == 2
+    assert "Recompiling" not in compiled.stderr and "tokens/s" in compiled.stderr

@@ -64,10 +64,10 @@ def test_rope_model_has_no_position_table_and_takes_offsets():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.3)
         whole, _ = m(x)  # logits after the last position, (B, 1, V)
-        cache = m.new_cache()
+        cache = m.new_cache(x.size(0))
         m(x[:, :10], cache=cache)
         for t in range(10, 16):
-            step, _ = m(x[:, t : t + 1], cache=cache)
+            step, _ = m(x[:, t : t + 1], cache=cache, input_pos=torch.tensor([t]))
     assert torch.allclose(step, whole, atol=1e-5)
     with pytest.raises(ValueError, match="even"):
         GPTConfig(n_embd=30, n_head=2, pos_embedding="rope")

@@ -102,7 +102,7 @@ def figure_inches(rows, cols, T):
 def draw(maps, labels, layers, heads, title):
     """A figure of maps (n_layer, nh, T, T): one row per layer in layers, one column per head in heads."""
     T = maps.size(-1)
-    future = ~causal_mask(T, T, maps.device)  # (T, T): the keys a query may not see
+    future = ~causal_mask(torch.arange(T, device=maps.device), T)  # (T, T): the keys a query may not see
     fig, axes = plt.subplots(len(layers), len(heads), squeeze=False, layout="constrained",
                              figsize=figure_inches(len(layers), len(heads), T))  # fmt: skip
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # NaN: the masked entries
