@@ -11,13 +11,13 @@ from conftest import GPT2_TIKTOKEN, ROOT, run_script
 from gptcraft.bench import prepare_speed
 from gptcraft.data.shards import open_dataset, open_shard
 from gptcraft.data.tokenizer import GPT2Tokenizer
-from gptcraft.prepare import corpus
+from gptcraft.prepare import corpus, fineweb
 
 EOT = 50256
 
 
 def documents(shakespeare_path, n):
-    """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind bench_prepare.py measures on."""
+    """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind gptcraft bench-prepare measures on."""
     return prepare_speed.documents(shakespeare_path, n, random.Random(0))
 
 
@@ -83,6 +83,42 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(tmp_path,
     assert stamp == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}  # nothing lost
     meta = run(source, out, "--num_proc", "1", "--seed", "1", "--force")
     assert meta["source"]["seed"] == 1
+
+
+def test_fineweb_recipe_on_a_local_parquet_folder(tmp_path, shakespeare_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "sample-10BT"
+    folder.mkdir()
+    texts = documents(shakespeare_path, 40)
+    for i in (0, 1):  # FineWeb's columns, in two files as the sample comes
+        part = texts[i * 20 : (i + 1) * 20]
+        table = pa.table({"text": part, "id": [f"<urn:{j}>" for j in range(20)], "token_count": [0] * 20})
+        pq.write_table(table, folder / f"00{i}_00000.parquet")
+    args = fineweb.parse(["--input", str(folder), "--out_dir", str(tmp_path / "out"), "--num_proc", "1",
+                          "--val_fraction", "0.1", "--tokenizer_file", str(GPT2_TIKTOKEN)])  # fmt: skip
+    meta = corpus.prepare(args)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+    enc = GPT2Tokenizer(GPT2_TIKTOKEN).enc
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == sum(
+        len(enc.encode_ordinary(t)) + 1 for t in texts
+    )
+    for argv, dataset, out_dir in (([], "HuggingFaceFW/fineweb-edu", "data/fineweb_edu10B"),
+                                   (["--source", "fineweb"], "HuggingFaceFW/fineweb", "data/fineweb10B")):  # fmt: skip
+        args = fineweb.parse(argv)
+        assert (args.dataset, args.name, args.streaming, args.out_dir) == (dataset, "sample-10BT", True, out_dir)
+
+
+def test_force_deletes_nothing_when_the_new_source_does_not_read(tmp_path, shakespeare_path):
+    out = tmp_path / "out"
+    run(write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 20)), out, "--num_proc", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a document"}\n{"text": unquoted words\n')
+    with pytest.raises(corpus.CorpusError, match="cannot read .*bad.jsonl"):
+        run(bad, out, "--num_proc", "1", "--force")
+    assert before == {p.name: p.read_bytes() for p in out.iterdir()}  # the old dataset is intact
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, monkeypatch):
