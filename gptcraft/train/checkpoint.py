@@ -83,11 +83,20 @@ def sharded_dir(out_dir):
     return None
 
 
-def latest_path(out_dir):
-    """The checkpoint to resume from: ckpt.pt or a ckpt.dcp directory, whichever exists (a save
-    removes the other kind), or None."""
+def latest_path(out_dir, fsdp=False):
+    """The checkpoint to resume from: ckpt.pt, or for an FSDP run a ckpt.dcp directory, whichever
+    exists (a save removes the other kind), or None. A ckpt.dcp index is a pickle, which runs code
+    when read: it is read only when the user asks for FSDP, never behind the back of a plain run."""
     path = os.path.join(out_dir, LATEST)
-    return path if os.path.exists(path) else sharded_dir(out_dir)
+    if os.path.exists(path):
+        return path
+    sharded = sharded_dir(out_dir)
+    if sharded is not None and not fsdp:
+        raise CheckpointError(
+            f"{out_dir} holds only the FSDP checkpoint {os.path.basename(sharded)}/, whose index is a pickle that "
+            "can run code when read; resume it with --fsdp=True under torchrun, and only if you trust this folder"
+        )
+    return sharded
 
 
 def sampling_path(out_dir):

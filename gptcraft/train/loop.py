@@ -114,7 +114,7 @@ def setup(cfg, d, device):
     if d.master:
         check_out_dir(cfg.out_dir)
     model_args = cfg.model_args()
-    resume = Resume(cfg.out_dir, model_args) if cfg.init_from == "resume" else None
+    resume = Resume(cfg.out_dir, model_args, cfg.fsdp) if cfg.init_from == "resume" else None
 
     try:
         dataset = open_dataset(ensure_dataset(cfg, d))
