@@ -6,8 +6,13 @@ import pickle
 import re
 
 import pytest
+import torch
 from conftest import ROOT, tiny_train_args
 
+from gptcraft import generate, sample
+from gptcraft.config import ConfigError
+from gptcraft.data.tokenizer import TokenizerError
+from gptcraft.prepare import shakespeare_char
 from gptcraft.train import checkpoint, loop
 from gptcraft.train.checkpoint import CheckpointError
 
@@ -39,3 +44,31 @@ def test_the_pins_exclude_versions_that_run_code_from_files():
     # dataset's loading script.
     deps = re.search(r"^dependencies = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert '"torch>=2.10"' in deps and '"datasets>=4.0"' in deps
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_temperature_that_is_not_finite_is_refused(tiny_run_dir, value):
+    with pytest.raises(ConfigError, match="temperature must be >= 0 and finite"):
+        sample.main([f"--out_dir={tiny_run_dir}", "--device=cpu", f"--temperature={value}"])
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300])
+def test_a_tiny_temperature_decodes_greedily(temperature):
+    logits = torch.randn(4, 50) * 30
+    logits[0, :2] = logits[0].max() + 1  # a tie: either of the two
+    tokens = generate.sample(logits, temperature, top_k=10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens[1:], logits[1:].argmax(-1, keepdim=True))
+    assert tokens[0, 0] in (0, 1)
+
+
+def test_num_samples_beyond_memory_is_refused_before_generating(tiny_run_dir):
+    with pytest.raises(ConfigError, match=r"num_samples=1000000000000 needs about .* GiB .* or fewer"):
+        sample.main([f"--out_dir={tiny_run_dir}", "--device=cpu", "--num_samples=1000000000000"])
+
+
+def test_more_distinct_characters_than_uint16_ids_are_refused(tmp_path):
+    text = tmp_path / "many.txt"
+    text.write_text("".join(chr(c) for c in range(0x10000, 0x10000 + 70_000)))
+    with pytest.raises(TokenizerError, match="70,000 distinct characters, more than the 65,536 ids"):
+        shakespeare_char.prepare(tmp_path / "data", text)
+    assert not (tmp_path / "data").exists()
