@@ -2,6 +2,8 @@
 line and keep the old files, preparation swaps a whole dataset in, folder contents are checked
 cheaply, and limits are refused with one line."""
 
+import errno
+import os
 import pickle
 import re
 
@@ -13,6 +15,8 @@ from gptcraft import generate, sample
 from gptcraft.config import ConfigError
 from gptcraft.data.tokenizer import TokenizerError
 from gptcraft.prepare import shakespeare_char
+from gptcraft.track import runlog
+from gptcraft.track.runlog import TrackingError
 from gptcraft.train import checkpoint, loop
 from gptcraft.train.checkpoint import CheckpointError
 
@@ -72,3 +76,51 @@ def test_more_distinct_characters_than_uint16_ids_are_refused(tmp_path):
     with pytest.raises(TokenizerError, match="70,000 distinct characters, more than the 65,536 ids"):
         shakespeare_char.prepare(tmp_path / "data", text)
     assert not (tmp_path / "data").exists()
+
+
+RUN = {"max_iters": 30, "eval_interval": 10, "log_interval": 5}
+
+
+def test_torch_save_failing_on_a_full_disk_gives_the_documented_line(char_data_dir, tmp_path, monkeypatch):
+    out, real_save, saves = tmp_path / "run", torch.save, []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) > 2:  # best.pt and ckpt.pt at iter 10 fit; nothing after
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4416 vs 4310")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    with pytest.raises(CheckpointError, match=r"could not write .*best.pt \(\[enforce fail.*unexpected pos.*intact"):
+        loop.main(tiny_train_args(char_data_dir, out, **RUN))
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
+
+
+class FullDisk:
+    """A text file that takes `rows` writes, then fails as a full disk does."""
+
+    def __init__(self, f, rows):
+        self.f, self.rows = f, rows
+
+    def write(self, text):
+        self.rows -= 1
+        if self.rows < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_full_disk_while_writing_log_jsonl_gives_the_documented_line(char_data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setattr(runlog, "open", lambda *a, **k: FullDisk(open(*a, **k), rows=5), raising=False)
+    with pytest.raises(TrackingError, match=r"could not write .*log.jsonl \(No space left on device\); the previous"):
+        loop.main(tiny_train_args(char_data_dir, out, **RUN))
+    monkeypatch.undo()
+    # Rows: start, eval 0, iters 5 and 10, eval 10; the row of iter 15 fails and the run stops there.
+    assert "iter 15" in capsys.readouterr().out
+    assert len((out / "log.jsonl").read_text().splitlines()) == 5
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10

@@ -49,12 +49,17 @@ def fsync_dir(path):
         os.close(fd)
 
 
+# What a failed write raises: OSError, or from torch.save on a full disk a RuntimeError
+# ("... unexpected pos ...", "... file write failed").
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
 def save_checkpoint(path, state):
     """Write `state` atomically: `path` holds either its previous content or all of `state`."""
     try:
         write_atomic(path, lambda f: torch.save(state, f))
         fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
+    except WRITE_ERRORS as e:
         raise CheckpointError(
             f"could not write {path} ({reason(e)}); the previous checkpoint is intact, free space and resume"
         ) from None
@@ -125,7 +130,7 @@ def save_sharded(out_dir, tensors, state, master):
             if os.path.exists(old):
                 shutil.rmtree(old)
             remove_file(os.path.join(out_dir, LATEST))
-    except (OSError, CheckpointException) as e:
+    except (*WRITE_ERRORS, CheckpointException) as e:
         raise CheckpointError(f"could not write {final} ({reason(e)}); the previous checkpoint is intact") from None
 
 
@@ -155,8 +160,11 @@ def save_full(out_dir, state):
     save_checkpoint(os.path.join(out_dir, LATEST), state)
     for name in (SHARDED, SHARDED + ".old"):
         path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        try:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+        except OSError as e:
+            raise CheckpointError(f"saved {LATEST} but could not remove {path} ({reason(e)}); remove it") from None
 
 
 def remove_file(path):

@@ -17,11 +17,11 @@ import torch
 
 from gptcraft.config import ConfigError, parse_config, run_cli
 from gptcraft.data.batches import TRAIN_STREAM, VAL_STREAM, LoaderStateError, WindowSampler
-from gptcraft.data.shards import TokenFileError, open_dataset, write_meta
+from gptcraft.data.shards import META, TokenFileError, open_dataset, write_meta
 from gptcraft.evaluate.loss import full_split_loss
 from gptcraft.hf import HUB_MODELS, from_pretrained
 from gptcraft.system import distributed, hardware
-from gptcraft.track.runlog import RunLog
+from gptcraft.track.runlog import RunLog, TrackingError
 from gptcraft.train import checkpoint, state
 from gptcraft.train.checkpoint import CheckpointError
 from gptcraft.train.config import TrainConfig
@@ -65,6 +65,7 @@ def train(cfg, d, device, stop):
     run.log.summary(
         [os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)]
     )
+    check_writes(run.log, run.d)
     run.log.close()
     return run.best_val_loss
 
@@ -167,7 +168,9 @@ def setup(cfg, d, device):
                       f"{d.world_size} processes: each does one micro-batch, {global_accum} per step")  # fmt: skip
         if resume is not None:
             log.print(f"resumed from {resume.path} at iteration {iter_num}")
-        write_meta(cfg.out_dir, dataset.meta)  # sample.py decodes with the run's own copy
+        # sample.py decodes with the run's own copy
+        log.guarded(os.path.join(cfg.out_dir, META), lambda: write_meta(cfg.out_dir, dataset.meta))
+    check_writes(log, d)
     if resume is not None:
         resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
     redo_eval = resume is not None and not cfg.eval_only and not resume.evaluated
@@ -212,6 +215,16 @@ def check_pretrained_vocab(cfg, meta, vocab_size):
     if meta.get("vocab_size", 0) > vocab_size:
         raise ConfigError(f"dataset {cfg.dataset} has {meta['vocab_size']} token ids, more than the "
                           f"{vocab_size} of {cfg.init_from}")  # fmt: skip
+
+
+def check_writes(log, d, failed=None):
+    """Collective: stop every rank together, with rank 0's one line, once rank 0 could not write
+    into out_dir (log.failure). failed: the flag, already reduced over the ranks."""
+    if failed is None:
+        failed = distributed.any_rank(torch.tensor([log.failure is not None]), d)[0]
+    if failed:
+        log.close()
+        raise log.failure or TrackingError("rank 0 could not write into out_dir")
 
 
 def check_out_dir(out_dir):
@@ -309,7 +322,9 @@ def train_step(run, x, y, stop):
     # One host sync per step: every rank learns whether any rank diverged or was told to stop.
     bad = nonfinite(step_loss, grad_norm, run.scaler.is_enabled())
     stop_here = torch.full_like(bad, stop.requested is not None)  # a fill: no copy that waits
-    skip, stopping = distributed.any_rank(torch.stack([bad, stop_here]), run.d)
+    log_failed = torch.full_like(bad, run.log.failure is not None)
+    skip, stopping, log_failed = distributed.any_rank(torch.stack([bad, stop_here, log_failed]), run.d)
+    check_writes(run.log, run.d, log_failed)
     if not skip:
         run.scaler.step(run.optimizer)
     run.scaler.update()
