@@ -6,12 +6,13 @@ import os
 from gptcraft.data.shards import read_meta
 from gptcraft.data.tokenizer import GPT2_META, load_tokenizer
 from gptcraft.errors import GptcraftError
-from gptcraft.hf import HUB_MODELS, from_pretrained
+from gptcraft.hf import HUB_MODELS, from_pretrained, hub_name
 from gptcraft.train.checkpoint import load_checkpoint, sampling_path
 from model import GPT, GPTConfig
 
-INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl: OpenAI's weights "
-                  "from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format")  # fmt: skip
+INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl (or hub:gpt2, ...): "
+                  "OpenAI's weights from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format "
+                  "(./gpt2 where the names meet)")  # fmt: skip
 
 
 class InitFromError(GptcraftError):
@@ -20,7 +21,7 @@ class InitFromError(GptcraftError):
 
 def check_init_from(init_from, allowed=("resume",)):
     """Refuse an init_from that is none of `allowed`, a GPT-2 name or an existing folder."""
-    if init_from in allowed or init_from in HUB_MODELS or os.path.isdir(init_from):
+    if init_from in allowed or hub_name(init_from) is not None or os.path.isdir(init_from):
         return
     names = ", ".join((*allowed, *HUB_MODELS))
     raise InitFromError(f"init_from={init_from!r} is none of {names} and not a folder holding a Hugging Face GPT-2")
@@ -42,7 +43,8 @@ def load_model(init_from, out_dir, device, tokenizer_file=""):
     else:
         model = from_pretrained(init_from)
         # A folder written by export.py carries the run's meta.json; OpenAI's models use GPT-2 BPE.
-        meta_dir = init_from if os.path.exists(os.path.join(init_from, "meta.json")) else None
+        local = hub_name(init_from) is None and os.path.exists(os.path.join(init_from, "meta.json"))
+        meta_dir = init_from if local else None
     try:
         meta = read_meta(meta_dir) if meta_dir else GPT2_META
     except (FileNotFoundError, ValueError) as e:

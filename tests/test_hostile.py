@@ -3,17 +3,23 @@ line and keep the old files, preparation swaps a whole dataset in, folder conten
 cheaply, and limits are refused with one line."""
 
 import errno
+import json
 import os
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_train_args
+from safetensors.torch import save_file
 
-from gptcraft import generate, sample
+from gptcraft import generate, hf, sample
 from gptcraft.config import ConfigError
+from gptcraft.data.shards import TokenFileError, open_dataset, shard_meta, write_meta, write_shard, write_tokens
 from gptcraft.data.tokenizer import TokenizerError
+from gptcraft.hf import HFFormatError
+from gptcraft.init_from import check_init_from
 from gptcraft.prepare import shakespeare_char
 from gptcraft.track import runlog
 from gptcraft.track.runlog import TrackingError
@@ -124,3 +130,92 @@ def test_a_full_disk_while_writing_log_jsonl_gives_the_documented_line(char_data
     assert "iter 15" in capsys.readouterr().out
     assert len((out / "log.jsonl").read_text().splitlines()) == 5
     assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
+
+
+def sharded_dataset(path, ids, **meta_fields):
+    """A two-split sharded dataset in path whose train and val shards both hold `ids`."""
+    splits = {}
+    for split in ("train", "val"):
+        write_shard(path / f"{split}_000000.bin", ids, 2)
+        splits[split] = {"shards": [{"file": f"{split}_000000.bin", "tokens": len(ids)}], "max_token": 299}
+    write_meta(path, shard_meta({"tokenizer": "gpt2", "vocab_size": 50257, **meta_fields}, splits))
+
+
+def edit_meta(path, change):
+    meta = json.loads((path / "meta.json").read_text())
+    change(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/passwd", "sub/train.bin", ".."])
+def test_shard_names_outside_the_dataset_directory_are_refused(tmp_path, name):
+    sharded_dataset(tmp_path, np.arange(300))
+    edit_meta(tmp_path, lambda m: m["splits"]["train"]["shards"][0].update(file=name))
+    with pytest.raises(TokenFileError, match=r"meta.json is malformed: shard file .* not a file name inside"):
+        open_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(vocab_size="50257"), "vocab_size is '50257', not a positive integer"),
+    (lambda m: m.pop("vocab_size"), "vocab_size is None"),
+    (lambda m: m["splits"]["val"]["shards"][0].pop("tokens"), "splits.val.shards holds"),
+    (lambda m: m["splits"]["val"].update(max_token=-1), "splits.val.max_token is -1"),
+    (lambda m: m.update(splits=[]), "splits is not an object of objects"),
+])  # fmt: skip
+def test_a_malformed_meta_json_is_named_in_one_line(tmp_path, change, message):
+    sharded_dataset(tmp_path, np.arange(300))
+    edit_meta(tmp_path, change)
+    with pytest.raises(TokenFileError, match=re.escape(message)) as e:
+        open_dataset(tmp_path)
+    assert str(tmp_path / "meta.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_token_ids_beyond_what_meta_json_records_are_found_by_the_sampled_check(tmp_path):
+    ids = np.arange(300)
+    ids[7] = 1000  # meta.json records 299 as the largest id
+    sharded_dataset(tmp_path, ids)
+    with pytest.raises(TokenFileError, match="train_000000.bin holds token id 1000, above the largest id 299"):
+        open_dataset(tmp_path).check_vocab(50257)
+
+
+def test_a_char_vocabulary_smaller_than_its_data_is_refused_before_training(tmp_path):
+    # meta.json claims 40 characters; the data uses 65 (ids up to 64): an IndexError, or a device assert on CUDA.
+    data = tmp_path / "data" / "chars"
+    data.mkdir(parents=True)
+    for split in ("train", "val"):
+        write_tokens(data / f"{split}.bin", np.arange(2000) % 65)
+    write_meta(data, {"tokenizer": "char", "vocab_size": 40, "chars": [chr(65 + i) for i in range(40)]})
+    args = tiny_train_args(tmp_path / "data", tmp_path / "run", dataset="chars", max_iters=1)
+    with pytest.raises(TokenFileError, match="train.bin holds token id 64, above the largest id 39"):
+        loop.main(args)
+
+
+def test_a_bad_config_json_or_truncated_safetensors_is_named_in_one_line(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"wte.weight": torch.zeros(10, 4)}, folder / "model.safetensors")
+    (folder / "config.json").write_text('{"n_layer": 2,')
+    with pytest.raises(HFFormatError, match=r"config.json cannot be read as JSON") as e:
+        hf.from_pretrained(str(folder))
+    assert str(folder / "config.json") in str(e.value)
+    (folder / "config.json").write_text(json.dumps({"n_layer": 2, "n_head": 2, "n_embd": "32"}))
+    with pytest.raises(HFFormatError, match=r"n_embd='32', n_positions=None, vocab_size=None must be positive"):
+        hf.from_pretrained(str(folder))
+    config = {"n_layer": 1, "n_head": 1, "n_embd": 4, "n_positions": 8, "vocab_size": 10}
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-20])
+    with pytest.raises(HFFormatError, match=r"model.safetensors is truncated, corrupt or not plain tensors") as e:
+        hf.from_pretrained(str(folder))
+    assert "\n" not in str(e.value)
+
+
+def test_a_local_folder_named_like_a_hub_model_must_be_said_which(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert hf.hub_name("gpt2") == "gpt2" and hf.hub_name("hub:gpt2-xl") == "gpt2-xl"
+    (tmp_path / "gpt2").mkdir()
+    with pytest.raises(HFFormatError, match="gpt2 names both OpenAI's model .* write hub:gpt2 or ./gpt2"):
+        check_init_from("gpt2")
+    assert hf.hub_name("./gpt2") is None and hf.hub_name("hub:gpt2") == "gpt2"
+    with pytest.raises(HFFormatError, match="'hub:gpt3' is not a hub model; use one of hub:gpt2"):
+        check_init_from("hub:gpt3")

@@ -19,7 +19,7 @@ from gptcraft.config import ConfigError, parse_config, run_cli
 from gptcraft.data.batches import TRAIN_STREAM, VAL_STREAM, LoaderStateError, WindowSampler
 from gptcraft.data.shards import META, TokenFileError, open_dataset, write_meta
 from gptcraft.evaluate.loss import full_split_loss
-from gptcraft.hf import HUB_MODELS, from_pretrained
+from gptcraft.hf import from_pretrained, hub_name
 from gptcraft.system import distributed, hardware
 from gptcraft.track.runlog import RunLog, TrackingError
 from gptcraft.train import checkpoint, state
@@ -209,7 +209,7 @@ def ensure_dataset(cfg, d):
 
 def check_pretrained_vocab(cfg, meta, vocab_size):
     """The dataset's token ids must mean to the pretrained model what they meant to its training."""
-    if cfg.init_from in HUB_MODELS and meta.get("tokenizer") != "gpt2":
+    if hub_name(cfg.init_from) is not None and meta.get("tokenizer") != "gpt2":
         raise ConfigError(f"init_from={cfg.init_from} needs a dataset tokenized with GPT-2 BPE; {cfg.dataset} "
                           f"uses {meta.get('tokenizer')!r}")  # fmt: skip
     if meta.get("vocab_size", 0) > vocab_size:
