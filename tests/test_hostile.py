@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_train_args
+from conftest import GPT2_TIKTOKEN, ROOT, tiny_train_args
 from safetensors.torch import save_file
 
 from gptcraft import generate, hf, sample
@@ -20,7 +20,7 @@ from gptcraft.data.shards import TokenFileError, open_dataset, shard_meta, write
 from gptcraft.data.tokenizer import TokenizerError
 from gptcraft.hf import HFFormatError
 from gptcraft.init_from import check_init_from
-from gptcraft.prepare import shakespeare_char
+from gptcraft.prepare import corpus, shakespeare_char
 from gptcraft.track import runlog
 from gptcraft.track.runlog import TrackingError
 from gptcraft.train import checkpoint, loop
@@ -219,3 +219,56 @@ def test_a_local_folder_named_like_a_hub_model_must_be_said_which(tmp_path, monk
     assert hf.hub_name("./gpt2") is None and hf.hub_name("hub:gpt2") == "gpt2"
     with pytest.raises(HFFormatError, match="'hub:gpt3' is not a hub model; use one of hub:gpt2"):
         check_init_from("hub:gpt3")
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_failed_re_preparation_leaves_the_old_dataset_complete(tmp_path, shakespeare_path, monkeypatch):
+    out = tmp_path / "shakespeare_char"
+    shakespeare_char.prepare(out, shakespeare_path)
+    (out / "notes.txt").write_text("the user's own")
+    before = snapshot(out)
+    small = tmp_path / "small.txt"
+    small.write_text("to be or not to be\n" * 100)
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shakespeare_char, "write_meta", disk_full)  # train.bin and val.bin are written by then
+    with pytest.raises(OSError):
+        shakespeare_char.prepare(out, small)
+    monkeypatch.undo()
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["shakespeare_char", "small.txt"]
+    open_dataset(out).check_vocab(65)
+    shakespeare_char.prepare(out, small)
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] == 8  # "to be or n" and newline
+    assert (out / "notes.txt").read_text() == "the user's own"
+
+
+def test_a_failed_forced_corpus_preparation_leaves_the_old_dataset_complete(tmp_path, monkeypatch):
+    source = tmp_path / "c.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
+    out = tmp_path / "out"
+
+    def run(*extra):
+        args = ["--input", str(source), "--out_dir", str(out), "--num_proc", "1", "--shard_tokens", "500"]
+        return corpus.prepare(corpus.parser().parse_args([*args, "--tokenizer_file", str(GPT2_TIKTOKEN), *extra]))
+
+    run()
+    before = snapshot(out)
+    route, routed = corpus.Pipeline.route, []
+
+    def fail_on_the_second_chunk(self, result):
+        routed.append(1)
+        if len(routed) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        route(self, result)
+
+    monkeypatch.setattr(corpus, "CHUNK_CHARS", 2000)
+    monkeypatch.setattr(corpus.Pipeline, "route", fail_on_the_second_chunk)
+    with pytest.raises(OSError):
+        run("--seed", "1", "--force")
+    assert snapshot(out) == before
+    assert len(open_dataset(out).splits["train"]) > 1

@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from gptcraft.data.shards import write_atomic
+from gptcraft.data.shards import fsync_dir, swap_dir, write_atomic
 from gptcraft.errors import GptcraftError
 
 LATEST = "ckpt.pt"
@@ -38,15 +38,6 @@ def reason(e):
     if isinstance(e, CheckpointException):  # failures: rank -> (exception, traceback)
         e = next(iter(e.failures.values()), (e,))[0]
     return (str(e).strip() or type(e).__name__).splitlines()[0]
-
-
-def fsync_dir(path):
-    """Make renames inside directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # What a failed write raises: OSError, or from torch.save on a full disk a RuntimeError
@@ -114,21 +105,14 @@ def save_sharded(out_dir, tensors, state, master):
     """Collective: write `tensors` (a state dict of sharded tensors) with torch.distributed.checkpoint
     and `state` (plain values, written by rank 0) into a new directory, then swap it in."""
     final = os.path.join(out_dir, SHARDED)
-    tmp, old = final + ".tmp", final + ".old"
+    tmp = final + ".tmp"
     if master and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left by a crash in an earlier save
     try:
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         if master:
             save_checkpoint(os.path.join(tmp, SHARDED_STATE), state)  # written last: it marks the directory complete
-            if os.path.exists(final):
-                if os.path.exists(old):
-                    shutil.rmtree(old)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(out_dir)
-            if os.path.exists(old):
-                shutil.rmtree(old)
+            swap_dir(tmp, final)
             remove_file(os.path.join(out_dir, LATEST))
     except (*WRITE_ERRORS, CheckpointException) as e:
         raise CheckpointError(f"could not write {final} ({reason(e)}); the previous checkpoint is intact") from None
