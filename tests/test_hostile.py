@@ -272,3 +272,10 @@ def test_a_failed_forced_corpus_preparation_leaves_the_old_dataset_complete(tmp_
         run("--seed", "1", "--force")
     assert snapshot(out) == before
     assert len(open_dataset(out).splits["train"]) > 1
+
+
+def test_help_and_docs_say_that_config_files_run_as_code(capsys):
+    with pytest.raises(SystemExit):
+        loop.main(["--help"])
+    assert "CONFIG.py files are Python and run as code: load only your own" in capsys.readouterr().out
+    assert "Config files are Python and run as code" in (ROOT / "docs" / "untrusted-files.md").read_text()
