@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN, ROOT, tiny_train_args
+from conftest import GPT2_TIKTOKEN, ROOT, run_script, tiny_train_args
 from safetensors.torch import save_file
 
 from gptcraft import generate, hf, sample
@@ -279,3 +279,52 @@ def test_help_and_docs_say_that_config_files_run_as_code(capsys):
         loop.main(["--help"])
     assert "CONFIG.py files are Python and run as code: load only your own" in capsys.readouterr().out
     assert "Config files are Python and run as code" in (ROOT / "docs" / "untrusted-files.md").read_text()
+
+
+FULL_DISK_ON_RANK_0 = """
+import errno, os
+if os.environ.get("RANK") == "0":
+    from gptcraft.track import runlog
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.rows = f, 5
+
+        def write(self, text):
+            self.rows -= 1
+            if self.rows < 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    runlog.open = lambda *a, **k: FullDisk(open(*a, **k))
+"""
+
+
+def test_a_full_disk_on_rank_0_stops_every_rank_together(char_data_dir, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FULL_DISK_ON_RANK_0)  # runs first in every process
+    out = tmp_path / "run"
+    args = tiny_train_args(char_data_dir, out, backend="gloo", gradient_accumulation_steps=2, **RUN)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}:{ROOT}"}
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+                        check=False, timeout=300, env=env)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("error: could not write") == 1, result.stderr[-3000:]
+    assert "log.jsonl (No space left on device); the previous checkpoint is intact" in result.stderr
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
+
+
+def test_re_preparing_through_a_linked_data_folder_replaces_the_folder_it_points_to(tmp_path):
+    small, real, link = tmp_path / "small.txt", tmp_path / "big_disk" / "chars", tmp_path / "chars"
+    small.write_text("to be or not to be\n" * 100)
+    real.parent.mkdir()
+    shakespeare_char.prepare(real, small)
+    link.symlink_to(real)
+    small.write_text("that is the question\n" * 100)
+    shakespeare_char.prepare(link, small)
+    assert link.is_symlink() and json.loads((real / "meta.json").read_text())["vocab_size"] == 12
+    assert sorted(p.name for p in real.parent.iterdir()) == ["chars"]

@@ -60,8 +60,9 @@ def fsync_dir(path):
 
 def swap_dir(new, final):
     """Put directory `new` in the place of `final` by two renames (final -> final.old, new -> final),
-    then remove the old one. A crash between the renames leaves final.old complete."""
-    final = os.path.normpath(final)
+    then remove the old one. A crash between the renames leaves final.old complete. A link at
+    `final` (data/owt -> /big/disk/owt) is followed: the folder it points to is replaced."""
+    final = os.path.realpath(final)
     old = final + ".old"
     if os.path.exists(final):
         if os.path.exists(old):
@@ -100,8 +101,9 @@ def carry_over(old, new):
 
 
 def staging_dir(final):
-    """The directory beside `final` that its replacement is built in (see replaced_dir)."""
-    return os.path.normpath(final) + ".tmp"
+    """The directory beside `final` (beside the folder a link there points to) that its
+    replacement is built in (see replaced_dir)."""
+    return os.path.realpath(final) + ".tmp"
 
 
 @contextlib.contextmanager
