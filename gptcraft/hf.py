@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gptcraft.data.tokenizer import GPT2_EOT
 from gptcraft.errors import GptcraftError
 from model import GPT, GPTConfig
 
@@ -24,7 +25,6 @@ from model import GPT, GPTConfig
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 HUB_PREFIX = "hub:"  # hub:gpt2 is the hub model even where a folder ./gpt2 exists
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-GPT2_EOT = 50256
 
 
 class HFFormatError(GptcraftError, ValueError):
