@@ -99,7 +99,8 @@ def _read_config_file(path):
 
 
 def help_text(cls, prog):
-    lines = [f"usage: python {prog} [CONFIG.py ...] [--key=value ...]", "",
+    command = f"python {prog}" if prog.endswith(".py") else prog  # a script, or a gptcraft subcommand
+    lines = [f"usage: {command} [CONFIG.py ...] [--key=value ...]", "",
              "CONFIG.py files are Python and run as code: load only your own, or ones you have read", "",
              "keys (default: help):"]  # fmt: skip
     for f in fields(cls):
