@@ -282,31 +282,21 @@ def test_help_and_docs_say_that_config_files_run_as_code(capsys):
 
 
 FULL_DISK_ON_RANK_0 = """
-import errno, os
+import os, sys
 if os.environ.get("RANK") == "0":
+    sys.path.insert(0, {tests!r})
+    from test_hostile import FullDisk
     from gptcraft.track import runlog
 
-    class FullDisk:
-        def __init__(self, f):
-            self.f, self.rows = f, 5
-
-        def write(self, text):
-            self.rows -= 1
-            if self.rows < 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(text)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    runlog.open = lambda *a, **k: FullDisk(open(*a, **k))
+    runlog.open = lambda *a, **k: FullDisk(open(*a, **k), rows=5)
 """
 
 
 def test_a_full_disk_on_rank_0_stops_every_rank_together(char_data_dir, tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FULL_DISK_ON_RANK_0)  # runs first in every process
+    # sitecustomize runs first in every process.
+    (hook / "sitecustomize.py").write_text(FULL_DISK_ON_RANK_0.format(tests=str(ROOT / "tests")))
     out = tmp_path / "run"
     args = tiny_train_args(char_data_dir, out, backend="gloo", gradient_accumulation_steps=2, **RUN)
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}:{ROOT}"}
