@@ -18,8 +18,12 @@ import torch
 def logits_to_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """Next-token probabilities (B, V) from logits (B, V): logits divided by temperature (> 0),
     then only the top_k most likely tokens kept, then only the smallest set of most likely tokens
-    whose probability reaches top_p (nucleus sampling); what is left is renormalised."""
-    logits = logits.float() / temperature
+    whose probability reaches top_p (nucleus sampling); what is left is renormalised. A temperature
+    too small for float32 behaves as greedy decoding: the most likely tokens keep all the probability."""
+    logits = logits.float()
+    # Shifted so that the largest is 0: divided by a tiny temperature, it stays 0 and the rest go
+    # to -inf, never inf - inf (NaN). The floor keeps the divisor above 0 once it is a float32.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))

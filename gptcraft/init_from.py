@@ -7,12 +7,13 @@ from gptcraft.data.nanogpt import META_PKL, read_meta_pkl
 from gptcraft.data.shards import META, read_meta
 from gptcraft.data.tokenizer import GPT2_META, load_tokenizer
 from gptcraft.errors import GptcraftError
-from gptcraft.hf import HUB_MODELS, from_pretrained
+from gptcraft.hf import HUB_MODELS, from_pretrained, hub_name
 from gptcraft.train.checkpoint import load_checkpoint, sampling_path
 from model import GPT, GPTConfig
 
-INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl: OpenAI's weights "
-                  "from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format")  # fmt: skip
+INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl (or hub:gpt2, ...): "
+                  "OpenAI's weights from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format "
+                  "(./gpt2 where the names meet)")  # fmt: skip
 
 
 class InitFromError(GptcraftError):
@@ -21,7 +22,7 @@ class InitFromError(GptcraftError):
 
 def check_init_from(init_from, allowed=("resume",)):
     """Refuse an init_from that is none of `allowed`, a GPT-2 name or an existing folder."""
-    if init_from in allowed or init_from in HUB_MODELS or os.path.isdir(init_from):
+    if init_from in allowed or hub_name(init_from) is not None or os.path.isdir(init_from):
         return
     names = ", ".join((*allowed, *HUB_MODELS))
     raise InitFromError(f"init_from={init_from!r} is none of {names} and not a folder holding a Hugging Face GPT-2")
@@ -67,6 +68,7 @@ def load_model(init_from, out_dir, device, tokenizer_file=""):
     else:
         model = from_pretrained(init_from)
         # A folder written by export.py carries the run's meta.json; OpenAI's models use GPT-2 BPE.
-        meta = read_meta(init_from) if os.path.exists(os.path.join(init_from, META)) else GPT2_META
+        local = hub_name(init_from) is None and os.path.exists(os.path.join(init_from, META))
+        meta = read_meta(init_from) if local else GPT2_META
     tokenizer = load_tokenizer(meta, tokenizer_file or None)
     return model.to(device).eval(), tokenizer

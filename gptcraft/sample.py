@@ -8,6 +8,8 @@ python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num
 """
 
 import codecs
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -46,8 +48,8 @@ class SampleConfig:
         check_init_from(self.init_from)
         if self.num_samples <= 0 or self.max_new_tokens <= 0:
             raise ConfigError("num_samples and max_new_tokens must be positive")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -56,6 +58,32 @@ class SampleConfig:
             raise ConfigError("compile=True compiles the KV-cache decoding step: it needs use_cache=True")
         if self.window_keep < 0:
             raise ConfigError(f"window_keep must be >= 0 (0 means block_size // 2), got {self.window_keep}")
+
+
+def free_memory(device):
+    """Bytes that can still be allocated on `device`: free GPU memory, or MemAvailable of the host."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_batch_memory(config, num_samples, device, element_size=4):
+    """Refuse a batch of num_samples whose KV cache, activations and logits cannot fit on `device`.
+    A rough per-sample count: keys and values of every layer (2 n_layer C per position), the widest
+    activations of one block (4 C per position for the MLP, a T x T map per head), and (V,) logits."""
+    c, t = config.n_embd, config.block_size
+    per_sample = element_size * (t * (2 * config.n_layer * c + 8 * c + config.n_head * t) + 2 * config.vocab_size)
+    free = free_memory(device)
+    if num_samples * per_sample > free:
+        most = max(free // per_sample, 1)
+        raise ConfigError(
+            f"num_samples={num_samples} needs about {num_samples * per_sample / 2**30:.1f} GiB on {device}, "
+            f"more than the {free / 2**30:.1f} GiB free; use --num_samples={most} or fewer"
+        )
 
 
 def read_prompt(start):
@@ -122,6 +150,7 @@ def main(argv=None):
     block_size = model.config.block_size
     if cfg.window_keep > block_size:
         raise ConfigError(f"window_keep ({cfg.window_keep}) must not exceed the model's block_size ({block_size})")
+    check_batch_memory(model.config, cfg.num_samples, device)
     ids = encode_prompt(tok, prompt)
     eot = end_of_text(tok)
     x = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T): one batch

@@ -80,7 +80,7 @@ def test_a_torn_sharded_save_falls_back_to_the_complete_one(tmp_path):
     old.mkdir()
     checkpoint.save_checkpoint(old / checkpoint.SHARDED_STATE, {"iter_num": 10})
     (tmp_path / "ckpt.dcp.tmp").mkdir()  # the new one, never finished
-    assert checkpoint.latest_path(tmp_path) == str(old)
+    assert checkpoint.latest_path(tmp_path, fsdp=True) == str(old)
     checkpoint.remove_stale_temps(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp.old"]
 

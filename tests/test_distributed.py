@@ -17,8 +17,9 @@ from conftest import ROOT, run_script, tiny_train_args
 
 from gptcraft.errors import GptcraftError
 from gptcraft.system import distributed
-from gptcraft.train import loop
+from gptcraft.train import checkpoint, loop
 from gptcraft.train.parallelize import parallelize
+from model import GPT, GPTConfig
 
 # gradient_accumulation_steps is global: 2 micro-batches per step, one on each of 2 ranks. At a
 # learning rate of 1e-2 AdamW grows FSDP's float32 rounding differences past 1e-3 by iteration 20.
@@ -85,17 +86,13 @@ def test_fsdp_two_processes_train_save_sharded_and_resume(one_process, fsdp_at_1
         torch.testing.assert_close(best["model"][name], tensor, rtol=0, atol=1e-4)
 
 
-def test_a_sharded_checkpoint_resumes_on_one_process_without_fsdp(one_process, fsdp_at_10, char_data_dir, tmp_path,
-                                                                   capsys):  # fmt: skip
-    """ckpt.dcp/ of two FSDP ranks into one unsharded process: the same curve; the RNG states of two
-    ranks fit no single process, which a note says."""
+def test_a_sharded_checkpoint_is_read_only_by_an_fsdp_run(fsdp_at_10, char_data_dir, tmp_path):
+    """ckpt.dcp/'s index is a pickle: a plain resume refuses it, naming --fsdp=True, and leaves it as it was."""
     out = tmp_path / "one"
     shutil.copytree(fsdp_at_10, out)
-    loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **RUN))
-    printed = capsys.readouterr().out
-    assert "saved by 2 process(es), this run has 1: RNG states are not restored" in printed
-    assert_same_curve(losses(one_process), losses(out))
-    assert (out / "ckpt.pt").exists() and not (out / "ckpt.dcp").exists()  # the run's own kind replaces it
+    with pytest.raises(GptcraftError, match=r"only the FSDP checkpoint ckpt.dcp/.*resume it with --fsdp=True"):
+        loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **RUN))
+    assert (out / "ckpt.dcp" / ".metadata").exists() and not (out / "ckpt.pt").exists()
 
 
 def test_a_full_checkpoint_resumes_under_fsdp_on_two_processes(one_process, char_data_dir, tmp_path):
@@ -111,8 +108,10 @@ def test_a_missing_shard_of_a_sharded_checkpoint_is_named(fsdp_at_10, char_data_
     out = tmp_path / "torn"
     shutil.copytree(fsdp_at_10, out)
     (out / "ckpt.dcp" / "__1_0.distcp").unlink()
+    # What an FSDP resume reads (the model's tensors), read here in one process.
+    model = GPT(GPTConfig(**checkpoint.load_sharded_state(out / "ckpt.dcp")["model_args"]))
     with pytest.raises(GptcraftError, match=r"ckpt.dcp could not be read \(.*No such file.*__1_0.distcp"):
-        loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **RUN))
+        checkpoint.load_sharded(out / "ckpt.dcp", {"model": model.state_dict()})
     assert sorted(os.listdir(out / "ckpt.dcp")) == [".metadata", "__0_0.distcp", "train_state.pt"]  # left as it was
 
 

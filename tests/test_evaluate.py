@@ -89,7 +89,8 @@ def test_bad_input(tiny_run_dir, tmp_path, args, message):
 
 def test_tokens_beyond_the_vocabulary_are_refused(tiny_run_dir, tmp_path):
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "meta.json").write_text('{"tokenizer": "char", "vocab_size": 301, "chars": []}')
+    meta = {"tokenizer": "char", "vocab_size": 301, "chars": [chr(256 + i) for i in range(301)]}
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
     for split in ("train", "val"):
         np.array([1, 2, 300], dtype="<u2").tofile(tmp_path / "d" / f"{split}.bin")
     with pytest.raises(GptcraftError, match="token id 300, beyond the model's vocabulary of 65"):

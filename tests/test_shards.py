@@ -118,7 +118,7 @@ def test_dataset_checks_meta_against_shards_and_vocab(tmp_path):
 def test_legacy_train_and_val_bin_stay_readable(tmp_path):
     write_tokens(tmp_path / "train.bin", np.arange(50))
     write_tokens(tmp_path / "val.bin", np.arange(20))
-    write_meta(tmp_path, {"tokenizer": "char", "vocab_size": 65, "chars": []})
+    write_meta(tmp_path, {"tokenizer": "char", "vocab_size": 65, "chars": [chr(32 + i) for i in range(65)]})
     ds = open_dataset(tmp_path)
     np.testing.assert_array_equal(ds.splits["val"][0].memmap(), np.arange(20))
     (tmp_path / "val.bin").write_bytes(b"\0" * 41)

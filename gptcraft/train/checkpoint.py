@@ -24,7 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from gptcraft.data.shards import write_atomic
+from gptcraft.data.shards import fsync_dir, swap_dir, write_atomic
 from gptcraft.errors import GptcraftError
 
 LATEST = "ckpt.pt"
@@ -44,13 +44,9 @@ def reason(e):
     return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
-def fsync_dir(path):
-    """Make renames inside directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# What a failed write raises: OSError, or from torch.save on a full disk a RuntimeError
+# ("... unexpected pos ...", "... file write failed").
+WRITE_ERRORS = (OSError, RuntimeError)
 
 
 def save_checkpoint(path, state):
@@ -58,7 +54,7 @@ def save_checkpoint(path, state):
     try:
         write_atomic(path, lambda f: torch.save(state, f))
         fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
+    except WRITE_ERRORS as e:
         raise CheckpointError(
             f"could not write {path} ({reason(e)}); the previous checkpoint is intact, free space and resume"
         ) from None
@@ -103,11 +99,20 @@ def sharded_dir(out_dir):
     return None
 
 
-def latest_path(out_dir):
-    """The checkpoint to resume from: ckpt.pt or a ckpt.dcp directory, whichever exists (a save
-    removes the other kind), or None."""
+def latest_path(out_dir, fsdp=False):
+    """The checkpoint to resume from: ckpt.pt, or for an FSDP run a ckpt.dcp directory, whichever
+    exists (a save removes the other kind), or None. A ckpt.dcp index is a pickle, which runs code
+    when read: it is read only when the user asks for FSDP, never behind the back of a plain run."""
     path = os.path.join(out_dir, LATEST)
-    return path if os.path.exists(path) else sharded_dir(out_dir)
+    if os.path.exists(path):
+        return path
+    sharded = sharded_dir(out_dir)
+    if sharded is not None and not fsdp:
+        raise CheckpointError(
+            f"{out_dir} holds only the FSDP checkpoint {os.path.basename(sharded)}/, whose index is a pickle that "
+            "can run code when read; resume it with --fsdp=True under torchrun, and only if you trust this folder"
+        )
+    return sharded
 
 
 def sampling_path(out_dir):
@@ -120,23 +125,16 @@ def save_sharded(out_dir, tensors, state, master):
     """Collective: write `tensors` (a state dict of sharded tensors) with torch.distributed.checkpoint
     and `state` (plain values, written by rank 0) into a new directory, then swap it in."""
     final = os.path.join(out_dir, SHARDED)
-    tmp, old = final + ".tmp", final + ".old"
+    tmp = final + ".tmp"
     if master and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left by a crash in an earlier save
     try:
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         if master:
             save_checkpoint(os.path.join(tmp, SHARDED_STATE), state)  # written last: it marks the directory complete
-            if os.path.exists(final):
-                if os.path.exists(old):
-                    shutil.rmtree(old)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(out_dir)
-            if os.path.exists(old):
-                shutil.rmtree(old)
+            swap_dir(tmp, final)
             remove_file(os.path.join(out_dir, LATEST))
-    except (OSError, CheckpointException) as e:
+    except (*WRITE_ERRORS, CheckpointException) as e:
         raise CheckpointError(f"could not write {final} ({reason(e)}); the previous checkpoint is intact") from None
 
 
@@ -166,8 +164,11 @@ def save_full(out_dir, state):
     save_checkpoint(os.path.join(out_dir, LATEST), state)
     for name in (SHARDED, SHARDED + ".old"):
         path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        try:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+        except OSError as e:
+            raise CheckpointError(f"saved {LATEST} but could not remove {path} ({reason(e)}); remove it") from None
 
 
 def remove_file(path):

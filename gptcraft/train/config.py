@@ -27,7 +27,8 @@ class RunSettings:
     full_val: bool = option(False, "at the last iteration also score the whole val split (log.jsonl: full_val_loss)")
     always_save_checkpoint: bool = option(True, "save at every eval, not only when val loss improves")
     init_from: str = option("scratch", "scratch: a new model; resume: continue from out_dir/ckpt.pt; gpt2, gpt2-medium,"
-                            " gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder: finetune those weights")  # fmt: skip
+                            " gpt2-large, gpt2-xl (hub:gpt2, ...) or a Hugging Face GPT-2 folder (./gpt2): "
+                            "finetune those weights")  # fmt: skip
     seed: int = option(1337, "seed for initialisation, data order and dropout")
     # data
     dataset: str = option("openwebtext", "dataset name: token files are read from data_dir/dataset/")

@@ -17,13 +17,13 @@ import torch
 
 from gptcraft.config import ConfigError, parse_config, run_cli
 from gptcraft.data.batches import TRAIN_STREAM, VAL_STREAM, LoaderStateError, WindowError, WindowSampler
-from gptcraft.data.shards import TokenFileError, is_dataset, open_dataset, write_meta
+from gptcraft.data.shards import META, TokenFileError, is_dataset, open_dataset, write_meta
 from gptcraft.data.tokenizer import load_tokenizer
 from gptcraft.evaluate import hellaswag
 from gptcraft.evaluate.loss import full_split_loss
-from gptcraft.hf import HUB_MODELS, from_pretrained
+from gptcraft.hf import from_pretrained, hub_name
 from gptcraft.system import distributed, hardware
-from gptcraft.track.runlog import RunLog
+from gptcraft.track.runlog import RunLog, TrackingError
 from gptcraft.train import checkpoint, state
 from gptcraft.train.checkpoint import CheckpointError
 from gptcraft.train.config import TrainConfig
@@ -67,6 +67,7 @@ def train(cfg, d, device, stop):
     run.log.summary(
         [os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)]
     )
+    check_writes(run.log, run.d)
     run.log.close()
     return run.best_val_loss
 
@@ -117,7 +118,7 @@ def setup(cfg, d, device):
     if d.master:
         check_out_dir(cfg.out_dir)
     model_args = cfg.model_args()
-    resume = Resume(cfg.out_dir, model_args) if cfg.init_from == "resume" else None
+    resume = Resume(cfg.out_dir, model_args, cfg.fsdp) if cfg.init_from == "resume" else None
 
     try:
         dataset = open_dataset(ensure_dataset(cfg, d))
@@ -175,7 +176,9 @@ def setup(cfg, d, device):
             log.print(f"resumed from {resume.path} at iteration {iter_num}")
             for note in resume.notes:
                 log.print(f"note: {note}")
-        write_meta(cfg.out_dir, dataset.meta)  # sample.py decodes with the run's own copy
+        # sample.py decodes with the run's own copy
+        log.guarded(os.path.join(cfg.out_dir, META), lambda: write_meta(cfg.out_dir, dataset.meta))
+    check_writes(log, d)
     if resume is not None:
         resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
     redo_eval = resume is not None and not cfg.eval_only and not resume.evaluated
@@ -215,12 +218,22 @@ def ensure_dataset(cfg, d):
 
 def check_pretrained_vocab(cfg, meta, vocab_size):
     """The dataset's token ids must mean to the pretrained model what they meant to its training."""
-    if cfg.init_from in HUB_MODELS and meta.get("tokenizer") != "gpt2":
+    if hub_name(cfg.init_from) is not None and meta.get("tokenizer") != "gpt2":
         raise ConfigError(f"init_from={cfg.init_from} needs a dataset tokenized with GPT-2 BPE; {cfg.dataset} "
                           f"uses {meta.get('tokenizer')!r}")  # fmt: skip
     if meta.get("vocab_size", 0) > vocab_size:
         raise ConfigError(f"dataset {cfg.dataset} has {meta['vocab_size']} token ids, more than the "
                           f"{vocab_size} of {cfg.init_from}")  # fmt: skip
+
+
+def check_writes(log, d, failed=None):
+    """Collective: stop every rank together, with rank 0's one line, once rank 0 could not write
+    into out_dir (log.failure). failed: the flag, already reduced over the ranks."""
+    if failed is None:
+        failed = distributed.any_rank(torch.tensor([log.failure is not None]), d)[0]
+    if failed:
+        log.close()
+        raise log.failure or TrackingError("rank 0 could not write into out_dir")
 
 
 def check_out_dir(out_dir):
@@ -324,7 +337,9 @@ def train_step(run, x, y, stop):
     # One host sync per step: every rank learns whether any rank diverged or was told to stop.
     bad = nonfinite(step_loss, grad_norm, run.scaler.is_enabled())
     stop_here = torch.full_like(bad, stop.requested is not None)  # a fill: no copy that waits
-    skip, stopping = distributed.any_rank(torch.stack([bad, stop_here]), run.d)
+    log_failed = torch.full_like(bad, run.log.failure is not None)
+    skip, stopping, log_failed = distributed.any_rank(torch.stack([bad, stop_here, log_failed]), run.d)
+    check_writes(run.log, run.d, log_failed)
     if not skip:
         run.scaler.step(run.optimizer)
     run.scaler.update()

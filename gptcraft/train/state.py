@@ -52,9 +52,10 @@ class Resume:
     """The latest checkpoint of out_dir, read and checked before any compute; `restore` then
     loads it into the built model, optimizer and scaler."""
 
-    def __init__(self, out_dir, model_keys):
-        """model_keys: this run's model settings, which must match those the checkpoint was trained with."""
-        path = checkpoint.latest_path(out_dir)
+    def __init__(self, out_dir, model_keys, fsdp=False):
+        """model_keys: this run's model settings, which must match those the checkpoint was trained with;
+        fsdp: an FSDP run, the only kind that reads a ckpt.dcp directory (see checkpoint.latest_path)."""
+        path = checkpoint.latest_path(out_dir, fsdp)
         if path is None:
             raise CheckpointError(f"init_from=resume but {out_dir} holds no checkpoint ({checkpoint.LATEST}); "
                                   "train first with init_from=scratch, or fix out_dir")  # fmt: skip
