@@ -179,6 +179,7 @@ def setup(cfg, d, device):
         # sample.py decodes with the run's own copy
         log.guarded(os.path.join(cfg.out_dir, META), lambda: write_meta(cfg.out_dir, dataset.meta))
     check_writes(log, d)
+    peak = hardware.peak_flops(device, dtype) if d.master else None  # on the CPU a timed matmul of random inputs
     if resume is not None:
         resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
     redo_eval = resume is not None and not cfg.eval_only and not resume.evaluated
@@ -187,7 +188,7 @@ def setup(cfg, d, device):
         optimizer=optimizer, scaler=scaler, samplers=samplers, dataset=dataset, log=log,
         guard=DivergenceGuard(cfg.max_nonfinite_steps), accum=accum,
         tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"],
-        peak=hardware.peak_flops(device, dtype) if d.master else None,
+        peak=peak,
         iter_num=iter_num, best_val_loss=best_val_loss, start_iter=iter_num,
         eval_at_start=resume is None or cfg.eval_only or redo_eval, redo_eval=redo_eval,
         hellaswag=hellaswag_set, t_last=time.time(),
