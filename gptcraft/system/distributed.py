@@ -1,5 +1,6 @@
 """torch.distributed set-up for runs launched by torchrun; a single process otherwise."""
 
+import datetime
 import gc
 import os
 from dataclasses import dataclass
@@ -44,10 +45,14 @@ def resolve_backend(backend, device):
     return backend
 
 
-def init(device, backend="auto"):
+def init(device, backend="auto", timeout_s=1800):
     """Join the process group torchrun describes in the environment; returns (Dist, device).
-    Each rank on a CUDA node takes the GPU of its local rank."""
+    Each rank on a CUDA node takes the GPU of its local rank; a single process takes the GPU it
+    was given, so that capability checks and kernels look at that one, not at GPU 0.
+    timeout_s: how long a collective may wait for the slowest rank (rank 0 writing a big checkpoint)."""
     if not launched_by_torchrun():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
         return Dist(), device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -59,7 +64,7 @@ def init(device, backend="auto"):
             )
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, local_rank, world), device
 
 

@@ -48,6 +48,8 @@ def train_line(row, eta_s):
             f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
     if row.get("mfu") is not None:
         text += f", mfu {100 * row['mfu']:.1f}%"
+        if row["mfu"] > 1:
+            text += " (cannot be: the peak it is measured against is too low)"
     if row.get("grad_norm") is not None:
         text += f", grad norm {row['grad_norm']:.3f}"
     if eta_s is not None:

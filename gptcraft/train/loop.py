@@ -35,7 +35,7 @@ from model import GPT, GPTConfig
 def main(argv=None):
     cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, prog="train.py")
     device = hardware.resolve_device(cfg.device)
-    d, device = distributed.init(device, cfg.backend)
+    d, device = distributed.init(device, cfg.backend, cfg.dist_timeout_s)
     try:
         with GracefulStop() as stop:
             best_val_loss = train(cfg, d, device, stop)
