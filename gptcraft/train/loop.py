@@ -149,7 +149,7 @@ def setup(cfg, d, device):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, which FSDP relies on
     raw_model = (pretrained if pretrained is not None else GPT(GPTConfig(**model_args))).to(device)
     torch.manual_seed(cfg.seed + d.rank)  # then each rank its own dropout masks
-    model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, cfg.compile)
+    model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, cfg.compile, dtype)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
