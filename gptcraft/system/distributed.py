@@ -105,14 +105,19 @@ def all_mean(value, d):
     return t.item() / d.world_size
 
 
-def any_rank(flags, d):
-    """Element-wise OR of a 1-D tensor of flags over all ranks, as a list of bools. Flags on a CUDA
-    device are reduced there with nccl: reading them at the end is the only host sync."""
+def any_rank_on_device(flags, d):
+    """Element-wise OR of a 1-D tensor of flags over all ranks, as 0/1 floats left where the
+    backend reduces (on the GPU with nccl): nothing waits until they are read."""
     flags = flags.detach().to(torch.float32)
     if d.enabled:
         flags = _on_backend_device(flags)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [bool(f) for f in flags.tolist()]
+    return flags
+
+
+def any_rank(flags, d):
+    """Element-wise OR of a 1-D tensor of flags over all ranks, as a list of bools (a host sync)."""
+    return [bool(f) for f in any_rank_on_device(flags, d).tolist()]
 
 
 def all_gather(obj, d):

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from gptcraft.config import ConfigError, parse_config, run_cli
-from gptcraft.data.batches import TRAIN_STREAM, VAL_STREAM, LoaderStateError, WindowSampler
+from gptcraft.data.batches import TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, LoaderStateError, WindowSampler
 from gptcraft.data.shards import TokenFileError, open_dataset, write_meta
 from gptcraft.evaluate.loss import full_split_loss
 from gptcraft.hf import HUB_MODELS, from_pretrained
@@ -52,11 +52,15 @@ def train(cfg, d, device, stop):
     x, y = run.next_batch(run.iter_num, 0)
     while True:
         due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only
-        if due and (run.iter_num > run.start_iter or run.eval_at_start):
-            evaluate_and_save(run)
-        if cfg.eval_only or run.iter_num >= cfg.max_iters:
-            break
-        x, y, stopping = train_step(run, x, y, stop)
+        at_end = cfg.eval_only or run.iter_num >= cfg.max_iters
+        # The last step's flags are read before its weights are evaluated or saved.
+        stopping = settle(run) if due or at_end else False
+        if not stopping:
+            if due and (run.iter_num > run.start_iter or run.eval_at_start):
+                evaluate_and_save(run)
+            if at_end:
+                break
+            x, y, stopping = train_step(run, x, y, stop)
         if stopping:
             save(run, evaluated=False)
             run.log.print(f"stopped by {stop.requested or 'a signal on another rank'} at iteration {run.iter_num}; "
@@ -82,7 +86,7 @@ class Run:
     model_args: dict
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    samplers: dict  # split -> WindowSampler
+    samplers: dict  # "train", "val", "eval_train" (the eval's train-split batches) -> WindowSampler
     dataset: object
     log: RunLog
     guard: DivergenceGuard
@@ -99,6 +103,7 @@ class Run:
     redo_eval: bool
     t_last: float = 0.0  # when the pace was last measured
     iters_since_log: int = 0
+    pending: tuple | None = None  # (flags, iter_num) of the last step, until `settle` reads them
 
     def next_batch(self, it, micro):
         # Global micro-batch number: ranks take consecutive slices of each step's batches.
@@ -133,9 +138,10 @@ def setup(cfg, d, device):
         dataset.check_vocab(model_args["vocab_size"])
         shape = (model_args["block_size"], cfg.batch_size)
         samplers = {
-            split: WindowSampler(dataset.splits[split], *shape, cfg.seed, stream, device, dataset.fingerprint)
-            for split, stream in (("train", TRAIN_STREAM), ("val", VAL_STREAM))
-        }
+            name: WindowSampler(dataset.splits[split], *shape, cfg.seed, stream, device, dataset.fingerprint)
+            for name, split, stream in (("train", "train", TRAIN_STREAM), ("val", "val", VAL_STREAM),
+                                        ("eval_train", "train", TRAIN_EVAL_STREAM))
+        }  # fmt: skip
         if resume is not None:
             samplers["train"].check_state(resume.loader, resume.iter_num * global_accum)
     except (TokenFileError, LoaderStateError) as e:
@@ -167,6 +173,9 @@ def setup(cfg, d, device):
                       f"{d.world_size} processes: each does one micro-batch, {global_accum} per step")  # fmt: skip
         if resume is not None:
             log.print(f"resumed from {resume.path} at iteration {iter_num}")
+            if resume.dtype not in (None, dtype):
+                scaler_note = "; a fresh float16 grad scaler" if dtype == "float16" else ""
+                log.print(f"note: the checkpoint was trained in {resume.dtype}, this run is {dtype}{scaler_note}")
         write_meta(cfg.out_dir, dataset.meta)  # sample.py decodes with the run's own copy
     if resume is not None:
         resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
@@ -174,7 +183,7 @@ def setup(cfg, d, device):
     return Run(
         cfg=cfg, d=d, device=device, dtype=dtype, raw_model=raw_model, model=model, model_args=model_args,
         optimizer=optimizer, scaler=scaler, samplers=samplers, dataset=dataset, log=log,
-        guard=DivergenceGuard(cfg.max_nonfinite_steps), accum=accum,
+        guard=DivergenceGuard(cfg.max_nonfinite_steps, resume.nonfinite_in_a_row if resume else 0), accum=accum,
         tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"],
         peak=hardware.peak_flops(device, dtype) if d.master else None,
         iter_num=iter_num, best_val_loss=best_val_loss, start_iter=iter_num,
@@ -228,7 +237,8 @@ def evaluate_and_save(run):
     """Estimate train and val loss (and the whole val split at the end, with full_val), log them,
     and save when the run has moved since its start."""
     cfg = run.cfg
-    losses = estimate_loss(run.model, run.samplers, cfg, run.device, run.dtype, run.d)
+    eval_samplers = {"train": run.samplers["eval_train"], "val": run.samplers["val"]}
+    losses = estimate_loss(run.model, eval_samplers, cfg, run.device, run.dtype, run.d)
     row = {"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
            "tokens_seen": run.iter_num * run.tokens_per_iter}  # fmt: skip
     if cfg.full_val and (run.iter_num == cfg.max_iters or cfg.eval_only):
@@ -274,7 +284,8 @@ def save(run, new_best=False, evaluated=True):
         return
     drawn = run.iter_num * run.accum * d.world_size  # global micro-batches so far
     progress = {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": asdict(cfg),
-                "loader": run.samplers["train"].state(drawn), "evaluated": evaluated}  # fmt: skip
+                "loader": run.samplers["train"].state(drawn), "evaluated": evaluated,
+                "nonfinite_in_a_row": run.guard.in_a_row}  # fmt: skip
     # best.pt first: a run killed between the two saves redoes these steps and writes it again.
     if new_best:
         state.save_best(cfg.out_dir, run.model, run.model_args, progress, d)
@@ -288,7 +299,12 @@ def save(run, new_best=False, evaluated=True):
 
 def train_step(run, x, y, stop):
     """One optimizer step over this rank's micro-batches, starting with (x, y); returns the first
-    batch of the next step and whether every rank is to stop now."""
+    batch of the next step and whether every rank is to stop now.
+
+    No host sync for the step's NaN and stop flags: they are reduced over ranks on the device,
+    a NaN step's update is masked there (fused AdamW's found_inf), and the host reads them one
+    step later, after the next step is launched (`settle`). Every rank reads the same reduced
+    flags, so all stop at the same step."""
     lr = learning_rate(run.cfg, run.iter_num)
     set_learning_rate(run.optimizer, lr)
     step_loss = torch.zeros((), device=run.device)  # summed on the device: no host sync per micro-step
@@ -306,23 +322,42 @@ def train_step(run, x, y, stop):
             run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)  # true gradients, for the norm and clipping (no-op without fp16)
     grad_norm = clip_grad_norm(run.model, run.cfg.grad_clip)
-    # One host sync per step: every rank learns whether any rank diverged or was told to stop.
+    # The norm is global (DDP reduced the gradients, FSDP's norm spans the shards): any rank's
+    # NaN shows in it. skip: leave the weights alone; bad: counts towards the divergence guard.
+    skip = ~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)
     bad = nonfinite(step_loss, grad_norm, run.scaler.is_enabled())
     stop_here = torch.full_like(bad, stop.requested is not None)  # a fill: no copy that waits
-    skip, stopping = distributed.any_rank(torch.stack([bad, stop_here]), run.d)
-    if not skip:
-        run.scaler.step(run.optimizer)
-    run.scaler.update()
+    flags = distributed.any_rank_on_device(torch.stack([skip, bad, stop_here]), run.d)
+    if getattr(run.optimizer, "_step_supports_amp_scaling", False):
+        run.optimizer.found_inf = flags[0].to(grad_norm.device)  # the fused kernel skips when it is 1
+        run.optimizer.step()
+        del run.optimizer.found_inf
+    elif not flags[0].item():  # an optimizer that cannot mask its update (Muon): read the flag now
+        run.optimizer.step()
+    run.scaler.update()  # fp16: lowers the scale after an overflow, as scaler.step would have
     run.optimizer.zero_grad(set_to_none=True)
     run.iter_num += 1
     run.iters_since_log += 1
     run.log.step()
-    if skip:
-        run.log.print(f"skipped step {run.iter_num}: loss or gradient norm is NaN/Inf")
-    run.guard.record(skip, run.iter_num)
+    stopping = settle(run)  # the previous step's flags: this step is already queued behind them
+    run.pending = (flags, run.iter_num)
     if run.iter_num % run.cfg.log_interval == 0:
         log_step(run, step_loss, grad_norm, lr)
     return x, y, stopping
+
+
+def settle(run):
+    """Read the flags of the last step not yet read: report a skipped step, count it for the
+    divergence guard; returns whether every rank is to stop."""
+    if run.pending is None:
+        return False
+    flags, iter_num = run.pending
+    run.pending = None
+    _, bad, stopping = (bool(f) for f in flags.tolist())
+    if bad:
+        run.log.print(f"skipped step {iter_num}: loss or gradient norm is NaN/Inf")
+    run.guard.record(bad, iter_num)
+    return stopping
 
 
 def log_step(run, step_loss, grad_norm, lr):

@@ -73,6 +73,8 @@ class Resume:
         self.best_val_loss = self.state["best_val_loss"]
         self.loader = self.state.get("loader")
         self.evaluated = self.state.get("evaluated", True)  # False: saved by a stop signal
+        self.nonfinite_in_a_row = self.state.get("nonfinite_in_a_row", 0)  # the divergence guard's count
+        self.dtype = self.state.get("config", {}).get("dtype")
         self.check_settings(model_keys)
         diff = checkpoint.shape_mismatch(model_shapes(self.model_args), shapes)
         if diff:
@@ -96,7 +98,8 @@ class Resume:
                           "Resume with the settings it was trained with, or start a new out_dir")  # fmt: skip
 
     def restore(self, model, optimizer, scaler):
-        """Collective: load weights, optimizer and grad scaler state."""
+        """Collective: load weights, optimizer and grad scaler state. A float16 run resumed from
+        a checkpoint written in another dtype (no scaler state) starts with a fresh scaler."""
         if self.sharded:
             optim = get_optimizer_state_dict(model, optimizer)
             tensors = {"model": get_model_state_dict(model), "optim": {"state": optim["state"]}}
@@ -109,7 +112,8 @@ class Resume:
             options = StateDictOptions(full_state_dict=True)
             set_model_state_dict(model, self.state["model"], options=options)
             set_optimizer_state_dict(model, optimizer, self.state["optimizer"], options=options)
-        scaler.load_state_dict(self.state["scaler"])
+        if self.state["scaler"] or not scaler.is_enabled():
+            scaler.load_state_dict(self.state["scaler"])
         self.rng_states = self.state["rng"]
         self.state = None  # free the memory the weights and optimizer state took
 
