@@ -66,9 +66,8 @@ def train(cfg, d, device, stop):
             run.log.print(f"stopped by {stop.requested or 'a signal on another rank'} at iteration {run.iter_num}; "
                           f"continue with --init_from=resume --out_dir={cfg.out_dir}")  # fmt: skip
             break
-    run.log.summary(
-        [os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)]
-    )
+    saved = [os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)]
+    run.log.summary(saved, run.iter_num, run.iter_num * run.tokens_per_iter)
     run.log.close()
     return run.best_val_loss
 
