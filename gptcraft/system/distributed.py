@@ -3,6 +3,7 @@
 import datetime
 import gc
 import os
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,27 @@ def all_gather(obj, d):
     out = [None] * d.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_shared(path, d, what):
+    """Collective. Stop with one line unless every rank sees the directory `path` as rank 0 does:
+    rank 0 alone prepares datasets and writes checkpoints, so a multi-node run needs out_dir and
+    data_dir on a filesystem all nodes share."""
+    if not d.enabled:
+        return
+    marker = os.path.join(path, f".shared_check.{all_gather(uuid.uuid4().hex, d)[0]}")
+    if d.master:
+        open(marker, "w").close()
+    barrier(d)
+    missing = [rank for rank, seen in enumerate(all_gather(os.path.exists(marker), d)) if not seen]
+    barrier(d)
+    if d.master:
+        os.remove(marker)
+    if missing:
+        raise DistributedError(
+            f"{what} {path} of rank 0 is not visible to rank(s) {', '.join(map(str, missing))}: every node needs "
+            "it on a shared filesystem (NFS, Lustre), or a path where each node sees the same files"
+        )
 
 
 def barrier(d):

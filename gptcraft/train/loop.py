@@ -120,8 +120,11 @@ def setup(cfg, d, device):
     model_args = cfg.model_args()
     resume = Resume(cfg.out_dir, model_args) if cfg.init_from == "resume" else None
 
+    distributed.check_shared(cfg.out_dir, d, "out_dir")
     try:
-        dataset = open_dataset(ensure_dataset(cfg, d))
+        data_path = ensure_dataset(cfg, d)
+        distributed.check_shared(data_path, d, "dataset")
+        dataset = open_dataset(data_path)
     except OSError as e:
         raise TokenFileError(f"dataset {cfg.dataset}: {e}") from None
     model_args["vocab_size"] = dataset.meta.get("vocab_size", 50304)
