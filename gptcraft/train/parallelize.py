@@ -31,6 +31,9 @@ def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, co
         if compile:
             for block in blocks:  # per block: FSDP's hooks between blocks would break one whole graph
                 block.compile()
+            # And the head (final norm, lm_head, loss), not to run it eagerly: inductor can fuse the
+            # float32 cast of the logits (B, T, V) into the loss. The embedding lookups stay eager.
+            model.head = torch.compile(model.head)
         mesh = init_device_mesh(device.split(":")[0], (d.world_size,))
         # Gathered straight in the run's dtype: half the traffic, and autocast finds its matmul
         # inputs already cast (it still runs softmax, norms and the loss in float32).
