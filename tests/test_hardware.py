@@ -1,5 +1,6 @@
 """Device and precision choices and MFU peaks, with CUDA's answers faked: no GPU is needed."""
 
+import datetime
 import json
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 from gptcraft.system import distributed, hardware
 from gptcraft.track.runlog import train_line
+from gptcraft.train.checkpoint import load_checkpoint
+from gptcraft.train.config import TrainConfig
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, "bfloat16"), (False, "float16")])
@@ -57,3 +60,22 @@ def test_single_process_sets_its_cuda_device(monkeypatch):
     assert chosen == ["cuda:1"]
     distributed.init("cpu")
     assert chosen == ["cuda:1"]
+
+
+def test_the_process_group_waits_dist_timeout_s(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    d, device = distributed.init("cpu", "auto", timeout_s=3600)
+    assert (d.rank, d.world_size, device) == (1, 2, "cpu")
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=3600)}
+    assert TrainConfig().dist_timeout_s > 600  # longer than torch's default of 10 minutes, for big saves
+
+
+def test_checkpoints_are_memory_mapped_on_load(tmp_path, monkeypatch):
+    torch.save({"w": torch.zeros(3)}, tmp_path / "ckpt.pt")
+    calls, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
+    load_checkpoint(tmp_path / "ckpt.pt")
+    assert calls[0]["mmap"] is True and calls[0]["weights_only"] is True
