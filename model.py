@@ -102,13 +102,19 @@ def causal_mask(T, S, device):
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
-def explicit_attention(q, k, v, causal=True, dropout=None):
-    """softmax(Q K^T / sqrt(d_k)) V with future positions masked out; q: (B, nh, T, hs), k, v: (B, nh, S, hs)."""
+def attention_weights(q, k, causal=True):
+    """softmax(Q K^T / sqrt(d_k)) with future positions masked out: (B, nh, T, S), each row sums to one;
+    q: (B, nh, T, hs), k: (B, nh, S, hs)."""
     T, S = q.size(-2), k.size(-2)
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
     if causal:
         att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))  # -inf: weight 0 after softmax
-    att = F.softmax(att, dim=-1)
+    return F.softmax(att, dim=-1)
+
+
+def explicit_attention(q, k, v, causal=True, dropout=None):
+    """softmax(Q K^T / sqrt(d_k)) V with future positions masked out; q: (B, nh, T, hs), k, v: (B, nh, S, hs)."""
+    att = attention_weights(q, k, causal)
     if dropout is not None:
         att = dropout(att)
     return att @ v  # (B, nh, T, hs)
@@ -152,9 +158,8 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(config.n_embd // config.n_head)
             self.k_norm = nn.RMSNorm(config.n_embd // config.n_head)
 
-    def forward(self, x, rope=None, cache=None):
-        """x: (B, T, C); rope: (cos, sin) of the T positions of x, each (T, hs/2), or None;
-        cache: this layer's KVCache, whose earlier positions the T new ones follow."""
+    def heads(self, x, rope=None):
+        """Queries, keys and values of x (B, T, C), split into heads: each (B, nh, T, hs); rope: as in forward."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         hs = C // self.n_head
@@ -166,6 +171,13 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x, rope=None, cache=None):
+        """x: (B, T, C); rope: (cos, sin) of the T positions of x, each (T, hs/2), or None;
+        cache: this layer's KVCache, whose earlier positions the T new ones follow."""
+        B, T, C = x.size()
+        q, k, v = self.heads(x, rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nh, S, hs): the cached positions' keys and values, then these
         S = k.size(2)

@@ -98,7 +98,8 @@ def _read_config_file(path):
 
 
 def help_text(cls, prog):
-    lines = [f"usage: python {prog} [CONFIG.py ...] [--key=value ...]", "", "keys (default: help):"]
+    command = f"python {prog}" if prog.endswith(".py") else prog  # a script, or a gptcraft subcommand
+    lines = [f"usage: {command} [CONFIG.py ...] [--key=value ...]", "", "keys (default: help):"]
     for f in fields(cls):
         choices = f.metadata.get("choices")
         extra = f" [{'|'.join(map(str, choices))}]" if choices else ""

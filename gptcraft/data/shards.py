@@ -6,7 +6,9 @@ shards) beside its token files. Two layouts are read:
 - shards, the format of llm.c and the NanoGPT speedrun: a header of 256 little-endian int32
   (magic 20240520, version, token count, the rest zero), then the tokens, uint16 in version 1
   and uint32 in version 2 (vocabularies above 65,536 ids). meta.json lists them per split.
-- legacy: one flat little-endian uint16 file per split, `train.bin` and `val.bin`.
+- legacy: one flat little-endian uint16 file per split, `train.bin` and `val.bin`. A folder
+  that nanoGPT prepared has these without meta.json: its meta.pkl (or, without one, GPT-2
+  BPE) describes it instead (nanogpt.py), and nothing is written into it.
 
 Files are read through numpy memmap, so a corpus never has to fit in memory.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gptcraft.data.nanogpt import is_nanogpt_folder, nanogpt_meta
 from gptcraft.errors import GptcraftError
 
 META = "meta.json"
@@ -232,6 +235,18 @@ def read_meta(data_dir):
     return meta
 
 
+def is_dataset(data_dir):
+    """True for a prepared dataset directory: meta.json, or the token files of a nanoGPT folder."""
+    return os.path.exists(os.path.join(data_dir, META)) or is_nanogpt_folder(data_dir)
+
+
+def dataset_meta(data_dir):
+    """The dataset's description: its meta.json, or for a nanoGPT folder without one, its meta.pkl's."""
+    if os.path.exists(os.path.join(data_dir, META)) or not is_nanogpt_folder(data_dir):
+        return read_meta(data_dir)
+    return nanogpt_meta(data_dir)
+
+
 def shard_meta(tokenizer_meta, splits, **extra):
     """meta.json of a sharded dataset. splits: {split: {"shards": [{"file", "tokens", "sha256"}], ...}};
     extra: more top-level fields (how it was made)."""
@@ -282,7 +297,7 @@ def _recorded_sha(meta, split, i):
 
 def open_dataset(data_dir):
     """Open a prepared dataset directory, checking each shard's header against meta.json."""
-    meta = read_meta(data_dir)
+    meta = dataset_meta(data_dir)
     meta_path = os.path.join(data_dir, META)
     if "splits" not in meta:  # legacy: train.bin / val.bin
         splits = {split: [open_legacy(os.path.join(data_dir, f"{split}.bin"))] for split in SPLITS}

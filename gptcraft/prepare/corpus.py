@@ -213,11 +213,15 @@ def prepare(args):
     source = describe_source(args, files)
     tokenizer = GPT2Tokenizer(args.tokenizer_file)
     os.makedirs(args.out_dir, exist_ok=True)
+    # --force deletes what out_dir holds: only once the new source has opened and its first documents read.
+    opened = open_corpus(args, files, builder) if args.force else None
+    if opened:
+        next(chunks(*opened, args.text_column), None)
     progress = check_out_dir(args.out_dir, source, args.force)
     if progress == "done":
         print(f"{args.out_dir} already holds this dataset; nothing to do (--force prepares it again)")
         return read_meta(args.out_dir)
-    ds, where = open_corpus(args, files, builder)
+    ds, where = opened or open_corpus(args, files, builder)
     return Pipeline(args, tokenizer, source, progress or {}).run(ds, where)
 
 
@@ -353,12 +357,16 @@ def parser(dataset=None, out_dir=None):
     return p
 
 
-def main(argv=None, dataset=None, out_dir=None):
-    args = parser(dataset, out_dir).parse_args(argv)
+def run(args):
+    """prepare(args), with a one-line error for what the user can fix."""
     try:
         prepare(args)
     except (CorpusError, TokenizerError, TokenFileError, OSError) as e:
         sys.exit(f"error: {e}")
+
+
+def main(argv=None, dataset=None, out_dir=None):
+    run(parser(dataset, out_dir).parse_args(argv))
 
 
 if __name__ == "__main__":

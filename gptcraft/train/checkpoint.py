@@ -9,6 +9,10 @@ A file is written to a temporary name in out_dir, flushed, fsynced and renamed o
 one; a directory is written beside the old one and swapped in by two renames. A kill -9 at
 any moment leaves a complete checkpoint behind. .pt files hold only tensors and plain values
 and load with weights_only=True.
+
+nanoGPT's out_dir/ckpt.pt loads too: the same parameter names (GPT-2's), in a dict of model,
+optimizer, model_args, iter_num, best_val_loss and config, without our scaler, RNG and loader
+state (is_nanogpt).
 """
 
 import glob
@@ -60,18 +64,34 @@ def save_checkpoint(path, state):
         ) from None
 
 
+def is_nanogpt(state):
+    """True for a resume checkpoint nanoGPT's train.py wrote: ours save the grad scaler beside the optimizer."""
+    return "optimizer" in state and "scaler" not in state
+
+
+def model_weights(weights):
+    """A model state dict as model.py names it: without the `_orig_mod.` prefix that saving a
+    torch.compile'd model adds (nanoGPT does), nor the (1, 1, T, T) causal-mask buffers
+    `attn.bias` that nanoGPT keeps when PyTorch has no flash attention."""
+    weights = {k.replace("_orig_mod.", ""): v for k, v in weights.items()}
+    return {k: v for k, v in weights.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read a .pt checkpoint with weights_only=True: tensors and plain values only. The tensors
     are memory-mapped from the file: N ranks resuming a big model do not hold N copies in memory."""
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}; train first or fix out_dir")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         refused = "holds objects that are not plain tensors or values, refused"
         raise CheckpointError(f"{path} {refused} ({reason(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({reason(e)}); use another checkpoint") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state["model"] = model_weights(state["model"])
+    return state
 
 
 def sharded_dir(out_dir):

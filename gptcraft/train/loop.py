@@ -24,7 +24,9 @@ from gptcraft.data.batches import (
     WindowError,
     WindowSampler,
 )
-from gptcraft.data.shards import TokenFileError, open_dataset, write_meta
+from gptcraft.data.shards import TokenFileError, is_dataset, open_dataset, write_meta
+from gptcraft.data.tokenizer import load_tokenizer
+from gptcraft.evaluate import hellaswag
 from gptcraft.evaluate.loss import full_split_loss
 from gptcraft.hf import HUB_MODELS, from_pretrained
 from gptcraft.system import distributed, hardware
@@ -107,6 +109,7 @@ class Run:
     # between evaluations: then the one due at that iteration is done now, and saved (redo_eval).
     eval_at_start: bool
     redo_eval: bool
+    hellaswag: tuple | None = None  # (tokenizer, examples) with hellaswag_file
     t_last: float = 0.0  # when the pace was last measured
     iters_since_log: int = 0
     pending: tuple | None = None  # (flags, iter_num) of the last step, until `settle` reads them
@@ -135,6 +138,9 @@ def setup(cfg, d, device):
     except OSError as e:
         raise TokenFileError(f"dataset {cfg.dataset}: {e}") from None
     model_args["vocab_size"] = dataset.meta.get("vocab_size", 50304)
+    hellaswag_set = None
+    if cfg.hellaswag_file:  # read now: a bad file stops the run before any compute
+        hellaswag_set = (load_tokenizer(dataset.meta), hellaswag.read_examples(cfg.hellaswag_file))
     if resume is not None:
         model_args = resume.model_args
     pretrained = None
@@ -151,7 +157,7 @@ def setup(cfg, d, device):
             for name, split, stream in (("train", "train", TRAIN_STREAM), ("val", "val", VAL_STREAM),
                                         ("eval_train", "train", TRAIN_EVAL_STREAM))
         }  # fmt: skip
-        if resume is not None:
+        if resume is not None and not resume.nanogpt:
             samplers["train"].check_state(resume.loader, resume.iter_num * global_accum)
     except (TokenFileError, LoaderStateError, WindowError) as e:
         raise type(e)(f"dataset {cfg.dataset}: {e}") from None
@@ -182,6 +188,8 @@ def setup(cfg, d, device):
                       f"{d.world_size} processes: each does one micro-batch, {global_accum} per step")  # fmt: skip
         if resume is not None:
             log.print(f"resumed from {resume.path} at iteration {iter_num}")
+            for note in resume.notes:
+                log.print(f"note: {note}")
             if resume.dtype not in (None, dtype):
                 scaler_note = "; a fresh float16 grad scaler" if dtype == "float16" else ""
                 log.print(f"note: the checkpoint was trained in {resume.dtype}, this run is {dtype}{scaler_note}")
@@ -196,14 +204,15 @@ def setup(cfg, d, device):
         tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"],
         peak=hardware.peak_flops(device, dtype) if d.master else None,
         iter_num=iter_num, best_val_loss=best_val_loss, start_iter=iter_num,
-        eval_at_start=resume is None or cfg.eval_only or redo_eval, redo_eval=redo_eval, t_last=time.time(),
+        eval_at_start=resume is None or cfg.eval_only or redo_eval, redo_eval=redo_eval,
+        hellaswag=hellaswag_set, t_last=time.time(),
     )  # fmt: skip
 
 
 def ensure_dataset(cfg, d):
     """Prepare a known dataset that is missing (rank 0 only), and return its directory."""
     path = os.path.join(cfg.data_dir, cfg.dataset)
-    if os.path.exists(os.path.join(path, "meta.json")):
+    if is_dataset(path):  # also a folder that nanoGPT prepared
         return path
     if cfg.dataset != "shakespeare_char":
         raise TokenFileError(f"dataset {cfg.dataset!r} not found in {path}; run its script in prepare/ first")
@@ -254,9 +263,15 @@ def evaluate_and_save(run):
         val_data = [f.memmap() for f in run.dataset.splits["val"]]
         row["full_val_loss"] = full_split_loss(run.model, val_data, run.model_args["block_size"], cfg.batch_size,
                                                run.device, run.dtype, run.d)  # fmt: skip
+    if run.hellaswag is not None:
+        scores = hellaswag.score(run.model, *run.hellaswag, run.model_args["block_size"], run.device, run.dtype,
+                                 run.d, cfg.batch_size)  # fmt: skip
+        row.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"])
     run.log.record(row)
     if "full_val_loss" in row:
         run.log.print(f"full val loss {row['full_val_loss']:.4f} (every val token)")
+    if run.hellaswag is not None:
+        run.log.print(f"hellaswag acc {row['hellaswag_acc']:.4f}, acc_norm {row['hellaswag_acc_norm']:.4f}")
     improved = losses["val"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses["val"])
     if (run.iter_num > run.start_iter or run.redo_eval) and (improved or cfg.always_save_checkpoint):
