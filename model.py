@@ -315,10 +315,14 @@ class GPT(nn.Module):
         rope = self.rope(input_pos)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, cache[i] if cache is not None else None, input_pos)
-        x = self.transformer.ln_f(x)
         if targets is None:
-            return self.logits(x[:, [-1], :]), None
-        logits = self.logits(x)
+            return self.logits(self.transformer.ln_f(x[:, [-1], :])), None
+        return self.head(x, targets)
+
+    def head(self, x, targets):
+        """Final LayerNorm, logits (B, T, V) and the mean cross-entropy against targets (B, T),
+        computed in float32; targets of -1 are ignored."""
+        logits = self.logits(self.transformer.ln_f(x))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 

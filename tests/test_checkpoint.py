@@ -183,3 +183,13 @@ def test_resume_refuses_a_corrupt_checkpoint_and_leaves_it(char_data_dir, tmp_pa
     with pytest.raises(GptcraftError, match="ckpt.pt is truncated or corrupt"):
         loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **RUN))
     assert (out / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # nothing touched
+
+
+def test_the_count_of_nan_steps_in_a_row_survives_a_resume(char_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    poison_forward(monkeypatch, bad_steps=(9, 10))
+    loop.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=3, **{**RUN, "max_iters": 10}))
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["nonfinite_in_a_row"] == 2
+    poison_forward(monkeypatch, bad_steps=(1,))  # the resumed run's first step, iteration 11
+    with pytest.raises(GptcraftError, match=r"NaN/Inf for 3 steps in a row \(up to iteration 11\)"):
+        loop.main(tiny_train_args(char_data_dir, out, max_nonfinite_steps=3, init_from="resume", **RUN))

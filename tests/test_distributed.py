@@ -210,3 +210,14 @@ def test_fsdp_on_gpu_with_activation_checkpointing(char_data_dir, tmp_path):
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *args)
     curve = losses(out)
     assert curve[20] < curve[1] - 0.3
+
+
+def test_a_directory_other_nodes_cannot_see_is_refused(tmp_path, monkeypatch):
+    """Rank 1 on another node without the shared filesystem: it does not see rank 0's marker."""
+    monkeypatch.setattr(distributed, "barrier", lambda d: None)
+    monkeypatch.setattr(distributed, "all_gather", lambda obj, d: [obj, False if isinstance(obj, bool) else obj])
+    with pytest.raises(GptcraftError, match=r"out_dir .* is not visible to rank\(s\) 1: every node needs it"):
+        distributed.check_shared(str(tmp_path), distributed.Dist(world_size=2), "out_dir")
+    assert list(tmp_path.iterdir()) == []  # the marker is removed
+    monkeypatch.setattr(distributed, "all_gather", lambda obj, d: [obj, obj])
+    distributed.check_shared(str(tmp_path), distributed.Dist(world_size=2), "out_dir")

@@ -34,6 +34,17 @@ def test_full_val_scores_every_token_once():
     assert model.training  # the model is put back as it was
 
 
+def test_full_val_batches_all_have_one_shape():
+    """A compiled model would recompile for a shorter last batch or window: there is none."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16))
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    tokens = np.random.default_rng(0).integers(0, 20, size=43).astype(np.uint16)  # 6 windows, the last short
+    full_val_loss(model, tokens, 8, 4, "cpu", "float32", Dist())
+    assert shapes == [(4, 8), (4, 8)]
+
+
 def test_train_logs_full_val_on_last_eval_row(char_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     switches = dict(optimizer="muon", pos_embedding="rope", qk_norm=True, activation="relu2",

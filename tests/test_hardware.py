@@ -1,9 +1,16 @@
-"""device=auto and dtype=auto, with the CUDA and MPS queries faked, and the peak MFU is measured against."""
+"""device=auto and dtype=auto, with the CUDA and MPS queries faked, the peak MFU is measured against,
+and the CUDA device and process group a run sets up."""
+
+import datetime
+import json
 
 import pytest
 import torch
 
-from gptcraft.system import hardware
+from gptcraft.system import distributed, hardware
+from gptcraft.track.runlog import train_line
+from gptcraft.train.checkpoint import load_checkpoint
+from gptcraft.train.config import TrainConfig
 
 
 def fake_hardware(monkeypatch, cuda=False, mps=False, bf16=False, name="NVIDIA H100 80GB HBM3"):
@@ -36,3 +43,72 @@ def test_peak_is_the_data_sheet_figure_of_a_known_gpu_and_none_for_an_unknown_on
     fake_hardware(monkeypatch, cuda=True, name="Some Future GPU")
     assert hardware.peak_flops("cuda:0", "bfloat16") is None
     assert hardware.peak_flops("mps", "float32") is None
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bfloat16"), (False, "float16")])
+def test_dtype_auto_counts_only_native_bf16(monkeypatch, native_bf16, expected):
+    # A V100 or T4 answers True with emulation counted and False without.
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native_bf16
+    )
+    assert hardware.resolve_dtype("auto", "cuda") == expected
+    assert hardware.resolve_dtype("auto", "cpu") == "float32"
+
+
+@pytest.mark.parametrize(
+    "name, dtype, peak",
+    [("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+     ("NVIDIA H100 NVL", "float16", 835e12), ("NVIDIA H100 80GB HBM3", "float32", 495e12),
+     ("NVIDIA L40", "bfloat16", 181e12), ("NVIDIA L40S", "bfloat16", 362e12), ("NVIDIA L4", "bfloat16", 121e12),
+     ("NVIDIA A100-SXM4-80GB", "float32", 156e12), ("Tesla V100-SXM2-16GB", "float16", 125e12),
+     ("NVIDIA GeForce RTX 4090", "bfloat16", 165e12), ("Some Future GPU", "bfloat16", None)],
+)  # fmt: skip
+def test_gpu_peak_by_name_and_dtype(monkeypatch, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert hardware.peak_flops("cuda:0", dtype) == peak
+
+
+def test_cpu_peak_keeps_the_best_measurement(monkeypatch, tmp_path):
+    cache = tmp_path / "cpu_peak.json"
+    figures = iter([100e9, 40e9, 120e9])  # the second run measured on a busy machine
+    monkeypatch.setattr(hardware, "measured_cpu_peak", lambda: next(figures))
+    assert [hardware.cpu_peak(cache) for _ in range(3)] == [100e9, 100e9, 120e9]
+    assert list(json.loads(cache.read_text()).values()) == [120e9]
+    cache.write_text("not json")  # a damaged cache is measured over
+    monkeypatch.setattr(hardware, "measured_cpu_peak", lambda: 90e9)
+    assert hardware.cpu_peak(cache) == 90e9
+
+
+def test_mfu_above_100_percent_is_flagged():
+    row = {"iter": 10, "loss": 2.0, "lr": 1e-3, "ms_per_iter": 5.0, "tokens_per_s": 1000.0, "mfu": 1.2}
+    assert "cannot be" in train_line(row, None)
+    assert "cannot be" not in train_line({**row, "mfu": 0.4}, None)
+
+
+def test_single_process_sets_its_cuda_device(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.init("cuda:1") == (distributed.Dist(), "cuda:1")
+    assert chosen == ["cuda:1"]
+    distributed.init("cpu")
+    assert chosen == ["cuda:1"]
+
+
+def test_the_process_group_waits_dist_timeout_s(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    d, device = distributed.init("cpu", "auto", timeout_s=3600)
+    assert (d.rank, d.world_size, device) == (1, 2, "cpu")
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=3600)}
+    assert TrainConfig().dist_timeout_s > 600  # longer than torch's default of 10 minutes, for big saves
+
+
+def test_checkpoints_are_memory_mapped_on_load(tmp_path, monkeypatch):
+    torch.save({"w": torch.zeros(3)}, tmp_path / "ckpt.pt")
+    calls, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
+    load_checkpoint(tmp_path / "ckpt.pt")
+    assert calls[0]["mmap"] is True and calls[0]["weights_only"] is True

@@ -149,3 +149,18 @@ def test_resumed_training_draws_the_batches_of_an_uninterrupted_run(tmp_path, sh
     loop.main(tiny_train_args(tmp_path / "data", tmp_path / "cut", **settings, init_from="resume"))
     assert whole == list(range(13))  # 6 steps of 2 micro-batches, and the one fetched ahead
     assert drawn == whole[6:]
+
+
+def test_the_eval_draws_train_batches_the_training_never_draws(char_data_dir, tmp_path, monkeypatch):
+    from gptcraft.data.batches import TRAIN_EVAL_STREAM, VAL_STREAM
+    from gptcraft.train import loop
+
+    streams, estimate = [], loop.estimate_loss
+
+    def recording(model, samplers, *args):
+        streams.extend(s.stream for s in samplers.values())
+        return estimate(model, samplers, *args)
+
+    monkeypatch.setattr(loop, "estimate_loss", recording)
+    loop.main(tiny_train_args(char_data_dir, tmp_path, max_iters=2, eval_interval=2, eval_iters=1))
+    assert streams == [TRAIN_EVAL_STREAM, VAL_STREAM] * 2

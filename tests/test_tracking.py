@@ -9,6 +9,7 @@ import time
 import types
 
 import pytest
+import torch
 from conftest import ROOT, run_script, tiny_train_args
 
 from gptcraft.errors import GptcraftError
@@ -174,14 +175,15 @@ def test_summary_skips_a_diverged_val_loss():
 
 def test_eta_from_the_wall_time_per_iteration(tmp_path, capsys):
     log = RunLog(str(tmp_path), True, start_iter=100, max_iters=400)
-    log.eta_anchor = (time.time() - 20.0, 100)  # 20 s for the first 100 iterations of this session
-    assert log.eta(100) is None
-    assert log.eta(200) == pytest.approx(20.0 / 100 * 200, rel=0.05)
-    # From the first logged step on, the pace is measured from there (startup and compiling left out).
-    log.record({"iter": 110, "loss": 2.0, "lr": 1e-3, "ms_per_iter": 1.0, "tokens_per_s": 1.0})
+    # The first logged step of a session (a resumed one here) goes by its own pace: start-up,
+    # compiling and a first evaluation are left out.
+    assert log.eta(110, ms_per_iter=50.0) == pytest.approx(0.05 * 290)
+    log.record({"iter": 110, "loss": 2.0, "lr": 1e-3, "ms_per_iter": 50.0, "tokens_per_s": 1.0})
+    assert "eta 0:14" in capsys.readouterr().out
     assert log.eta_anchor[1] == 110
+    # From there on, the mean wall time per iteration since that step, evaluations included.
     log.eta_anchor = (time.time() - 5.0, 110)
-    assert log.eta(210) == pytest.approx(5.0 / 100 * 190, rel=0.05)
+    assert log.eta(210, ms_per_iter=1.0) == pytest.approx(5.0 / 100 * 190, rel=0.05)
     log.close()
 
 
@@ -189,7 +191,7 @@ def test_other_ranks_report_nothing(tmp_path, capsys):
     log = RunLog(str(tmp_path), False, start_iter=0, max_iters=10, config={"wandb_log": True, "plot_loss": True})
     log.record({"iter": 1, "loss": 1.0, "lr": 1e-3, "ms_per_iter": 1.0, "tokens_per_s": 1.0})
     log.print("hello")
-    assert log.summary([]) is None
+    assert log.summary([], 0, 0) is None
     log.close()
     assert not list(tmp_path.iterdir()) and capsys.readouterr().out == ""
 
@@ -300,6 +302,33 @@ def test_an_evaluation_only_run_hides_no_rows(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     log = RunLog(str(tmp_path), True, start_iter=10, max_iters=20, resumed=True, config={"eval_only": True})
     log.record({"iter": 10, "train_loss": 2.9, "val_loss": 3.1})
-    assert log.summary([]) is None
+    assert log.summary([], 0, 0) is None
     log.close()
     assert [r["iter"] for r in read_log(str(tmp_path))] == [10, 20, 10]
+
+
+class StopAfter:
+    """A GracefulStop whose signal arrives while the trainer asks for the n-th time."""
+
+    def __init__(self, n):
+        self.asked, self.n = 0, n
+
+    @property
+    def requested(self):
+        self.asked += 1
+        return "SIGTERM" if self.asked >= self.n else None
+
+
+def test_summary_of_a_stopped_run_counts_every_step_done(char_data_dir, tmp_path):
+    from gptcraft.config import parse_config
+    from gptcraft.system.distributed import Dist
+    from gptcraft.train import loop
+    from gptcraft.train.config import TrainConfig
+
+    cfg = parse_config(TrainConfig, tiny_train_args(char_data_dir, tmp_path, max_iters=100, eval_interval=1000))
+    loop.train(cfg, Dist(), "cpu", StopAfter(13))
+    rows = read_rows(str(tmp_path / "log.jsonl"))
+    stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"]
+    assert stopped_at % 10 and [r["iter"] for r in rows if "loss" in r][-1] == stopped_at // 10 * 10
+    assert rows[-1]["event"] == "summary" and rows[-1]["iters"] == stopped_at
+    assert rows[-1]["tokens_seen"] == stopped_at * TOKENS_PER_ITER

@@ -16,7 +16,9 @@ import torch
 
 from gptcraft.errors import GptcraftError
 
-TRAIN_STREAM, VAL_STREAM = 0, 1
+# The eval's train-split batches have a stream of their own: drawn from the training stream,
+# they would be the batches the first steps trained on, and the estimate biased low.
+TRAIN_STREAM, VAL_STREAM, TRAIN_EVAL_STREAM = 0, 1, 2
 
 
 class LoaderStateError(GptcraftError, ValueError):

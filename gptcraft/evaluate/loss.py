@@ -2,7 +2,8 @@
 
 The split is cut into non-overlapping windows of block_size inputs; window i predicts tokens
 i*T+1 .. i*T+T from tokens i*T .. i*T+T-1, so every token but the first is a target exactly once
-(the last window may be shorter). Ranks take every world_size-th batch and sum their losses.
+(the last window may be shorter: padded, its padding ignored by the loss). Ranks take every
+world_size-th batch and sum their losses.
 A split stored as several files is scored file by file (windows do not cross files).
 """
 
@@ -13,28 +14,28 @@ from gptcraft.system import distributed, hardware
 
 @torch.no_grad()
 def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d):
-    """Mean cross-entropy over every target token of `tokens` (a 1-D array of token ids)."""
+    """Mean cross-entropy over every target token of `tokens` (a 1-D array of token ids).
+    Every batch has the shape (batch_size, block_size), the last one padded with targets the
+    loss ignores (-1): a compiled model sees one shape and never recompiles."""
     T = block_size
     n_targets = len(tokens) - 1
     starts = list(range(0, n_targets, T))  # window i covers inputs [s, s+T), targets [s+1, s+T+1)
     batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
-    # The last window may be short: it goes alone, so every batch is a rectangle.
-    if n_targets % T and len(batches[-1]) > 1:
-        batches[-1:] = [batches[-1][:-1], batches[-1][-1:]]
     was_training = model.training
     model.eval()
-    losses, sizes = [], []  # losses kept on the device: one host sync at the end
+    losses, sizes = [], []  # kept on the device: one host sync at the end
     for i, counted in distributed.even_share(len(batches), d):
-        batch = batches[i]
-        length = min(T, n_targets - batch[0]) if len(batch) == 1 else T
-        window = torch.stack([torch.from_numpy(tokens[s : s + length + 1].astype("int64")) for s in batch])
-        window = window.to(device)  # (B, length + 1)
-        x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+        x = torch.zeros((batch_size, T), dtype=torch.int64)
+        y = torch.full((batch_size, T), -1, dtype=torch.int64)
+        for row, s in enumerate(batches[i]):
+            window = torch.from_numpy(tokens[s : s + T + 1].astype("int64"))  # T + 1 tokens, fewer at the end
+            x[row, : len(window) - 1], y[row, : len(window) - 1] = window[:-1], window[1:]
+        x, y = x.to(device), y.to(device)
         with hardware.autocast(device, dtype):
-            _, loss = model(x, y)
+            _, loss = model(x, y)  # the mean over the targets that are not -1
         if counted:
             losses.append(loss.detach())
-            sizes.append(y.numel())
+            sizes.append(int((y >= 0).sum()))
     # Back from means to a sum.
     total = sum(loss * n for loss, n in zip(torch.stack(losses).tolist(), sizes, strict=True)) if losses else 0.0
     model.train(was_training)

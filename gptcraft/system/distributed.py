@@ -1,7 +1,9 @@
 """torch.distributed set-up for runs launched by torchrun; a single process otherwise."""
 
+import datetime
 import gc
 import os
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +46,14 @@ def resolve_backend(backend, device):
     return backend
 
 
-def init(device, backend="auto"):
+def init(device, backend="auto", timeout_s=1800):
     """Join the process group torchrun describes in the environment; returns (Dist, device).
-    Each rank on a CUDA node takes the GPU of its local rank."""
+    Each rank on a CUDA node takes the GPU of its local rank; a single process takes the GPU it
+    was given, so that capability checks and kernels look at that one, not at GPU 0.
+    timeout_s: how long a collective may wait for the slowest rank (rank 0 writing a big checkpoint)."""
     if not launched_by_torchrun():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
         return Dist(), device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -59,7 +65,7 @@ def init(device, backend="auto"):
             )
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, local_rank, world), device
 
 
@@ -100,14 +106,19 @@ def all_mean(value, d):
     return t.item() / d.world_size
 
 
-def any_rank(flags, d):
-    """Element-wise OR of a 1-D tensor of flags over all ranks, as a list of bools. Flags on a CUDA
-    device are reduced there with nccl: reading them at the end is the only host sync."""
+def any_rank_on_device(flags, d):
+    """Element-wise OR of a 1-D tensor of flags over all ranks, as 0/1 floats left where the
+    backend reduces (on the GPU with nccl): nothing waits until they are read."""
     flags = flags.detach().to(torch.float32)
     if d.enabled:
         flags = _on_backend_device(flags)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [bool(f) for f in flags.tolist()]
+    return flags
+
+
+def any_rank(flags, d):
+    """Element-wise OR of a 1-D tensor of flags over all ranks, as a list of bools (a host sync)."""
+    return [bool(f) for f in any_rank_on_device(flags, d).tolist()]
 
 
 def all_gather(obj, d):
@@ -117,6 +128,27 @@ def all_gather(obj, d):
     out = [None] * d.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_shared(path, d, what):
+    """Collective. Stop with one line unless every rank sees the directory `path` as rank 0 does:
+    rank 0 alone prepares datasets and writes checkpoints, so a multi-node run needs out_dir and
+    data_dir on a filesystem all nodes share."""
+    if not d.enabled:
+        return
+    marker = os.path.join(path, f".shared_check.{all_gather(uuid.uuid4().hex, d)[0]}")
+    if d.master:
+        open(marker, "w").close()
+    barrier(d)
+    missing = [rank for rank, seen in enumerate(all_gather(os.path.exists(marker), d)) if not seen]
+    barrier(d)
+    if d.master:
+        os.remove(marker)
+    if missing:
+        raise DistributedError(
+            f"{what} {path} of rank 0 is not visible to rank(s) {', '.join(map(str, missing))}: every node needs "
+            "it on a shared filesystem (NFS, Lustre), or a path where each node sees the same files"
+        )
 
 
 def barrier(d):

@@ -1,6 +1,10 @@
 """Which device and precision to run on, and how many FLOP/s that hardware can do at best."""
 
 import contextlib
+import json
+import os
+import platform
+import re
 import time
 
 import torch
@@ -15,19 +19,25 @@ class DeviceError(GptcraftError):
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets, in FLOP/s; matched by substring.
-GPU_BF16_PEAK = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("A10G", 70e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
-    ("V100", 125e12),  # fp16: the V100 has no bf16
-]
+# Dense data-sheet peaks in FLOP/s: (16-bit tensor cores: bf16, or fp16 where there is no bf16;
+# float32 matmuls, which run as TF32 where the GPU has it: setup allows TF32). A key matches a
+# whole word of the device name; the longest matching key wins ("H100 NVL" over "H100").
+GPU_PEAKS = {
+    "H200": (989e12, 495e12),
+    "H200 NVL": (835e12, 418e12),
+    "H100": (989e12, 495e12),  # SXM
+    "H100 PCIe": (756e12, 378e12),
+    "H100 NVL": (835e12, 418e12),
+    "A100": (312e12, 156e12),
+    "A10G": (70e12, 35e12),
+    "L40S": (362e12, 183e12),
+    "L40": (181e12, 90e12),
+    "L4": (121e12, 60e12),
+    "4090": (165e12, 83e12),
+    "3090": (71e12, 36e12),
+    "V100": (125e12, 15.7e12),  # fp16; no bf16 and no TF32
+    "T4": (65e12, 8.1e12),  # fp16; no bf16 and no TF32
+}
 
 
 def device_option():
@@ -64,7 +74,8 @@ def resolve_dtype(name, device):
     CPUs without native bf16 run bf16 matmuls hundreds of times slower than fp32."""
     if name == "auto":
         if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # Emulated bf16 (V100, T4) has no tensor cores and inductor refuses it: float16 there.
+            return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
         return "float32"
     return name
 
@@ -77,7 +88,7 @@ def autocast(device, dtype):
 
 
 def measured_cpu_peak(n=2048, repeats=5):
-    """Best fp32 matmul FLOP/s of this CPU, measured with a large square matmul."""
+    """Best fp32 matmul FLOP/s of this CPU in `repeats` large square matmuls."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm up the thread pool
     best = float("inf")
@@ -110,15 +121,64 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def peak_flops(device, dtype):
-    """The FLOP/s that MFU is measured against: a data-sheet bf16 peak for known GPUs,
-    a measured fp32 matmul peak on CPU, None where unknown."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_BF16_PEAK:
-            if key in name:
-                return peak
+def cpu_peak_cache():
+    """The file that keeps the best CPU peak measured so far on this kind of machine."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "gptcraft", "cpu_peak.json")
+
+
+def cpu_peak(path=None):
+    """The CPU's fp32 matmul peak: the best ever measured here for this CPU, thread count and torch.
+    One measurement on a busy machine comes out low (and MFU above 100%); the best of all runs
+    only rises towards the true peak."""
+    path = path or cpu_peak_cache()
+    key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    measured = measured_cpu_peak()
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    best = max(measured, cached.get(key, 0.0))
+    if best > cached.get(key, 0.0):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({**cached, key: best}, f, indent=1)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: the figure of this run alone
+    return best
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if names:
+            return names[0].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_peak(name, dtype):
+    """The data-sheet peak of the GPU called `name` for a run in `dtype`, None if it is unknown."""
+    matches = [key for key in GPU_PEAKS if re.search(rf"\b{re.escape(key)}\b", name)]
+    if not matches:
         return None
+    half, full = GPU_PEAKS[max(matches, key=len)]
+    return full if dtype == "float32" else half
+
+
+def peak_flops(device, dtype):
+    """The FLOP/s that MFU is measured against: a data-sheet peak for known GPUs (16-bit or
+    TF32/fp32 by dtype), the best measured fp32 matmul peak on CPU, None where unknown."""
+    if device.startswith("cuda"):
+        return gpu_peak(torch.cuda.get_device_name(device), dtype)
     if device == "cpu":
-        return measured_cpu_peak()
+        return cpu_peak()
     return None

@@ -55,6 +55,8 @@ def train_line(row, eta_s):
             f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
     if row.get("mfu") is not None:
         text += f", mfu {100 * row['mfu']:.1f}%"
+        if row["mfu"] > 1:
+            text += " (cannot be: the peak it is measured against is too low)"
     if row.get("grad_norm") is not None:
         text += f", grad norm {row['grad_norm']:.3f}"
     if eta_s is not None:
@@ -95,7 +97,9 @@ class RunLog:
         self.plot_loss = config.get("plot_loss", False)
         self.training = not config.get("eval_only", False)
         self.t0 = time.time()
-        self.eta_anchor = (self.t0, start_iter)  # moved to the first logged step: compiling is not the pace
+        # (time, iter) of this session's first logged step: start-up, compiling and a resumed
+        # run's first evaluation are not the pace.
+        self.eta_anchor = None
         self.file = self.bar = self.wandb_run = self.failure = None
         if not enabled:
             return
@@ -163,8 +167,8 @@ class RunLog:
         if "val_loss" in row:
             self.print(f"eval {row['iter']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}")
         else:
-            self.print(train_line(row, self.eta(row["iter"])))
-            if self.eta_anchor[1] == self.start_iter:
+            self.print(train_line(row, self.eta(row["iter"], row["ms_per_iter"])))
+            if self.eta_anchor is None:
                 self.eta_anchor = (time.time(), row["iter"])
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
@@ -177,19 +181,20 @@ class RunLog:
             png = os.path.join(self.out_dir, "loss.png")
             self.guarded(png, lambda: plot.draw([self.out_dir], png, quiet=True))
 
-    def eta(self, it):
-        """Seconds left at the mean wall time per iteration since the first logged step of this
-        session (since its start at the first logged step itself), evaluations included."""
+    def eta(self, it, ms_per_iter):
+        """Seconds left: at the first logged step of this session, at that step's own pace
+        (ms_per_iter); later at the mean wall time per iteration since then, evaluations included."""
+        if self.eta_anchor is None or it <= self.eta_anchor[1]:
+            return ms_per_iter / 1000 * (self.max_iters - it)
         anchor_time, anchor_iter = self.eta_anchor
-        if it <= anchor_iter:
-            return None
         return (time.time() - anchor_time) / (it - anchor_iter) * (self.max_iters - it)
 
-    def summary(self, checkpoints):
-        """Print and log what the run achieved, from log.jsonl; checkpoints: paths saved by the run."""
+    def summary(self, checkpoints, iters, tokens_seen):
+        """Print and log what the run achieved, from log.jsonl; checkpoints: paths saved by the run;
+        iters, tokens_seen: where it ended (a stop signal ends it between logged steps)."""
         if not (self.enabled and self.training) or self.failure is not None:
             return None
-        summary = summarize(read_log(self.out_dir, quiet=True))
+        summary = {**summarize(read_log(self.out_dir, quiet=True)), "iters": iters, "tokens_seen": tokens_seen}
         summary["wall_time_s"] = round(self.elapsed(), 3)
         summary["checkpoints"] = [p for p in checkpoints if os.path.exists(p)]
         for line in summary_lines(summary):

@@ -74,11 +74,12 @@ def model_weights(weights):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a .pt checkpoint with weights_only=True: tensors and plain values only."""
+    """Read a .pt checkpoint with weights_only=True: tensors and plain values only. The tensors
+    are memory-mapped from the file: N ranks resuming a big model do not hold N copies in memory."""
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}; train first or fix out_dir")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         refused = "holds objects that are not plain tensors or values, refused"
         raise CheckpointError(f"{path} {refused} ({reason(e)})") from None

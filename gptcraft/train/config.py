@@ -65,6 +65,8 @@ class TrainConfig(ModelSettings):
     # system
     backend: str = option("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo",
                           ("auto", "nccl", "gloo"))  # fmt: skip
+    dist_timeout_s: int = option(1800, "seconds a rank waits for the others in a collective (rank 0 writing a "
+                                 "large ckpt.pt takes long; torch's default is 600)")  # fmt: skip
     device: str = hardware.device_option()
     dtype: str = hardware.dtype_option()
     compile: bool = option(True, "torch.compile the model (pays off on GPUs, not on small CPU runs)")
@@ -86,7 +88,7 @@ class TrainConfig(ModelSettings):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "lr_decay_iters", "max_nonfinite_steps", "learning_rate", "muon_lr")  # fmt: skip
+                    "lr_decay_iters", "max_nonfinite_steps", "learning_rate", "muon_lr", "dist_timeout_s")  # fmt: skip
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")

@@ -16,7 +16,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from gptcraft.config import ConfigError, parse_config, run_cli
-from gptcraft.data.batches import TRAIN_STREAM, VAL_STREAM, LoaderStateError, WindowError, WindowSampler
+from gptcraft.data.batches import (
+    TRAIN_EVAL_STREAM,
+    TRAIN_STREAM,
+    VAL_STREAM,
+    LoaderStateError,
+    WindowError,
+    WindowSampler,
+)
 from gptcraft.data.shards import META, TokenFileError, is_dataset, open_dataset, write_meta
 from gptcraft.data.tokenizer import load_tokenizer
 from gptcraft.evaluate import hellaswag
@@ -37,7 +44,7 @@ from model import GPT, GPTConfig
 def main(argv=None):
     cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, prog="train.py")
     device = hardware.resolve_device(cfg.device)
-    d, device = distributed.init(device, cfg.backend)
+    d, device = distributed.init(device, cfg.backend, cfg.dist_timeout_s)
     try:
         with GracefulStop() as stop:
             best_val_loss = train(cfg, d, device, stop)
@@ -54,19 +61,22 @@ def train(cfg, d, device, stop):
     x, y = run.next_batch(run.iter_num, 0)
     while True:
         due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only
-        if due and (run.iter_num > run.start_iter or run.eval_at_start):
-            evaluate_and_save(run)
-        if cfg.eval_only or run.iter_num >= cfg.max_iters:
-            break
-        x, y, stopping = train_step(run, x, y, stop)
+        at_end = cfg.eval_only or run.iter_num >= cfg.max_iters
+        # The last step's flags are read before its weights are evaluated or saved.
+        stopping = settle(run) if due or at_end else False
+        if not stopping:
+            if due and (run.iter_num > run.start_iter or run.eval_at_start):
+                evaluate_and_save(run)
+            if at_end:
+                break
+            x, y, stopping = train_step(run, x, y, stop)
         if stopping:
             save(run, evaluated=False)
             run.log.print(f"stopped by {stop.requested or 'a signal on another rank'} at iteration {run.iter_num}; "
                           f"continue with --init_from=resume --out_dir={cfg.out_dir}")  # fmt: skip
             break
-    run.log.summary(
-        [os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)]
-    )
+    saved = [os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)]
+    run.log.summary(saved, run.iter_num, run.iter_num * run.tokens_per_iter)
     check_writes(run.log, run.d)
     run.log.close()
     return run.best_val_loss
@@ -85,7 +95,7 @@ class Run:
     model_args: dict
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    samplers: dict  # split -> WindowSampler
+    samplers: dict  # "train", "val", "eval_train" (the eval's train-split batches) -> WindowSampler
     dataset: object
     log: RunLog
     guard: DivergenceGuard
@@ -103,6 +113,7 @@ class Run:
     hellaswag: tuple | None = None  # (tokenizer, examples) with hellaswag_file
     t_last: float = 0.0  # when the pace was last measured
     iters_since_log: int = 0
+    pending: tuple | None = None  # (flags, iter_num) of the last step, until `settle` reads them
 
     def next_batch(self, it, micro):
         # Global micro-batch number: ranks take consecutive slices of each step's batches.
@@ -120,8 +131,11 @@ def setup(cfg, d, device):
     model_args = cfg.model_args()
     resume = Resume(cfg.out_dir, model_args, cfg.fsdp) if cfg.init_from == "resume" else None
 
+    distributed.check_shared(cfg.out_dir, d, "out_dir")
     try:
-        dataset = open_dataset(ensure_dataset(cfg, d))
+        data_path = ensure_dataset(cfg, d)
+        distributed.check_shared(data_path, d, "dataset")
+        dataset = open_dataset(data_path)
     except OSError as e:
         raise TokenFileError(f"dataset {cfg.dataset}: {e}") from None
     model_args["vocab_size"] = dataset.meta.get("vocab_size", 50304)
@@ -140,9 +154,10 @@ def setup(cfg, d, device):
         dataset.check_vocab(model_args["vocab_size"])
         shape = (model_args["block_size"], cfg.batch_size)
         samplers = {
-            split: WindowSampler(dataset.splits[split], *shape, cfg.seed, stream, device, dataset.fingerprint)
-            for split, stream in (("train", TRAIN_STREAM), ("val", VAL_STREAM))
-        }
+            name: WindowSampler(dataset.splits[split], *shape, cfg.seed, stream, device, dataset.fingerprint)
+            for name, split, stream in (("train", "train", TRAIN_STREAM), ("val", "val", VAL_STREAM),
+                                        ("eval_train", "train", TRAIN_EVAL_STREAM))
+        }  # fmt: skip
         if resume is not None and not resume.nanogpt:
             samplers["train"].check_state(resume.loader, resume.iter_num * global_accum)
     except (TokenFileError, LoaderStateError, WindowError) as e:
@@ -156,7 +171,7 @@ def setup(cfg, d, device):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, which FSDP relies on
     raw_model = (pretrained if pretrained is not None else GPT(GPTConfig(**model_args))).to(device)
     torch.manual_seed(cfg.seed + d.rank)  # then each rank its own dropout masks
-    model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, cfg.compile)
+    model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, cfg.compile, dtype)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
@@ -176,6 +191,9 @@ def setup(cfg, d, device):
             log.print(f"resumed from {resume.path} at iteration {iter_num}")
             for note in resume.notes:
                 log.print(f"note: {note}")
+            if resume.dtype not in (None, dtype):
+                scaler_note = "; a fresh float16 grad scaler" if dtype == "float16" else ""
+                log.print(f"note: the checkpoint was trained in {resume.dtype}, this run is {dtype}{scaler_note}")
         # sample.py decodes with the run's own copy
         log.guarded(os.path.join(cfg.out_dir, META), lambda: write_meta(cfg.out_dir, dataset.meta))
     check_writes(log, d)
@@ -186,7 +204,7 @@ def setup(cfg, d, device):
     return Run(
         cfg=cfg, d=d, device=device, dtype=dtype, raw_model=raw_model, model=model, model_args=model_args,
         optimizer=optimizer, scaler=scaler, samplers=samplers, dataset=dataset, log=log,
-        guard=DivergenceGuard(cfg.max_nonfinite_steps), accum=accum,
+        guard=DivergenceGuard(cfg.max_nonfinite_steps, resume.nonfinite_in_a_row if resume else 0), accum=accum,
         tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"],
         peak=peak,
         iter_num=iter_num, best_val_loss=best_val_loss, start_iter=iter_num,
@@ -251,7 +269,8 @@ def evaluate_and_save(run):
     """Estimate train and val loss (and the whole val split at the end, with full_val), log them,
     and save when the run has moved since its start."""
     cfg = run.cfg
-    losses = estimate_loss(run.model, run.samplers, cfg, run.device, run.dtype, run.d)
+    eval_samplers = {"train": run.samplers["eval_train"], "val": run.samplers["val"]}
+    losses = estimate_loss(run.model, eval_samplers, cfg, run.device, run.dtype, run.d)
     row = {"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
            "tokens_seen": run.iter_num * run.tokens_per_iter}  # fmt: skip
     if cfg.full_val and (run.iter_num == cfg.max_iters or cfg.eval_only):
@@ -303,7 +322,8 @@ def save(run, new_best=False, evaluated=True):
         return
     drawn = run.iter_num * run.accum * d.world_size  # global micro-batches so far
     progress = {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": asdict(cfg),
-                "loader": run.samplers["train"].state(drawn), "evaluated": evaluated}  # fmt: skip
+                "loader": run.samplers["train"].state(drawn), "evaluated": evaluated,
+                "nonfinite_in_a_row": run.guard.in_a_row}  # fmt: skip
     # best.pt first: a run killed between the two saves redoes these steps and writes it again.
     if new_best:
         state.save_best(cfg.out_dir, run.model, run.model_args, progress, d)
@@ -317,7 +337,12 @@ def save(run, new_best=False, evaluated=True):
 
 def train_step(run, x, y, stop):
     """One optimizer step over this rank's micro-batches, starting with (x, y); returns the first
-    batch of the next step and whether every rank is to stop now."""
+    batch of the next step and whether every rank is to stop now.
+
+    No host sync for the step's NaN and stop flags: they are reduced over ranks on the device,
+    a NaN step's update is masked there (fused AdamW's found_inf), and the host reads them one
+    step later, after the next step is launched (`settle`). Every rank reads the same reduced
+    flags, so all stop at the same step."""
     lr = learning_rate(run.cfg, run.iter_num)
     set_learning_rate(run.optimizer, lr)
     step_loss = torch.zeros((), device=run.device)  # summed on the device: no host sync per micro-step
@@ -335,25 +360,44 @@ def train_step(run, x, y, stop):
             run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)  # true gradients, for the norm and clipping (no-op without fp16)
     grad_norm = clip_grad_norm(run.model, run.cfg.grad_clip)
-    # One host sync per step: every rank learns whether any rank diverged or was told to stop.
+    # The norm is global (DDP reduced the gradients, FSDP's norm spans the shards): any rank's
+    # NaN shows in it. skip: leave the weights alone; bad: counts towards the divergence guard.
+    skip = ~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)
     bad = nonfinite(step_loss, grad_norm, run.scaler.is_enabled())
     stop_here = torch.full_like(bad, stop.requested is not None)  # a fill: no copy that waits
     log_failed = torch.full_like(bad, run.log.failure is not None)
-    skip, stopping, log_failed = distributed.any_rank(torch.stack([bad, stop_here, log_failed]), run.d)
-    check_writes(run.log, run.d, log_failed)
-    if not skip:
-        run.scaler.step(run.optimizer)
-    run.scaler.update()
+    flags = distributed.any_rank_on_device(torch.stack([skip, bad, stop_here, log_failed]), run.d)
+    if getattr(run.optimizer, "_step_supports_amp_scaling", False):
+        run.optimizer.found_inf = flags[0].to(grad_norm.device)  # the fused kernel skips when it is 1
+        run.optimizer.step()
+        del run.optimizer.found_inf
+    elif not flags[0].item():  # an optimizer that cannot mask its update (Muon): read the flag now
+        run.optimizer.step()
+    run.scaler.update()  # fp16: lowers the scale after an overflow, as scaler.step would have
     run.optimizer.zero_grad(set_to_none=True)
     run.iter_num += 1
     run.iters_since_log += 1
     run.log.step()
-    if skip:
-        run.log.print(f"skipped step {run.iter_num}: loss or gradient norm is NaN/Inf")
-    run.guard.record(skip, run.iter_num)
+    stopping = settle(run)  # the previous step's flags: this step is already queued behind them
+    run.pending = (flags, run.iter_num)
     if run.iter_num % run.cfg.log_interval == 0:
         log_step(run, step_loss, grad_norm, lr)
     return x, y, stopping
+
+
+def settle(run):
+    """Read the flags of the last step not yet read: report a skipped step, count it for the
+    divergence guard; returns whether every rank is to stop."""
+    if run.pending is None:
+        return False
+    flags, iter_num = run.pending
+    run.pending = None
+    _, bad, stopping, log_failed = (bool(f) for f in flags.tolist())
+    check_writes(run.log, run.d, log_failed)
+    if bad:
+        run.log.print(f"skipped step {iter_num}: loss or gradient norm is NaN/Inf")
+    run.guard.record(bad, iter_num)
+    return stopping
 
 
 def log_step(run, step_loss, grad_norm, lr):

@@ -7,17 +7,19 @@ import contextlib
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from gptcraft.system.distributed import DistributedError
+from gptcraft.system.hardware import DTYPES
 
 
-def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, compile=False):
+def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, compile=False, dtype="float32"):
     """Apply, in this order, per-block activation checkpointing, compile and DDP or FSDP2 to `model`
-    (already on `device`); returns the module to call in the training loop."""
+    (already on `device`); returns the module to call in the training loop. dtype: the run's
+    precision, in which FSDP all-gathers the parameters (gradients are reduced in float32)."""
     if fsdp and not d.enabled:
         raise DistributedError("fsdp=True shards across processes: launch with torchrun (--nproc_per_node=1 is fine)")
     blocks = model.transformer.h
@@ -29,15 +31,23 @@ def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, co
         if compile:
             for block in blocks:  # per block: FSDP's hooks between blocks would break one whole graph
                 block.compile()
+            # And the head (final norm, lm_head, loss), not to run it eagerly: inductor can fuse the
+            # float32 cast of the logits (B, T, V) into the loss. The embedding lookups stay eager.
+            model.head = torch.compile(model.head)
         mesh = init_device_mesh(device.split(":")[0], (d.world_size,))
+        # Gathered straight in the run's dtype: half the traffic, and autocast finds its matmul
+        # inputs already cast (it still runs softmax, norms and the loss in float32).
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
         for block in blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the rest: embeddings (tied to lm_head) and the final LayerNorm
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embeddings (tied to lm_head), final LayerNorm
         return model
     if compile:
         model.compile()  # in place: parameter names stay those of model.py
     if d.enabled:
-        model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
+        # The model's buffers (rope and sinusoidal tables) are computed alike on every rank: no
+        # broadcast of them before each forward.
+        model = DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None, broadcast_buffers=False)
     return model
 
 
@@ -62,9 +72,12 @@ def grad_sync(model, sync):
 
 
 def clip_grad_norm(model, max_norm):
-    """Clip gradients to `max_norm` (0: no clipping) and return their total norm before clipping,
-    a plain scalar tensor even when FSDP shards the gradients."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    """Clip gradients to `max_norm` (0: no clipping, only the norm) and return their total norm
+    before clipping, a plain scalar tensor even when FSDP shards the gradients."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return norm

@@ -75,6 +75,8 @@ class Resume:
         self.best_val_loss = self.state["best_val_loss"]
         self.loader = self.state.get("loader")
         self.evaluated = self.state.get("evaluated", True)  # False: saved by a stop signal
+        self.nonfinite_in_a_row = self.state.get("nonfinite_in_a_row", 0)  # the divergence guard's count
+        self.dtype = self.state.get("config", {}).get("dtype")
         self.nanogpt = not self.sharded and checkpoint.is_nanogpt(self.state)
         self.notes = []  # what a resumed run should know, printed by the trainer
         if self.nanogpt:
@@ -104,7 +106,8 @@ class Resume:
                               "Resume with the settings it was trained with, or start a new out_dir")  # fmt: skip
 
     def restore(self, model, optimizer, scaler):
-        """Collective: load weights, optimizer and grad scaler state."""
+        """Collective: load weights, optimizer and grad scaler state. A float16 run resumed from
+        a checkpoint written in another dtype (no scaler state) starts with a fresh scaler."""
         if self.nanogpt:
             self.restore_nanogpt(model, optimizer)
         elif self.sharded:
@@ -119,7 +122,7 @@ class Resume:
             options = StateDictOptions(full_state_dict=True)
             set_model_state_dict(model, self.state["model"], options=options)
             set_optimizer_state_dict(model, optimizer, self.state["optimizer"], options=options)
-        if not self.nanogpt:
+        if not self.nanogpt and (self.state["scaler"] or not scaler.is_enabled()):
             scaler.load_state_dict(self.state["scaler"])
         self.rng_states = self.state.get("rng", [])
         self.state = None  # free the memory the weights and optimizer state took

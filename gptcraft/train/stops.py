@@ -59,9 +59,10 @@ def weights_finite(model):
 
 
 class DivergenceGuard:
-    def __init__(self, max_in_a_row):
+    def __init__(self, max_in_a_row, in_a_row=0):
+        """in_a_row: skipped steps in a row already (a resumed run carries its checkpoint's count)."""
         self.max_in_a_row = max_in_a_row
-        self.in_a_row = 0
+        self.in_a_row = in_a_row
 
     def record(self, skipped, iter_num):
         """Count a skipped or applied step; raise TrainingDiverged when too many skipped in a row."""
