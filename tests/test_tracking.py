@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, run_script, tiny_train_args
 
 from gptcraft.errors import GptcraftError
+from gptcraft.files import TEMP_PREFIX
 from gptcraft.track.logfile import metric_rows, read_log, read_rows, summarize
 from gptcraft.track.runlog import RunLog
 
@@ -98,7 +99,7 @@ def test_wandb_offline_records_the_rows_and_config(wandb_run):
 def test_plot_loss_redraws_a_png_at_each_eval(wandb_run):
     out_dir, _ = wandb_run
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out_dir.glob("*.tmp.png"))
+    assert not list(out_dir.glob(TEMP_PREFIX + "*"))
 
 
 def test_wandb_missing_fails_at_start_with_the_install_command(tmp_path, char_data_dir):

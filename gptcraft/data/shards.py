@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptcraft.errors import GptcraftError
+from gptcraft.files import file_sha256, write_atomic
 
 META = "meta.json"
 MAGIC = 20240520
@@ -30,29 +31,6 @@ SPLITS = ("train", "val")
 
 class TokenFileError(GptcraftError, ValueError):
     """A token file or dataset directory is damaged or of the wrong kind; the message names it."""
-
-
-def write_atomic(path, write):
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it into place,
-    so `path` is either its old content or the complete new one, never half written."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- token files

@@ -11,7 +11,6 @@ any moment leaves a complete checkpoint behind. .pt files hold only tensors and 
 and load with weights_only=True.
 """
 
-import glob
 import os
 import pickle
 import shutil
@@ -20,8 +19,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from gptcraft.data.shards import write_atomic
+from gptcraft import files
 from gptcraft.errors import GptcraftError
+from gptcraft.files import fsync_dir, write_atomic
 
 LATEST = "ckpt.pt"
 SHARDED = "ckpt.dcp"
@@ -38,15 +38,6 @@ def reason(e):
     if isinstance(e, CheckpointException):  # failures: rank -> (exception, traceback)
         e = next(iter(e.failures.values()), (e,))[0]
     return (str(e).strip() or type(e).__name__).splitlines()[0]
-
-
-def fsync_dir(path):
-    """Make renames inside directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path, state):
@@ -158,8 +149,7 @@ def remove_file(path):
 
 def remove_stale_temps(out_dir):
     """Delete temporary files that a killed save left behind (rank 0, before training starts)."""
-    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp.*")):
-        os.remove(path)
+    files.remove_stale_temps(out_dir)
     tmp = os.path.join(out_dir, SHARDED + ".tmp")
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
