@@ -135,6 +135,11 @@ def load_sharded(path, tensors):
 def save_full(out_dir, state):
     """Write the resume checkpoint ckpt.pt, then remove a sharded one an earlier run left."""
     save_checkpoint(os.path.join(out_dir, LATEST), state)
+    remove_sharded(out_dir)
+
+
+def remove_sharded(out_dir):
+    """Delete the sharded checkpoint directories in out_dir."""
     for name in (SHARDED, SHARDED + ".old"):
         path = os.path.join(out_dir, name)
         if os.path.exists(path):
@@ -142,7 +147,7 @@ def save_full(out_dir, state):
 
 
 def remove_file(path):
-    if os.path.exists(path):
+    if os.path.lexists(path):
         os.remove(path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
 
