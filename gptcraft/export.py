@@ -7,12 +7,11 @@ meta.json (its tokenizer) is copied beside the weights, so sample.py --init_from
 """
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
-from gptcraft.data.shards import META
+from gptcraft.data.shards import META, read_meta, write_meta
 from gptcraft.hf import HFFormatError, check_expressible, save_hf
 from gptcraft.init_from import load_run_model
 
@@ -39,7 +38,7 @@ def main(argv=None):
     save_hf(model, cfg.hf_dir)
     meta = os.path.join(cfg.out_dir, META)
     if os.path.exists(meta):
-        shutil.copyfile(meta, os.path.join(cfg.hf_dir, META))
+        write_meta(cfg.hf_dir, read_meta(cfg.out_dir))
     print(f"wrote {cfg.hf_dir}: config.json, model.safetensors ({model.num_params(False) / 1e6:.2f}M parameters)"
           + (", meta.json" if os.path.exists(meta) else ""))  # fmt: skip
 

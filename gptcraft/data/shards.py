@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptcraft.errors import GptcraftError
-from gptcraft.files import file_sha256, write_atomic
+from gptcraft.files import file_sha256, open_new, write_atomic
 
 META = "meta.json"
 MAGIC = 20240520
@@ -145,7 +145,10 @@ class ShardWriter:
             ids, self.skip = ids[dropped:], self.skip - dropped
         while len(ids):
             if self.file is None:
-                self.file = open(self._tmp_path(), "wb")
+                tmp = self._tmp_path()
+                if os.path.lexists(tmp):  # left by a killed run: replaced, never written through
+                    os.remove(tmp)
+                self.file = open_new(tmp)
                 self.file.write(shard_header(0, self.version))
             take = min(len(ids), self.shard_tokens - self.filled)
             self.file.write(ids[:take].astype(self.dtype, copy=False).tobytes())

@@ -23,12 +23,13 @@ from gptcraft import files
 from gptcraft.errors import GptcraftError
 from gptcraft.system import distributed
 from gptcraft.train import checkpoint
+from gptcraft.train.state import FREE_SETTINGS
 
 LOCK = ".gptcraft-lock"
 # Files a new run replaces under overwrite=True: everything a run writes but meta.json, rewritten at start.
 RUN_FILES = (checkpoint.LATEST, checkpoint.BEST, "log.jsonl", "loss.png")
-# Settings a continued run may change: they alter neither the model nor which tokens each step sees.
-MAY_CHANGE = (
+# Settings a continued run may change: they alter neither the model's function nor which tokens each step sees.
+MAY_CHANGE = FREE_SETTINGS + (
     "out_dir", "data_dir", "init_from", "overwrite", "max_iters", "lr_decay_iters", "warmdown_iters",
     "eval_interval", "log_interval", "eval_iters", "eval_only", "full_val", "always_save_checkpoint",
     "checkpoint_interval", "checkpoint_minutes", "backend", "device", "dtype", "compile", "fsdp",
