@@ -1,6 +1,6 @@
 """Export a trained checkpoint as a Hugging Face GPT-2 folder (config.json + model.safetensors).
 
-python export.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
+gptcraft export --out_dir=out-shakespeare-char-cpu --hf_dir=hf-shakespeare-char
 
 transformers then loads it: GPT2LMHeadModel.from_pretrained("hf-shakespeare-char"). The run's
 meta.json (its tokenizer) is copied beside the weights, so sample.py --init_from=FOLDER works too.

@@ -15,6 +15,7 @@ import os
 import torch
 from safetensors.torch import load_file, save
 
+from gptcraft.data.tokenizer import GPT2_EOT
 from gptcraft.errors import GptcraftError
 from gptcraft.files import write_atomic
 from model import GPT, GPTConfig
@@ -22,7 +23,6 @@ from model import GPT, GPTConfig
 # OpenAI's GPT-2 checkpoints on the Hugging Face hub: 124M, 350M, 774M and 1558M parameters.
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-GPT2_EOT = 50256
 
 
 class HFFormatError(GptcraftError, ValueError):

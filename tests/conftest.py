@@ -1,4 +1,8 @@
-"""Shared fixtures: the local copies of the data (no network in tests) and small prepared datasets."""
+"""Shared fixtures: the two public data files the tests read, and small prepared datasets.
+
+The files come from $GPTCRAFT_SHARED_DATA, else ../shared/data beside the repository (offline), else a
+cache (~/.cache/gptcraft/test-data) that the first test session fills by download, hash-checked.
+"""
 
 import os
 import subprocess
@@ -7,10 +11,51 @@ from pathlib import Path
 
 import pytest
 
+from gptcraft.data.sources import TINY_SHAKESPEARE_SHA256, TINY_SHAKESPEARE_URL, SourceError, download
+from gptcraft.data.tokenizer import GPT2_SHA256, GPT2_URL
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("GPTCRAFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# file name: (url, sha256)
+DATA_FILES = {
+    "tinyshakespeare.txt": (TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256),
+    "gpt2.tiktoken": (GPT2_URL, GPT2_SHA256),
+}
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptcraft" / "test-data"
+
+
+def data_dir():
+    """The folder the tests read their data files from (see the module docstring)."""
+    if "GPTCRAFT_SHARED_DATA" in os.environ:
+        return Path(os.environ["GPTCRAFT_SHARED_DATA"])
+    beside = ROOT.parent / "shared" / "data"
+    return beside if all((beside / name).exists() for name in DATA_FILES) else CACHE
+
+
+SHARED_DATA = data_dir()
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 GPT2_TIKTOKEN = SHARED_DATA / "gpt2.tiktoken"
+
+
+def pytest_sessionstart(session):
+    """Download the data files the cache lacks; without them (offline) stop at once with one line."""
+    for name, (url, sha256) in DATA_FILES.items():
+        path = SHARED_DATA / name
+        if path.exists():
+            continue
+        if SHARED_DATA != CACHE:
+            raise pytest.UsageError(f"{path} is missing: $GPTCRAFT_SHARED_DATA must name a folder holding "
+                                    f"{' and '.join(DATA_FILES)}")  # fmt: skip
+        try:
+            data = download(url, sha256)
+        except SourceError as e:
+            raise pytest.UsageError(
+                f"{path} is missing and {e.problem}; offline, set GPTCRAFT_SHARED_DATA to a folder holding "
+                f"{' and '.join(DATA_FILES)}"
+            ) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{name}.tmp")  # renamed when whole: an interrupted download is not a file
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
 
 
 def run_script(*args, check=True, env=None, timeout=600, cwd=ROOT):
@@ -26,8 +71,6 @@ def run_script(*args, check=True, env=None, timeout=600, cwd=ROOT):
 
 @pytest.fixture(scope="session")
 def shakespeare_path():
-    if not SHAKESPEARE.exists():
-        pytest.fail(f"{SHAKESPEARE} is missing: set GPTCRAFT_SHARED_DATA to the folder holding tinyshakespeare.txt")
     return SHAKESPEARE
 
 

@@ -66,11 +66,15 @@ def test_truncated_log_plots_what_is_there(tmp_path, capsys):
     assert "line 15 is incomplete" in capsys.readouterr().err
 
 
-def test_default_output_is_loss_png_in_the_working_directory(tmp_path, monkeypatch):
-    run = write_log(tmp_path / "run")
+def test_default_output_is_the_runs_folder_for_one_run_and_the_working_directory_for_several(tmp_path, monkeypatch):
+    a, b = write_log(tmp_path / "a"), write_log(tmp_path / "b")
     monkeypatch.chdir(tmp_path)
-    plot.main([str(run)])
+    plot.main(["a"])
+    check_png(a / "loss.png")
+    assert not (tmp_path / "loss.png").exists()
+    plot.main(["a", "b"])
     check_png(tmp_path / "loss.png")
+    assert not (b / "loss.png").exists()
 
 
 def errors(tmp_path, *args):
@@ -92,7 +96,7 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     assert code == 1 and "missing: no log.jsonl in this path (no such directory)" in err
     code, err = errors(tmp_path, "empty")
     assert code == 1 and "log.jsonl has no loss rows yet" in err and "error: no run has logged a loss yet" in err
-    assert not (tmp_path / "loss.png").exists()
+    assert not (tmp_path / "loss.png").exists() and not (tmp_path / "not_a_run" / "loss.png").exists()
     code, err = errors(tmp_path, "empty", "-o", "loss.jpg")
     assert code == 1 and "ending in .png" in err
 

@@ -17,7 +17,7 @@ EOT = 50256
 
 
 def documents(shakespeare_path, n):
-    """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind bench_prepare.py measures on."""
+    """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind gptcraft bench-prepare measures on."""
     return prepare_speed.documents(shakespeare_path, n, random.Random(0))
 
 

@@ -8,16 +8,15 @@ import tiktoken
 from conftest import GPT2_TIKTOKEN
 
 from gptcraft.data import tokenizer
-from gptcraft.data.tokenizer import TIKTOKEN_FILE_ENV, GPT2Tokenizer, TokenizerError, load_tokenizer
+from gptcraft.data.tokenizer import GPT2_URL, TIKTOKEN_FILE_ENV, GPT2Tokenizer, TokenizerError, load_tokenizer
 
-R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 SAMPLES = ["Hello world", " First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
            "naïve café — 東京 🙂 it's they're 1234567 <|endoftext|> tabs\t\tand   spaces\n\n\n"]  # fmt: skip
 
 
 def test_local_file_encodes_like_tiktokens_own_r50k_base(tmp_path, monkeypatch, shakespeare_path):
     # tiktoken finds its download in TIKTOKEN_CACHE_DIR under the sha1 of the URL: no network needed.
-    shutil.copy(GPT2_TIKTOKEN, tmp_path / hashlib.sha1(R50K_URL.encode()).hexdigest())
+    shutil.copy(GPT2_TIKTOKEN, tmp_path / hashlib.sha1(GPT2_URL.encode()).hexdigest())
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     reference = tiktoken.get_encoding("r50k_base")
     ours = GPT2Tokenizer(GPT2_TIKTOKEN)

@@ -23,13 +23,17 @@ class LoaderStateError(GptcraftError, ValueError):
     """A checkpoint's loader state does not match the data or settings of this run."""
 
 
+class WindowError(GptcraftError, ValueError):
+    """The data holds no window of block_size + 1 tokens."""
+
+
 class WindowSampler:
     def __init__(self, files, block_size, batch_size, seed, stream, device="cpu", fingerprint=None):
         """files: TokenFiles; each window is block_size + 1 consecutive tokens of one file."""
         starts = np.array([f.count - block_size for f in files], dtype=np.int64)  # valid starts per file
         if starts.max(initial=0) <= 0:
             longest = max(files, key=lambda f: f.count)
-            raise ValueError(
+            raise WindowError(
                 f"block_size {block_size} needs more than {block_size} tokens in one file, but the longest, "
                 f"{longest.path}, holds {longest.count}; lower block_size"
             )

@@ -15,6 +15,7 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from gptcraft.errors import GptcraftError
 
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # r50k_base.tiktoken
+GPT2_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # where tiktoken fetches it
 GPT2_EOT = 50256  # <|endoftext|>, the last id of GPT-2's 50,257
 TIKTOKEN_FILE_ENV = "GPTCRAFT_TIKTOKEN_FILE"
 GPT2_META = {"tokenizer": "gpt2", "vocab_size": GPT2_EOT + 1, "eot_token": GPT2_EOT}  # meta.json fields

@@ -1,8 +1,8 @@
 """Loss and perplexity of a model on a prepared dataset split or on a plain text file.
 
-python evaluate.py --out_dir=out-shakespeare-char --dataset=shakespeare_char
-python evaluate.py --init_from=gpt2 --text=some.txt
-python evaluate.py --init_from=gpt2 --dataset=openwebtext --max_tokens=1000000
+gptcraft eval --out_dir=out-shakespeare-char-cpu --dataset=shakespeare_char
+gptcraft eval --init_from=gpt2 --text=some.txt
+gptcraft eval --init_from=gpt2 --dataset=openwebtext --max_tokens=1000000
 
 Every token is scored once: the tokens are cut into non-overlapping windows of block_size
 (full_val.py). Perplexity is exp(mean cross-entropy per token), in the model's own tokens.

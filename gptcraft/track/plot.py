@@ -1,7 +1,7 @@
 """Draw the train and val loss of one or several runs on one figure, from their log.jsonl files.
 
-python plot.py out-shakespeare-char                  # writes loss.png
-python plot.py out-a out-b --x tokens -o compare.png
+gptcraft plot out-shakespeare-char-cpu               # writes out-shakespeare-char-cpu/loss.png
+gptcraft plot out-a out-b --x tokens -o compare.png  # several runs: loss.png in the current folder by default
 """
 
 import argparse
@@ -100,12 +100,20 @@ def draw(out_dirs, path, x="iter", quiet=False):
         plt.close(fig)
 
 
+def default_output(out_dirs):
+    """One run's plot goes into its own folder, beside its log; a comparison of several belongs to none of them."""
+    return os.path.join(out_dirs[0], "loss.png") if len(out_dirs) == 1 else "loss.png"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot train and val loss of train.py runs from their log.jsonl.")
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="out_dir of a train.py run")
     parser.add_argument("--x", choices=sorted(X_AXES), default="iter", help="x axis (default: iter)")
-    parser.add_argument("-o", "--output", default="loss.png", help="PNG file to write (default: loss.png)")
+    parser.add_argument("-o", "--output", help="PNG file to write (default: OUT_DIR/loss.png for one run, "
+                        "loss.png in the current folder for several)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = default_output(args.out_dirs)
     if not args.output.lower().endswith(".png"):
         sys.exit(f"error: the output is a PNG image: give -o a name ending in .png, not {args.output!r}")
     try:

@@ -14,12 +14,10 @@ from gptcraft.train.optimizer import OPTIMIZERS
 from model import GPTConfig
 
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
-# GPTConfig's defaults are GPT-2's; a model trained from scratch here has no biases, as in nanoGPT.
-ModelSettings = make_dataclass("ModelSettings", options_of(GPTConfig, MODEL_KEYS, bias=False))
 
 
 @dataclass
-class TrainConfig(ModelSettings):
+class RunSettings:
     # I/O
     out_dir: str = option("out", "directory for ckpt.pt, log.jsonl and meta.json")
     eval_interval: int = option(2000, "evaluate train and val loss every this many iterations")
@@ -44,6 +42,15 @@ class TrainConfig(ModelSettings):
     gradient_accumulation_steps: int = option(40, "micro-batches per optimizer step over all ranks together (each "
                                               "rank does its share; at least one each)")  # fmt: skip
     batch_size: int = option(12, "sequences per micro-batch on each rank")
+
+
+# Then the model's keys, GPTConfig's own. Its defaults are GPT-2's; a model trained from scratch
+# here has no biases, as in nanoGPT.
+ModelSettings = make_dataclass("ModelSettings", options_of(GPTConfig, MODEL_KEYS, bias=False), bases=(RunSettings,))
+
+
+@dataclass
+class TrainConfig(ModelSettings):
     # optimizer
     optimizer: str = option("adamw", "adamw; or muon: Muon for hidden matrices, AdamW for the rest", OPTIMIZERS)
     muon_lr: float = option(0.02, "peak learning rate of Muon's matrices (follows the same schedule)")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from gptcraft.config import ConfigError, parse_config, run_cli
-from gptcraft.data.batches import TRAIN_STREAM, VAL_STREAM, LoaderStateError, WindowSampler
+from gptcraft.data.batches import TRAIN_STREAM, VAL_STREAM, LoaderStateError, WindowError, WindowSampler
 from gptcraft.data.shards import TokenFileError, open_dataset, write_meta
 from gptcraft.evaluate.loss import full_split_loss
 from gptcraft.hf import HUB_MODELS, from_pretrained
@@ -147,7 +147,7 @@ def setup(cfg, d, device):
         }
         if resume is not None:
             samplers["train"].check_state(resume.loader, resume.iter_num * global_accum)
-    except (TokenFileError, LoaderStateError) as e:
+    except (TokenFileError, LoaderStateError, WindowError) as e:
         raise type(e)(f"dataset {cfg.dataset}: {e}") from None
     if d.master:
         checkpoint.remove_stale_temps(cfg.out_dir)

@@ -56,7 +56,7 @@ class Resume:
         path = checkpoint.latest_path(out_dir)
         if path is None:
             raise CheckpointError(f"init_from=resume but {out_dir} holds no checkpoint ({checkpoint.LATEST}); "
-                              "train first with init_from=scratch, or fix out_dir")  # fmt: skip
+                                  "train first with init_from=scratch, or fix out_dir")  # fmt: skip
         self.path = path
         self.sharded = os.path.isdir(path)
         if self.sharded:
@@ -77,7 +77,7 @@ class Resume:
         diff = checkpoint.shape_mismatch(model_shapes(self.model_args), shapes)
         if diff:
             raise CheckpointError(f"{path} is inconsistent: its weights do not fit its own model_args ("
-                              f"{'; '.join(diff[:8])}); use another checkpoint")  # fmt: skip
+                                  f"{'; '.join(diff[:8])}); use another checkpoint")  # fmt: skip
 
     def check_settings(self, model_keys):
         """The run's model settings must be those the checkpoint was trained with."""
@@ -86,14 +86,15 @@ class Resume:
         if not differ:
             return
         if differ.get("block_size", 0) > saved["block_size"]:
-            raise CheckpointError(f"block_size {differ['block_size']} exceeds the block_size {saved['block_size']} "
-                              f"of the model in {self.path}; use --block_size={saved['block_size']}")  # fmt: skip
+            asked, trained = differ["block_size"], saved["block_size"]
+            raise CheckpointError(f"block_size {asked} is larger than the block_size {trained} of the model in "
+                                  f"{self.path}; use --block_size={trained}")  # fmt: skip
         asked = {**self.model_args, **differ}
         diff = checkpoint.shape_mismatch(model_shapes(asked), model_shapes(self.model_args))
         settings = ", ".join(f"{k}={saved[k]} (this run: {v})" for k, v in differ.items())
         keys = "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "") if diff else "none, but they compute differently"
         raise CheckpointError(f"{self.path} holds a different model: {settings}. Differing weights: {keys}. "
-                          "Resume with the settings it was trained with, or start a new out_dir")  # fmt: skip
+                              "Resume with the settings it was trained with, or start a new out_dir")  # fmt: skip
 
     def restore(self, model, optimizer, scaler):
         """Collective: load weights, optimizer and grad scaler state."""
