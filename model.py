@@ -5,8 +5,8 @@ Token and position embeddings -> n_layer pre-LayerNorm residual blocks
 the token embedding. Parameter names follow GPT-2's so its weights map one to one.
 Newer switches (rotary positions, QK-norm, ReLU^2, untied head, zero-initialised
 projections, logit soft-capping) are GPTConfig fields, all off by default.
-A KVCache keeps each layer's keys and values so that generation (gptcraft/generate.py)
-feeds one new token per step instead of the whole context.
+A KVCache keeps each layer's keys and values in fixed buffers so that generation
+(gptcraft/generate.py) feeds one new token per step instead of the whole context.
 Nothing here knows about devices, precision, compile or distribution: the
 trainer applies those.
 """
@@ -96,44 +96,50 @@ def apply_rope(x, cos, sin):
     return rotated.type_as(x)
 
 
-def causal_mask(T, S, device):
-    """(T, S) bool, True where a query may look at a key. The T queries are the last T of the S
-    key positions (S > T with a KV cache), so query t sees keys 0 .. t + S - T: the diagonal shifts."""
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+def causal_mask(query_pos, S):
+    """(T, S) bool, True where a query may look at a key: the query at position p sees keys 0 .. p.
+    query_pos: (T,) the queries' positions; the keys sit at positions 0 .. S-1 (with a KV cache,
+    the whole buffer: positions not written yet lie past every query and stay masked)."""
+    return torch.arange(S, device=query_pos.device) <= query_pos.unsqueeze(1)
 
 
-def explicit_attention(q, k, v, causal=True, dropout=None):
-    """softmax(Q K^T / sqrt(d_k)) V with future positions masked out; q: (B, nh, T, hs), k, v: (B, nh, S, hs)."""
-    T, S = q.size(-2), k.size(-2)
+def attention_weights(q, k, causal=True, mask=None):
+    """softmax(Q K^T / sqrt(d_k)) with future positions masked out: (B, nh, T, S), each row sums to one;
+    q: (B, nh, T, hs), k: (B, nh, S, hs). mask: (T, S) bool of the allowed pairs, instead of the
+    causal one of T queries over the first T keys."""
     att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
-    if causal:
-        att = att.masked_fill(~causal_mask(T, S, q.device), float("-inf"))  # -inf: weight 0 after softmax
-    att = F.softmax(att, dim=-1)
+    if mask is None and causal:
+        mask = causal_mask(torch.arange(q.size(-2), device=q.device), k.size(-2))
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))  # -inf: weight 0 after softmax
+    return F.softmax(att, dim=-1)
+
+
+def explicit_attention(q, k, v, causal=True, dropout=None, mask=None):
+    """softmax(Q K^T / sqrt(d_k)) V with future positions masked out; q: (B, nh, T, hs), k, v: (B, nh, S, hs);
+    mask: as in attention_weights."""
+    att = attention_weights(q, k, causal, mask)
     if dropout is not None:
         att = dropout(att)
     return att @ v  # (B, nh, T, hs)
 
 
 class KVCache:
-    """One attention layer's keys and values for the positions processed so far, so that a new
-    token computes only its own: a prefill writes the prompt's, each decoding step appends one."""
+    """One attention layer's keys and values, in buffers allocated once for every position of the
+    context: a prefill writes the prompt's, each decoding step one more, at the positions it is given
+    as a tensor. Nothing about it changes shape or holds a Python-int length, so a compiled decoding
+    step (torch.compile, CUDA graphs) is traced once and replayed for every position."""
 
-    def __init__(self, max_len):
-        self.max_len = max_len
-        self.length = 0  # positions held
-        self.k = self.v = None  # (B, nh, max_len, hs), allocated by the first write, in its dtype and device
+    def __init__(self, batch_size, n_head, max_len, head_size, dtype=None, device=None):
+        # Zeros, not empty: unwritten positions are masked, but 0 * NaN would still poison att @ v.
+        self.k = torch.zeros(batch_size, n_head, max_len, head_size, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)  # (B, nh, max_len, hs)
 
-    def update(self, k, v):
-        """Append k, v (B, nh, T, hs); return the keys and values of every position held, (B, nh, length, hs)."""
-        B, nh, T, hs = k.shape
-        if self.length + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.length} of {self.max_len} positions, no room for {T} more")
-        if self.k is None:
-            self.k, self.v = k.new_empty(B, nh, self.max_len, hs), v.new_empty(B, nh, self.max_len, hs)
-        self.k[:, :, self.length : self.length + T] = k
-        self.v[:, :, self.length : self.length + T] = v
-        self.length += T
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+    def update(self, input_pos, k, v):
+        """Write k, v (B, nh, T, hs) at positions input_pos (T,); return the whole buffers (B, nh, max_len, hs)."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
 
 
 class CausalSelfAttention(nn.Module):
@@ -152,9 +158,8 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(config.n_embd // config.n_head)
             self.k_norm = nn.RMSNorm(config.n_embd // config.n_head)
 
-    def forward(self, x, rope=None, cache=None):
-        """x: (B, T, C); rope: (cos, sin) of the T positions of x, each (T, hs/2), or None;
-        cache: this layer's KVCache, whose earlier positions the T new ones follow."""
+    def heads(self, x, rope=None):
+        """Queries, keys and values of x (B, T, C), split into heads: each (B, nh, T, hs); rope: as in forward."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
         hs = C // self.n_head
@@ -166,19 +171,23 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x, rope=None, cache=None, input_pos=None):
+        """x: (B, T, C); rope: (cos, sin) of the T positions of x, each (T, hs/2), or None;
+        cache: this layer's KVCache, written at input_pos (T,), the positions of x."""
+        B, T, C = x.size()
+        q, k, v = self.heads(x, rope)
+        mask = None  # without a cache: queries and keys at the same positions, causal
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, nh, S, hs): the cached positions' keys and values, then these
-        S = k.size(2)
+            k, v = cache.update(input_pos, k, v)  # (B, nh, max_len, hs): every position's buffer
+            mask = causal_mask(input_pos, k.size(2))  # (T, max_len), from tensors only
         if self.attention == "sdpa":
             p = self.dropout if self.training else 0.0
-            if T == S or T == 1:
-                # Queries and keys at the same positions (training, prefill) take the fused causal kernel;
-                # a single new query may look at every key, so it needs no mask at all.
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=T > 1)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask, dropout_p=p,
+                                               is_causal=mask is None)  # fmt: skip
         else:
-            y = explicit_attention(q, k, v, causal=True, dropout=self.attn_dropout)
+            y = explicit_attention(q, k.type_as(q), v.type_as(q), dropout=self.attn_dropout, mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -207,8 +216,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, input_pos=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, input_pos)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -282,24 +291,30 @@ class GPT(nn.Module):
             return None
         return self.rope_cos[pos], self.rope_sin[pos]
 
-    def new_cache(self):
-        """An empty KV cache, one KVCache per block, for forward(..., cache=)."""
-        return [KVCache(self.config.block_size) for _ in self.transformer.h]
+    def new_cache(self, batch_size, dtype=None):
+        """An empty KV cache for forward(..., cache=, input_pos=): one KVCache per block, holding
+        block_size positions of batch_size sequences, in dtype (default: the parameters')."""
+        cfg, weight = self.config, self.lm_head.weight
+        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        return [KVCache(*shape, dtype=dtype or weight.dtype, device=weight.device) for _ in self.transformer.h]
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, input_pos=None):
         """idx: (B, T) token ids. Returns logits (B, T, V) and the mean cross-entropy when
         targets (B, T) are given; otherwise logits for the last position only, (B, 1, V).
-        With a cache (from new_cache) idx continues the positions it holds, and adds its own."""
+        input_pos: (T,) the positions of idx, default 0 .. T-1; with a cache (from new_cache) their
+        keys and values are written there and each attends to the cached positions up to its own.
+        input_pos is a tensor and is not checked against block_size here (that would read it back
+        from the device and break a compiled graph): the caller keeps it below block_size."""
         B, T = idx.size()
-        start = cache[0].length if cache is not None else 0  # positions before idx
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.position_embedding(pos)  # (B, T, C)
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+            input_pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.position_embedding(input_pos)  # (B, T, C)
         x = self.transformer.drop(x)
-        rope = self.rope(pos)
+        rope = self.rope(input_pos)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache[i] if cache is not None else None)
+            x = block(x, rope, cache[i] if cache is not None else None, input_pos)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.logits(x[:, [-1], :]), None

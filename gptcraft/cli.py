@@ -3,7 +3,9 @@
 gptcraft train configs/train_shakespeare_char_cpu.py      (the same as python train.py ...)
 gptcraft prepare shakespeare_char --input tinyshakespeare.txt
 gptcraft eval --out_dir=out-shakespeare-char-cpu
+gptcraft hellaswag --init_from=gpt2
 gptcraft plot out-shakespeare-char-cpu
+gptcraft attention --out_dir=out-shakespeare-char-cpu --start="ROMEO:"
 """
 
 import importlib
@@ -14,8 +16,11 @@ COMMANDS = {
     "train": ("gptcraft.train.loop", "train a model (python train.py)"),
     "sample": ("gptcraft.sample", "sample text from a run or GPT-2 (python sample.py)"),
     "eval": ("gptcraft.evaluate.run", "score a run or GPT-2 on a dataset split or a text file"),
+    "hellaswag": ("gptcraft.evaluate.hellaswag", "HellaSwag acc and acc_norm of a run or GPT-2"),
     "export": ("gptcraft.export", "write a run as a Hugging Face GPT-2 folder"),
     "plot": ("gptcraft.track.plot", "draw the loss curves of one or more runs"),
+    "attention": ("gptcraft.visualize.attention", "draw a prompt's attention weights, every layer and head"),
+    "positions": ("gptcraft.visualize.positions", "draw sinusoidal, learned and rotary position encodings"),
     "bench": ("gptcraft.bench.speed", "time training and sampling (python bench.py)"),
     "bench-prepare": ("gptcraft.bench.prepare_speed", "time corpus preparation against the reference"),
 }
@@ -23,6 +28,7 @@ PREPARE = {
     "shakespeare_char": "tiny Shakespeare as characters",
     "shakespeare": "tiny Shakespeare in GPT-2 tokens",
     "openwebtext": "OpenWebText in GPT-2 tokens",
+    "fineweb": "FineWeb-Edu (or FineWeb) sample-10BT in GPT-2 tokens",
     "corpus": "any text corpus in GPT-2 tokens",
     "index_shards": "write meta.json for token shards made elsewhere",
 }
@@ -54,7 +60,8 @@ def main(argv=None):
     else:
         sys.exit(f"error: unknown command {name!r}; run gptcraft --help for the list")
     sys.argv[0] = f"gptcraft {name}"
-    return run_cli(lambda: importlib.import_module(module).main(rest))
+    run_cli(lambda: importlib.import_module(module).main(rest))
+    return 0  # the mains return results (a loss, scores) for callers in Python, not exit statuses
 
 
 if __name__ == "__main__":

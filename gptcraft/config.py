@@ -1,8 +1,9 @@
 """Typed configuration from Python config files and --key=value overrides.
 
 A config is a dataclass whose fields carry a default and a one-line help text.
-`python train.py configs/x.py --batch_size=32` reads x.py (plain assignments,
-as in nanoGPT), then the overrides, checking every key and every type.
+`python train.py configs/x.py --batch_size=32` runs x.py (Python, as in nanoGPT: it
+can do anything Python can, so run only config files you wrote or read), then applies the
+overrides, checking every key and every type.
 """
 
 import difflib
@@ -98,7 +99,10 @@ def _read_config_file(path):
 
 
 def help_text(cls, prog):
-    lines = [f"usage: python {prog} [CONFIG.py ...] [--key=value ...]", "", "keys (default: help):"]
+    command = f"python {prog}" if prog.endswith(".py") else prog  # a script, or a gptcraft subcommand
+    lines = [f"usage: {command} [CONFIG.py ...] [--key=value ...]", "",
+             "CONFIG.py files are Python and run as code: load only your own, or ones you have read", "",
+             "keys (default: help):"]  # fmt: skip
     for f in fields(cls):
         choices = f.metadata.get("choices")
         extra = f" [{'|'.join(map(str, choices))}]" if choices else ""

@@ -11,15 +11,18 @@ import sys
 from dataclasses import dataclass
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
-from gptcraft.data.shards import META, read_meta, write_meta
+from gptcraft.data.shards import write_meta
 from gptcraft.hf import HFFormatError, check_expressible, save_hf
-from gptcraft.init_from import load_run_model
+from gptcraft.init_from import load_run
+
+HF_FILES = ("config.json", "model.safetensors")
 
 
 @dataclass
 class ExportConfig:
     out_dir: str = option("out", "run directory holding ckpt.pt (and meta.json)")
     hf_dir: str = option("", "folder to write config.json, model.safetensors and meta.json into")
+    overwrite: bool = option(False, "replace a model that hf_dir already holds")
 
     def __post_init__(self):
         if not self.hf_dir:
@@ -28,19 +31,21 @@ class ExportConfig:
 
 def main(argv=None):
     cfg = parse_config(ExportConfig, sys.argv[1:] if argv is None else argv, prog="export.py")
-    model = load_run_model(cfg.out_dir, "cpu")
+    existing = [n for n in HF_FILES if os.path.exists(os.path.join(cfg.hf_dir, n))]
+    if existing and not cfg.overwrite:
+        raise ConfigError(f"{cfg.hf_dir} already holds a model ({', '.join(existing)}); choose another --hf_dir, "
+                          "or pass --overwrite=True to replace it")  # fmt: skip
+    model, meta = load_run(cfg.out_dir, "cpu")
     try:
         check_expressible(model.config)  # before anything is written
     except HFFormatError as e:
         raise ConfigError(f"{cfg.out_dir}: {e}") from None
-    if os.path.isfile(os.path.join(cfg.hf_dir, "model.safetensors")):
-        print(f"overwriting the model in {cfg.hf_dir}", file=sys.stderr)
     save_hf(model, cfg.hf_dir)
-    meta = os.path.join(cfg.out_dir, META)
-    if os.path.exists(meta):
-        write_meta(cfg.hf_dir, read_meta(cfg.out_dir))
-    print(f"wrote {cfg.hf_dir}: config.json, model.safetensors ({model.num_params(False) / 1e6:.2f}M parameters)"
-          + (", meta.json" if os.path.exists(meta) else ""))  # fmt: skip
+    write_meta(cfg.hf_dir, meta)  # the run's tokenizer, for sample.py --init_from=FOLDER
+    print(
+        f"wrote {cfg.hf_dir}: config.json, model.safetensors ({model.num_params(False) / 1e6:.2f}M parameters), "
+        "meta.json"
+    )
 
 
 if __name__ == "__main__":

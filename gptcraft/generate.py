@@ -4,6 +4,8 @@ Small functions with one job each, in the manner of gpt-fast: `logits_to_probs` 
 turn logits into the next token; `prefill` runs a whole context through the model and fills a
 KV cache; `decode_one_token` runs one new token against that cache; `decode_n_tokens` strings
 them together and moves the context window; `generate` returns the finished sequences.
+The KV cache is static (model.py's KVCache): fixed buffers written at an `input_pos` tensor, so
+`compile_decoder` compiles the decoding step once for every position.
 
 use_cache=False recomputes the whole context at every step instead (nanoGPT's way): the same
 tokens, much slower. Both paths see the same context at every step (`context_start`), so for
@@ -16,8 +18,12 @@ import torch
 def logits_to_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """Next-token probabilities (B, V) from logits (B, V): logits divided by temperature (> 0),
     then only the top_k most likely tokens kept, then only the smallest set of most likely tokens
-    whose probability reaches top_p (nucleus sampling); what is left is renormalised."""
-    logits = logits.float() / temperature
+    whose probability reaches top_p (nucleus sampling); what is left is renormalised. A temperature
+    too small for float32 behaves as greedy decoding: the most likely tokens keep all the probability."""
+    logits = logits.float()
+    # Shifted so that the largest is 0: divided by a tiny temperature, it stays 0 and the rest go
+    # to -inf, never inf - inf (NaN). The floor keeps the divisor above 0 once it is a float32.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -41,21 +47,47 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def new_cache(model, batch_size):
+    """A KV cache for batch_size sequences, in the dtype the keys will have: autocast's when it is on."""
+    device_type = model.lm_head.weight.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return model.new_cache(batch_size, dtype)
+
+
 @torch.no_grad()
-def prefill(model, context, use_cache=True):
+def prefill(model, context, use_cache=True, cache=None):
     """Run context (B, T), T <= block_size, through the model from position 0. Returns the logits
-    of the token that follows, (B, V), and a KV cache holding the T positions (None without use_cache)."""
-    cache = model.new_cache() if use_cache else None
-    logits, _ = model(context, cache=cache)
-    return logits[:, -1], cache
+    of the token that follows, (B, V), and a KV cache holding the T positions (None without
+    use_cache): `cache` itself when given (overwritten from position 0), else a new one."""
+    if use_cache and cache is None:
+        cache = new_cache(model, context.size(0))
+    logits, _ = model(context, cache=cache if use_cache else None)
+    return logits[:, -1], cache if use_cache else None
 
 
 @torch.no_grad()
-def decode_one_token(model, token, cache):
-    """Run one token (B, 1) after the positions in `cache`, appending its keys and values there.
-    Returns the logits of the token that follows, (B, V)."""
-    logits, _ = model(token, cache=cache)
+def decode_one_token(model, token, cache, input_pos):
+    """Run one token (B, 1) at position input_pos (1,) after the positions in `cache`, writing its
+    keys and values there. Returns the logits of the token that follows, (B, V). Every tensor keeps
+    its shape from one position to the next: compiled, this is traced once."""
+    logits, _ = model(token, cache=cache, input_pos=input_pos)
     return logits[:, -1]
+
+
+def compile_decoder(mode=None):
+    """decode_one_token under torch.compile, as one graph; mode="reduce-overhead" on CUDA replays it
+    as a CUDA graph. It compiles at its first call (seconds to a minute), then runs for every position."""
+    compiled = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+
+    def decode(model, token, cache, input_pos):
+        for layer in cache:
+            # Buffers that stay at one address: a CUDA graph may write into them in place. Marked here,
+            # not when the cache is made, so that eager decoding never imports torch._dynamo.
+            torch._dynamo.mark_static_address(layer.k)
+            torch._dynamo.mark_static_address(layer.v)
+        return compiled(model, token, cache, input_pos)
+
+    return decode
 
 
 def context_start(length, block_size, keep):
@@ -78,25 +110,30 @@ def context_start(length, block_size, keep):
 
 @torch.no_grad()
 def decode_n_tokens(model, idx, n, temperature=1.0, top_k=None, top_p=None, generator=None,
-                    use_cache=True, keep=None, eos_id=None):  # fmt: skip
+                    use_cache=True, keep=None, eos_id=None, decode=decode_one_token):  # fmt: skip
     """Yield up to n new tokens (B, 1) that continue idx (B, T), one per step.
 
     keep: tokens kept when the window slides past block_size (default block_size // 2, see
     context_start). eos_id: a row that has produced it yields eos_id from then on, and the
-    generation stops once every row has.
+    generation stops once every row has. decode: the decoding step, decode_one_token or its
+    compiled form (compile_decoder); one KV cache serves the whole generation, refilled from
+    position 0 when the window slides, so a compiled step sees the same tensors throughout.
     """
     block_size = model.config.block_size
     keep = block_size // 2 if keep is None else keep
     if not 1 <= keep <= block_size:
         raise ValueError(f"keep must be in [1, block_size={block_size}], got {keep}")
-    cache, cache_start = None, None  # the cache holds the context from cache_start on
+    cache = new_cache(model, idx.size(0)) if use_cache else None
+    cache_start, token = None, None  # the cache holds the context from cache_start on; the last token drawn
     finished = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
     for _ in range(n):
         start = context_start(idx.size(1), block_size, keep)
         if use_cache and start == cache_start:
-            logits = decode_one_token(model, idx[:, -1:], cache)
+            # The newest token's position in the window, < block_size by context_start.
+            input_pos = torch.tensor([idx.size(1) - 1 - start], device=idx.device)
+            logits = decode(model, token, cache, input_pos)  # token (B, 1): a fresh tensor, contiguous
         else:
-            logits, cache = prefill(model, idx[:, start:], use_cache)
+            logits, cache = prefill(model, idx[:, start:], use_cache, cache)
             cache_start = start
         token = sample(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:

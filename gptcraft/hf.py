@@ -11,8 +11,10 @@ GPT-2's projections as Conv1D, whose weight is (in, out), the transpose of nn.Li
 import dataclasses
 import json
 import os
+import pickle
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from gptcraft.data.tokenizer import GPT2_EOT
@@ -22,6 +24,7 @@ from model import GPT, GPTConfig
 
 # OpenAI's GPT-2 checkpoints on the Hugging Face hub: 124M, 350M, 774M and 1558M parameters.
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+HUB_PREFIX = "hub:"  # hub:gpt2 is the hub model even where a folder ./gpt2 exists
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -29,16 +32,34 @@ class HFFormatError(GptcraftError, ValueError):
     """A checkpoint that is not GPT-2 in Hugging Face's format, or a model that format cannot hold."""
 
 
+def hub_name(name_or_path):
+    """The hub model that name_or_path names (hub:gpt2, or gpt2 where no file or folder has that
+    name), or None for a local folder. A bare name that is both is refused: neither silently wins."""
+    if name_or_path.startswith(HUB_PREFIX):
+        name = name_or_path.removeprefix(HUB_PREFIX)
+        if name not in HUB_MODELS:
+            raise HFFormatError(f"{name_or_path!r} is not a hub model; use one of "
+                                f"{', '.join(HUB_PREFIX + n for n in HUB_MODELS)}")  # fmt: skip
+        return name
+    if name_or_path not in HUB_MODELS:
+        return None
+    if os.path.exists(name_or_path):
+        raise HFFormatError(f"{name_or_path} names both OpenAI's model on the hub and the local folder "
+                            f"./{name_or_path}; write {HUB_PREFIX}{name_or_path} or ./{name_or_path}")  # fmt: skip
+    return name_or_path
+
+
 def fetch(name_or_path):
     """The local folder of a Hugging Face GPT-2 checkpoint: the path itself, or a hub download
     (kept in the Hugging Face cache, which is used again when offline)."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if name_or_path not in HUB_MODELS:
+    name = hub_name(name_or_path)
+    if name is None:
+        if os.path.isdir(name_or_path):
+            return name_or_path
         raise HFFormatError(f"{name_or_path!r} is neither a folder nor one of {', '.join(HUB_MODELS)}")
     from huggingface_hub import snapshot_download
 
-    repo = HUB_MODELS[name_or_path]
+    repo = HUB_MODELS[name]
     try:
         return snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:  # no network, or no cached copy: the hub's errors are many
@@ -46,6 +67,27 @@ def fetch(name_or_path):
             f"cannot get {repo} from the Hugging Face hub ({type(e).__name__}); on a machine without internet, "
             f"download config.json and model.safetensors from huggingface.co/{repo} elsewhere and pass their folder"
         ) from None
+
+
+SIZES = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")  # config.json keys a GPT is built from
+
+
+def read_config(folder):
+    """config.json of a Hugging Face checkpoint folder, with its sizes checked."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise HFFormatError(f"{folder} has no config.json: not a Hugging Face checkpoint folder") from None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise HFFormatError(f"{path} cannot be read as JSON ({e}); download it again") from None
+    if not isinstance(hf, dict):
+        raise HFFormatError(f"{path} holds a JSON {type(hf).__name__}, not an object; download it again")
+    bad = [k for k in SIZES if not (isinstance(hf.get(k), int) and not isinstance(hf.get(k), bool) and hf[k] > 0)]
+    if bad:
+        raise HFFormatError(f"{path}: {', '.join(f'{k}={hf.get(k)!r}' for k in bad)} must be positive integers")
+    return hf
 
 
 def config_from_hf(hf):
@@ -71,11 +113,18 @@ def config_from_hf(hf):
 def read_weights(folder):
     """The state dict in a folder's model.safetensors, or else in its pytorch_model.bin."""
     safetensors_path, torch_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(safetensors_path):
-        return load_file(safetensors_path)
-    if os.path.exists(torch_path):
-        return torch.load(torch_path, map_location="cpu", weights_only=True)
-    raise HFFormatError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
+    path = next((p for p in (safetensors_path, torch_path) if os.path.exists(p)), None)
+    if path is None:
+        raise HFFormatError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
+    try:
+        if path == safetensors_path:
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
+        detail = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise HFFormatError(
+            f"{path} is truncated, corrupt or not plain tensors ({detail}); download it again"
+        ) from None
 
 
 def from_hf_state_dict(hf_sd, tie_embeddings=True):
@@ -98,11 +147,7 @@ def from_pretrained(name_or_path, block_size=None, dropout=0.0):
     """A GPT with GPT-2 weights from the hub or a local folder (see fetch). block_size, when
     smaller than the checkpoint's, keeps only the first block_size position embeddings."""
     folder = fetch(name_or_path)
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            args = config_from_hf(json.load(f))
-    except FileNotFoundError:
-        raise HFFormatError(f"{folder} has no config.json: not a Hugging Face checkpoint folder") from None
+    args = config_from_hf(read_config(folder))
     sd = from_hf_state_dict(read_weights(folder), args["tie_embeddings"])
     if block_size is not None:
         if block_size > args["block_size"]:

@@ -1,17 +1,19 @@
 """The model to sample from, evaluate or export, with its tokenizer: a training run's checkpoint
-(init_from=resume) or GPT-2 weights (a hub name or a Hugging Face folder, see hf.py)."""
+(init_from=resume; ours or nanoGPT's) or GPT-2 weights (a hub name or a Hugging Face folder, see hf.py)."""
 
 import os
 
-from gptcraft.data.shards import read_meta
+from gptcraft.data.nanogpt import META_PKL, read_meta_pkl
+from gptcraft.data.shards import META, read_meta
 from gptcraft.data.tokenizer import GPT2_META, load_tokenizer
 from gptcraft.errors import GptcraftError
-from gptcraft.hf import HUB_MODELS, from_pretrained
+from gptcraft.hf import HUB_MODELS, from_pretrained, hub_name
 from gptcraft.train.checkpoint import load_checkpoint, sampling_path
 from model import GPT, GPTConfig
 
-INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl: OpenAI's weights "
-                  "from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format")  # fmt: skip
+INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl (or hub:gpt2, ...): "
+                  "OpenAI's weights from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format "
+                  "(./gpt2 where the names meet)")  # fmt: skip
 
 
 class InitFromError(GptcraftError):
@@ -20,32 +22,53 @@ class InitFromError(GptcraftError):
 
 def check_init_from(init_from, allowed=("resume",)):
     """Refuse an init_from that is none of `allowed`, a GPT-2 name or an existing folder."""
-    if init_from in allowed or init_from in HUB_MODELS or os.path.isdir(init_from):
+    if init_from in allowed or hub_name(init_from) is not None or os.path.isdir(init_from):
         return
     names = ", ".join((*allowed, *HUB_MODELS))
     raise InitFromError(f"init_from={init_from!r} is none of {names} and not a folder holding a Hugging Face GPT-2")
 
 
-def load_run_model(out_dir, device):
-    """The GPT saved in a training run's out_dir: best.pt (lowest val loss) when there is one, else ckpt.pt."""
-    ckpt = load_checkpoint(sampling_path(out_dir), map_location=device)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+def run_meta(out_dir, ckpt, vocab_size):
+    """The tokenizer description of a run: out_dir/meta.json, which train.py writes; for a nanoGPT
+    run, its dataset's meta.json or meta.pkl (data/<dataset>/, where nanoGPT's sample.py looks);
+    else GPT-2 BPE, when the model has GPT-2's vocabulary."""
+    if os.path.exists(os.path.join(out_dir, META)):
+        return read_meta(out_dir)
+    config = ckpt.get("config") or {}
+    data_dir = os.path.join(config.get("data_dir", "data"), str(config.get("dataset", "")))
+    if config.get("dataset") and os.path.exists(os.path.join(data_dir, META)):
+        return read_meta(data_dir)
+    if config.get("dataset") and os.path.exists(os.path.join(data_dir, META_PKL)):
+        return read_meta_pkl(os.path.join(data_dir, META_PKL))
+    if vocab_size < GPT2_META["vocab_size"]:
+        where = f", or run from the folder that holds {data_dir}/{META_PKL}" if config.get("dataset") else ""
+        raise InitFromError(f"{os.path.join(out_dir, META)} not found, and the model's {vocab_size}-token vocabulary "
+                            f"is not GPT-2's; copy the dataset's meta.json into {out_dir}{where}")  # fmt: skip
+    return dict(GPT2_META)
+
+
+def load_run(out_dir, device):
+    """(GPT, tokenizer description) of a training run's out_dir, ours or nanoGPT's: best.pt (lowest
+    val loss) when there is one, else ckpt.pt."""
+    path = sampling_path(out_dir)
+    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+    except (TypeError, ValueError) as e:
+        raise InitFromError(f"{path}: its model_args do not describe a GPT ({e})") from None
     model.load_state_dict(ckpt["model"])
-    return model
+    return model, run_meta(out_dir, ckpt, model.config.vocab_size)
 
 
 def load_model(init_from, out_dir, device, tokenizer_file=""):
     """(model in eval mode on device, tokenizer) for init_from (see INIT_FROM_HELP); tokenizer_file:
     a local GPT-2 .tiktoken file for offline machines (see tokenizer.py)."""
     if init_from == "resume":
-        model, meta_dir = load_run_model(out_dir, device), out_dir
+        model, meta = load_run(out_dir, device)
     else:
         model = from_pretrained(init_from)
         # A folder written by export.py carries the run's meta.json; OpenAI's models use GPT-2 BPE.
-        meta_dir = init_from if os.path.exists(os.path.join(init_from, "meta.json")) else None
-    try:
-        meta = read_meta(meta_dir) if meta_dir else GPT2_META
-    except (FileNotFoundError, ValueError) as e:
-        raise InitFromError(f"{e}; copy the dataset's meta.json into {meta_dir}") from None
+        local = hub_name(init_from) is None and os.path.exists(os.path.join(init_from, META))
+        meta = read_meta(init_from) if local else GPT2_META
     tokenizer = load_tokenizer(meta, tokenizer_file or None)
     return model.to(device).eval(), tokenizer

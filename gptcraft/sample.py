@@ -3,10 +3,13 @@
 python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
 python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
 echo "ROMEO:" | python sample.py --out_dir=out-shakespeare-char --start=- --num_samples=1
+python sample.py --out_dir=out-shakespeare-char --compile=True --device=cuda   # decoding as a CUDA graph
 python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=1
 """
 
 import codecs
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
-from gptcraft.generate import decode_n_tokens
+from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token
 from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
 from gptcraft.system import hardware
 
@@ -34,6 +37,8 @@ class SampleConfig:
     use_cache: bool = option(True, "KV cache: one token's work per step; False recomputes the whole context")
     window_keep: int = option(0, "tokens kept when the context slides past block_size; 0: block_size // 2; "
                                  "block_size: slide one token per step (slow)")  # fmt: skip
+    compile: bool = option(False, "torch.compile the decoding step (once, at the first step; on CUDA as a CUDA "
+                                  "graph, mode=reduce-overhead); needs use_cache")  # fmt: skip
     stream: bool = option(True, "print a single sample token by token as it is generated")
     device: str = hardware.device_option()
     dtype: str = hardware.dtype_option()
@@ -43,14 +48,42 @@ class SampleConfig:
         check_init_from(self.init_from)
         if self.num_samples <= 0 or self.max_new_tokens <= 0:
             raise ConfigError("num_samples and max_new_tokens must be positive")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature must be >= 0 and finite (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if self.compile and not self.use_cache:
+            raise ConfigError("compile=True compiles the KV-cache decoding step: it needs use_cache=True")
         if self.window_keep < 0:
             raise ConfigError(f"window_keep must be >= 0 (0 means block_size // 2), got {self.window_keep}")
+
+
+def free_memory(device):
+    """Bytes that can still be allocated on `device`: free GPU memory, or MemAvailable of the host."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_batch_memory(config, num_samples, device, element_size=4):
+    """Refuse a batch of num_samples whose KV cache, activations and logits cannot fit on `device`.
+    A rough per-sample count: keys and values of every layer (2 n_layer C per position), the widest
+    activations of one block (4 C per position for the MLP, a T x T map per head), and (V,) logits."""
+    c, t = config.n_embd, config.block_size
+    per_sample = element_size * (t * (2 * config.n_layer * c + 8 * c + config.n_head * t) + 2 * config.vocab_size)
+    free = free_memory(device)
+    if num_samples * per_sample > free:
+        most = max(free // per_sample, 1)
+        raise ConfigError(
+            f"num_samples={num_samples} needs about {num_samples * per_sample / 2**30:.1f} GiB on {device}, "
+            f"more than the {free / 2**30:.1f} GiB free; use --num_samples={most} or fewer"
+        )
 
 
 def read_prompt(start):
@@ -117,13 +150,17 @@ def main(argv=None):
     block_size = model.config.block_size
     if cfg.window_keep > block_size:
         raise ConfigError(f"window_keep ({cfg.window_keep}) must not exceed the model's block_size ({block_size})")
+    check_batch_memory(model.config, cfg.num_samples, device)
     ids = encode_prompt(tok, prompt)
     eot = end_of_text(tok)
     x = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T): one batch
     generator = torch.Generator(device).manual_seed(cfg.seed)
+    decode = decode_one_token
+    if cfg.compile:
+        decode = compile_decoder("reduce-overhead" if device.startswith("cuda") else None)
     steps = decode_n_tokens(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                             top_p=cfg.top_p, generator=generator, use_cache=cfg.use_cache,
-                            keep=cfg.window_keep or None, eos_id=eot)  # fmt: skip
+                            keep=cfg.window_keep or None, eos_id=eot, decode=decode)  # fmt: skip
     streaming = cfg.stream and cfg.num_samples == 1
     stream = TextStream(tok)
     if streaming:

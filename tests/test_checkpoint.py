@@ -3,6 +3,7 @@ sharded save, and a divergence guard that never lets NaN weights over a good che
 
 import errno
 import os
+import re
 
 import pytest
 import torch
@@ -21,6 +22,20 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("always, saved", [(True, [5, 10, 15, 20]), (False, [5, 15])])
+def test_always_save_checkpoint_false_saves_only_when_val_loss_improves(char_data_dir, tmp_path, monkeypatch,
+                                                                         capsys, always, saved):  # fmt: skip
+    val_losses = iter([4.0, 3.0, 3.5, 2.5, 2.8])  # at iters 0, 5, 10, 15, 20: better at 5 and 15 only
+    monkeypatch.setattr(loop, "estimate_loss", lambda *args: {"train": 1.0, "val": next(val_losses)})
+    out = tmp_path / "run"
+    loop.main(tiny_train_args(char_data_dir, out, max_iters=20, eval_interval=5, always_save_checkpoint=always))
+    saves = re.findall(r"saved ckpt.pt( and best.pt)? in .* at iter (\d+)", capsys.readouterr().out)
+    assert [int(it) for _, it in saves] == saved
+    assert [int(it) for best, it in saves if best] == [5, 15]  # best.pt whenever val loss improves
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == saved[-1]
+    assert checkpoint.load_checkpoint(out / "best.pt")["best_val_loss"] == 2.5
 
 
 def test_pickled_payload_is_refused(tmp_path):
@@ -65,7 +80,7 @@ def test_a_torn_sharded_save_falls_back_to_the_complete_one(tmp_path):
     old.mkdir()
     checkpoint.save_checkpoint(old / checkpoint.SHARDED_STATE, {"iter_num": 10})
     (tmp_path / "ckpt.dcp.tmp").mkdir()  # the new one, never finished
-    assert checkpoint.latest_path(tmp_path) == str(old)
+    assert checkpoint.latest_path(tmp_path, fsdp=True) == str(old)
     checkpoint.remove_stale_temps(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp.old"]
 
@@ -103,6 +118,33 @@ def poison_forward(monkeypatch, bad_steps=(), break_weights_at=None):
         return logits, loss
 
     monkeypatch.setattr(model.GPT, "forward", forward)
+
+
+def test_float16_infinite_gradients_are_the_scalers_to_skip(char_data_dir, tmp_path, monkeypatch, capsys):
+    """Step 5's gradients are infinite, its loss is not: the scaler skips the step and halves its
+    scale; the divergence guard does not count it."""
+    args = {**RUN, "dtype": "float16", "eval_interval": 100, "max_nonfinite_steps": 1}
+    loop.main(tiny_train_args(char_data_dir, tmp_path / "four", **{**args, "max_iters": 4}))
+    real_forward, calls = model.GPT.forward, []
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 5:
+                logits.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        return logits, loss
+
+    monkeypatch.setattr(model.GPT, "forward", forward)
+    loop.main(tiny_train_args(char_data_dir, tmp_path / "five", **{**args, "max_iters": 5}))
+    assert "skipped step" not in capsys.readouterr().out
+    four, five = (checkpoint.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("four", "five"))
+    assert five["iter_num"] == 5 and five["scaler"]["scale"] == four["scaler"]["scale"] / 2
+    for name, tensor in four["model"].items():  # step 5 changed nothing
+        assert torch.equal(five["model"][name], tensor), name
+    for key, state in four["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(five["optimizer"]["state"][key][field], value), (key, field)
 
 
 def test_a_few_nan_steps_are_skipped(char_data_dir, tmp_path, monkeypatch, capsys):

@@ -1,9 +1,11 @@
 """Several processes through torchrun on CPU (gloo): DDP and FSDP2 see the same batches as one
-process, so their loss curves agree; FSDP2 checkpoints through torch.distributed.checkpoint and
-resumes."""
+process, so their loss curves agree; FSDP2 checkpoints through torch.distributed.checkpoint; a run
+resumes from either kind of checkpoint on another number of processes; stop signals reach every rank."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +18,9 @@ from test_resume import assert_same_run
 
 from gptcraft.errors import GptcraftError
 from gptcraft.system import distributed
-from gptcraft.train import loop
+from gptcraft.train import checkpoint, loop
 from gptcraft.train.parallelize import parallelize
+from model import GPT, GPTConfig
 
 # gradient_accumulation_steps is global: 2 micro-batches per step, one on each of 2 ranks. At a
 # learning rate of 1e-2 AdamW grows FSDP's float32 rounding differences past 1e-3 by iteration 20.
@@ -38,12 +41,20 @@ def torchrun(*args):
 @pytest.fixture(scope="module")
 def one_process(char_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    run_script("train.py", *tiny_train_args(char_data_dir, out, **RUN), env={"OMP_NUM_THREADS": "1"})
+    loop.main(tiny_train_args(char_data_dir, out, **RUN))
     return out
 
 
-def assert_same_curve(a, b):
-    assert list(a) == list(b) == list(range(1, 21))
+@pytest.fixture(scope="module")
+def fsdp_at_10(char_data_dir, tmp_path_factory):
+    """Two FSDP processes stopped at iteration 10: a ckpt.dcp/ to resume from (copy it first)."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    torchrun(*tiny_train_args(char_data_dir, out, fsdp=True, **{**RUN, "max_iters": 10}))
+    return out
+
+
+def assert_same_curve(a, b, iters=range(1, 21)):
+    assert list(a) == list(b) == list(iters)
     for it in a:
         assert abs(a[it] - b[it]) < 1e-4, (it, a[it], b[it])
 
@@ -55,9 +66,9 @@ def test_ddp_two_processes_match_one_process(one_process, char_data_dir, tmp_pat
     assert_same_curve(losses(one_process), losses(out))
 
 
-def test_fsdp_two_processes_train_save_sharded_and_resume(one_process, char_data_dir, tmp_path):
+def test_fsdp_two_processes_train_save_sharded_and_resume(one_process, fsdp_at_10, char_data_dir, tmp_path):
     out = tmp_path / "fsdp"
-    torchrun(*tiny_train_args(char_data_dir, out, fsdp=True, **{**RUN, "max_iters": 10}))
+    shutil.copytree(fsdp_at_10, out)
     # A torch.distributed.checkpoint directory with one shard file per rank; no ckpt.pt.
     assert (out / "ckpt.dcp" / ".metadata").exists() and not (out / "ckpt.pt").exists()
     assert len(list((out / "ckpt.dcp").glob("*.distcp"))) == 2
@@ -76,6 +87,43 @@ def test_fsdp_two_processes_train_save_sharded_and_resume(one_process, char_data
         torch.testing.assert_close(best["model"][name], tensor, rtol=0, atol=1e-4)
 
 
+def test_a_sharded_checkpoint_is_read_only_by_an_fsdp_run(fsdp_at_10, char_data_dir, tmp_path):
+    """ckpt.dcp/'s index is a pickle: a plain resume refuses it, naming --fsdp=True, and leaves it as it was."""
+    out = tmp_path / "one"
+    shutil.copytree(fsdp_at_10, out)
+    with pytest.raises(GptcraftError, match=r"only the FSDP checkpoint ckpt.dcp/.*resume it with --fsdp=True"):
+        loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **RUN))
+    assert (out / "ckpt.dcp" / ".metadata").exists() and not (out / "ckpt.pt").exists()
+
+
+def test_a_full_checkpoint_resumes_under_fsdp_on_two_processes(one_process, char_data_dir, tmp_path):
+    out = tmp_path / "full"
+    loop.main(tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 10}))
+    result = torchrun(*tiny_train_args(char_data_dir, out, fsdp=True, init_from="resume", **RUN))
+    assert "saved by 1 process(es), this run has 2" in result.stdout
+    assert_same_curve(losses(one_process), losses(out))
+    assert len(list((out / "ckpt.dcp").glob("*.distcp"))) == 2 and not (out / "ckpt.pt").exists()
+
+
+def test_a_missing_shard_of_a_sharded_checkpoint_is_named(fsdp_at_10, char_data_dir, tmp_path):
+    out = tmp_path / "torn"
+    shutil.copytree(fsdp_at_10, out)
+    (out / "ckpt.dcp" / "__1_0.distcp").unlink()
+    # What an FSDP resume reads (the model's tensors), read here in one process.
+    model = GPT(GPTConfig(**checkpoint.load_sharded_state(out / "ckpt.dcp")["model_args"]))
+    with pytest.raises(GptcraftError, match=r"ckpt.dcp could not be read \(.*No such file.*__1_0.distcp"):
+        checkpoint.load_sharded(out / "ckpt.dcp", {"model": model.state_dict()})
+    assert sorted(os.listdir(out / "ckpt.dcp")) == [".metadata", "__0_0.distcp", "train_state.pt"]  # left as it was
+
+
+def start_torchrun(args):
+    """torchrun with two train.py workers in the background, its output (both streams) piped."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT),
+                             "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+
+
 def rank_pid(launcher_pid, rank):
     """The pid of the torchrun worker with RANK=rank, found through /proc."""
     for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
@@ -88,10 +136,7 @@ def rank_pid(launcher_pid, rank):
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(char_data_dir, tmp_path):
     out = tmp_path / "stopped"
     args = tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 500, "eval_interval": 1000})
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "train.py", *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT),
-                                 "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)  # fmt: skip
+    launcher = start_torchrun(args)
     for line in launcher.stdout:
         if line.startswith("iter 3:"):
             break
@@ -100,6 +145,22 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(char_data_dir, tm
     assert launcher.returncode == 0, rest
     assert "stopped by a signal on another rank at iteration" in rest
     assert 3 <= torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] < 500
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_which_saves_and_exits_0(char_data_dir, tmp_path):
+    out = tmp_path / "stopped"
+    args = tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 500, "eval_interval": 1000})
+    launcher = start_torchrun(args)
+    for line in launcher.stdout:
+        if line.startswith("iter 3:"):
+            break
+    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    rest, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, rest  # torchrun reports the signal; the workers exited 0
+    stopped_at = int(re.search(r"stopped by SIGTERM at iteration (\d+)", rest).group(1))
+    assert re.findall(r"saved ckpt.pt in .* at iter (\d+)", rest) == [str(stopped_at)]  # one save, by all ranks
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == stopped_at
+    assert "exitcode  : 1" not in rest and "ChildFailedError" not in rest
 
 
 def test_torchrun_restarts_after_a_killed_worker_resume_and_end_bit_identical(char_data_dir, tmp_path):

@@ -1,14 +1,17 @@
 """Whole-val evaluation: every token scored exactly once, and the train.py option that logs it."""
 
 import json
+import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script, tiny_train_args
+from conftest import tiny_train_args
 
 from gptcraft.evaluate.loss import full_split_loss, full_val_loss
 from gptcraft.system.distributed import Dist
+from gptcraft.train import loop
 from model import GPT, GPTConfig
 
 
@@ -31,24 +34,29 @@ def test_full_val_scores_every_token_once():
     assert model.training  # the model is put back as it was
 
 
-def test_train_logs_full_val_on_last_eval_row(char_data_dir, tmp_path):
+def test_train_logs_full_val_on_last_eval_row(char_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     switches = dict(optimizer="muon", pos_embedding="rope", qk_norm=True, activation="relu2",
                     tie_embeddings=False, zero_init_proj=True, logit_softcap=30.0, warmdown_iters=10)  # fmt: skip
-    args = tiny_train_args(char_data_dir, out, max_iters=20, eval_interval=10, full_val=True, **switches)
-    result = run_script("train.py", *args)
+    loop.main(tiny_train_args(char_data_dir, out, max_iters=20, eval_interval=10, full_val=True, **switches))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
     assert [r["iter"] for r in evals] == [0, 10, 20]
     assert [("full_val_loss" in r) for r in evals] == [False, False, True]
-    full = evals[-1]["full_val_loss"]
-    assert 1.5 < full < 4.2 and abs(full - evals[-1]["val_loss"]) < 0.2  # near the sampled estimate
-    assert "full val loss" in result.stdout
+    assert "full val loss" in capsys.readouterr().out
+    # The figure is the loss of the final weights over every val token, and they have learned.
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    val = np.fromfile(char_data_dir / "shakespeare_char" / "val.bin", dtype="<u2")
+    expected = full_val_loss(model, val, 32, 8, "cpu", "float32", Dist())
+    assert evals[-1]["full_val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert expected < math.log(65) - 0.7
 
 
 def test_full_val_off_by_default(char_data_dir, tmp_path):
     out = tmp_path / "run"
-    run_script("train.py", *tiny_train_args(char_data_dir, out, max_iters=5, eval_interval=5))
+    loop.main(tiny_train_args(char_data_dir, out, max_iters=5, eval_interval=5))
     assert "full_val_loss" not in (out / "log.jsonl").read_text()
 
 

@@ -3,16 +3,30 @@
 import pytest
 import torch
 
-from gptcraft.generate import context_start, decode_n_tokens, generate, logits_to_probs, prefill, sample
+from gptcraft.generate import (
+    context_start,
+    decode_n_tokens,
+    decode_one_token,
+    generate,
+    logits_to_probs,
+    prefill,
+    sample,
+)
 from model import GPT, GPTConfig
 
 BLOCK = 16
 
 
 def tiny_model(**overrides):
+    """Random weights far from the initial ones: attention at initialisation is nearly uniform, so
+    it would hardly notice keys at wrong positions."""
     torch.manual_seed(0)
     cfg = dict(block_size=BLOCK, vocab_size=40, n_layer=2, n_head=2, n_embd=32, **overrides)
-    return GPT(GPTConfig(**cfg)).eval()
+    model = GPT(GPTConfig(**cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
 
 
 @pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal", "rope"])
@@ -22,17 +36,17 @@ def test_cached_forward_equals_full_forward(pos_embedding, attention):
     model = tiny_model(pos_embedding=pos_embedding, attention=attention)
     idx = torch.randint(0, 40, (3, BLOCK))
     full, _ = model(idx, idx)  # targets given: logits at every position, (B, T, V)
-    cache = model.new_cache()
-    pieces = [model(idx[:, :5], cache=cache)[0]]
+    cache = model.new_cache(3)
+    pieces = [model(idx[:, :5], cache=cache)[0]]  # a prefill: positions 0 .. 4
     for t in range(5, 8):
-        pieces.append(model(idx[:, t : t + 1], cache=cache)[0])
-    pieces.append(model(idx[:, 8:], cache=cache)[0])  # several new queries after cached keys: shifted mask
+        pieces.append(model(idx[:, t : t + 1], cache=cache, input_pos=torch.tensor([t]))[0])
+    # several new queries after cached keys: each sees the cached positions and the new ones before it
+    pieces.append(model(idx[:, 8:], cache=cache, input_pos=torch.arange(8, BLOCK))[0])
     cached = torch.cat([p[:, -1] for p in pieces], dim=0)
     expected = torch.cat([full[:, t] for t in (4, 5, 6, 7, BLOCK - 1)], dim=0)
     torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
-    assert cache[0].length == BLOCK
     with pytest.raises(ValueError, match="longer than block_size"):
-        model(idx[:, :1], cache=cache)
+        model(torch.zeros(1, BLOCK + 1, dtype=torch.long))
 
 
 @pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal", "rope"])
@@ -91,7 +105,7 @@ def test_prefill_without_cache_returns_none():
     idx = torch.randint(0, 40, (1, 6))
     logits, cache = prefill(model, idx, use_cache=False)
     cached_logits, full_cache = prefill(model, idx)
-    assert cache is None and full_cache[0].length == 6
+    assert cache is None and full_cache[0].k.shape == (1, 2, BLOCK, 16)  # (B, nh, block_size, hs)
     torch.testing.assert_close(logits, cached_logits)
 
 
@@ -145,3 +159,40 @@ def test_cached_equals_uncached_on_cuda():
     idx = torch.randint(0, 40, (3, 5), device="cuda")
     out = [generate(model, idx, 3 * BLOCK, temperature=0, use_cache=use_cache) for use_cache in (True, False)]
     assert torch.equal(out[0], out[1])
+
+
+def perturbed_model(**overrides):
+    """A tiny model with weights far from their initialisation, so that attention is far from uniform
+    and a wrong position or a stale cached key changes the tokens."""
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0)], ids=["greedy", "sampled"])
+def test_static_cache_equals_recompute_token_for_token(pos_embedding, sampling):
+    model = perturbed_model(pos_embedding=pos_embedding, qk_norm=True)
+    idx = torch.randint(0, 40, (2, 3))
+    weights = torch.softmax(model(idx[:, :1].repeat(1, BLOCK), idx[:, :1].repeat(1, BLOCK))[0], -1)
+    assert weights.max() > 0.2  # peaked predictions: not the near-uniform model of the initialisation
+    out = {}
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(3)
+        out[use_cache] = generate(model, idx, 3 * BLOCK, generator=gen, use_cache=use_cache, keep=5, **sampling)
+    assert torch.equal(out[True], out[False])
+
+
+def test_compiled_decoding_step_is_traced_once_for_every_position():
+    """The whole generation, window slides included, replays one graph: a recompile raises."""
+    import torch._dynamo
+
+    model = perturbed_model(pos_embedding="rope")
+    idx = torch.randint(0, 40, (2, 3))
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, backend="eager", fullgraph=True)  # tracing, not code generation
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = generate(model, idx, 3 * BLOCK, temperature=0, keep=5, decode=step)
+    assert torch.equal(compiled, generate(model, idx, 3 * BLOCK, temperature=0, keep=5, use_cache=False))

@@ -114,6 +114,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tiny_run_di
         (dict(pos_embedding="sinusoidal"), "cannot express pos_embedding='sinusoidal' (GPT-2: 'learned')"),
         (dict(pos_embedding="rope", qk_norm=True), "pos_embedding='rope' (GPT-2: 'learned'), qk_norm=True"),
         (dict(activation="relu2"), "activation='relu2' (GPT-2: 'gelu')"),
+        (dict(logit_softcap=30.0), "logit_softcap=30.0 (GPT-2: 0.0)"),
     ],
 )
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, tiny_run_dir, model_args, message):

@@ -10,7 +10,8 @@ from conftest import ROOT
 # Packages that everything else builds on: they import nothing above them.
 LOW = ("gptcraft.errors", "gptcraft.files", "gptcraft.config", "gptcraft.system", "gptcraft.data")
 HIGH = ("gptcraft.train", "gptcraft.track", "gptcraft.evaluate", "gptcraft.prepare", "gptcraft.bench", "gptcraft.hf",
-        "gptcraft.generate", "gptcraft.sample", "gptcraft.init_from", "gptcraft.export", "gptcraft.cli")  # fmt: skip
+        "gptcraft.generate", "gptcraft.sample", "gptcraft.init_from", "gptcraft.export", "gptcraft.visualize",
+        "gptcraft.cli")  # fmt: skip
 
 
 def module_name(path):
@@ -88,7 +89,18 @@ def test_only_gptcraft_and_model_are_installed_names(tmp_path):
 def test_gptcraft_help_lists_the_subcommands(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gptcraft", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("train", "sample", "eval", "export", "plot", "bench", "prepare NAME", "shakespeare_char"):
+    for command in (
+        "train",
+        "sample",
+        "eval",
+        "export",
+        "plot",
+        "attention",
+        "positions",
+        "bench",
+        "prepare NAME",
+        "shakespeare_char",
+    ):
         assert f"  {command} " in out.stdout
     bad = subprocess.run([sys.executable, "-m", "gptcraft", "nope"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown command 'nope'" in bad.stderr

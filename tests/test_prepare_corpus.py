@@ -11,7 +11,7 @@ from conftest import GPT2_TIKTOKEN, ROOT, run_script
 from gptcraft.bench import prepare_speed
 from gptcraft.data.shards import open_dataset, open_shard
 from gptcraft.data.tokenizer import GPT2Tokenizer
-from gptcraft.prepare import corpus
+from gptcraft.prepare import corpus, fineweb
 
 EOT = 50256
 
@@ -57,16 +57,17 @@ def test_tokens_are_tiktokens_encoding_of_each_document_plus_end_of_text(tmp_pat
     assert open_dataset(tmp_path / "out").max_token() == EOT  # what train.py checks against vocab_size
 
 
-def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path, shakespeare_path, monkeypatch):
+def test_shards_are_byte_identical_for_one_two_and_three_workers(tmp_path, shakespeare_path, monkeypatch):
     monkeypatch.setattr(corpus, "CHUNK_CHARS", 100_000)  # several chunks in flight
     source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 300))
-    for n in (1, 2):
+    for n in (1, 2, 3):
         run(source, tmp_path / f"out{n}", "--num_proc", str(n), "--shard_tokens", "100000", "--val_fraction", "0.02")
     names = sorted(p.name for p in (tmp_path / "out1").iterdir())
     assert len([n for n in names if n.startswith("train_")]) >= 4 and "val_000000.bin" in names
-    assert names == sorted(p.name for p in (tmp_path / "out2").iterdir())
-    for name in names:
-        assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes(), name
+    for n in (2, 3):
+        assert names == sorted(p.name for p in (tmp_path / f"out{n}").iterdir())
+        for name in names:
+            assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / f"out{n}" / name).read_bytes(), (n, name)
 
 
 def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(tmp_path, shakespeare_path, capsys):
@@ -82,6 +83,42 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(tmp_path,
     assert stamp == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}  # nothing lost
     meta = run(source, out, "--num_proc", "1", "--seed", "1", "--force")
     assert meta["source"]["seed"] == 1
+
+
+def test_fineweb_recipe_on_a_local_parquet_folder(tmp_path, shakespeare_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "sample-10BT"
+    folder.mkdir()
+    texts = documents(shakespeare_path, 40)
+    for i in (0, 1):  # FineWeb's columns, in two files as the sample comes
+        part = texts[i * 20 : (i + 1) * 20]
+        table = pa.table({"text": part, "id": [f"<urn:{j}>" for j in range(20)], "token_count": [0] * 20})
+        pq.write_table(table, folder / f"00{i}_00000.parquet")
+    args = fineweb.parse(["--input", str(folder), "--out_dir", str(tmp_path / "out"), "--num_proc", "1",
+                          "--val_fraction", "0.1", "--tokenizer_file", str(GPT2_TIKTOKEN)])  # fmt: skip
+    meta = corpus.prepare(args)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+    enc = GPT2Tokenizer(GPT2_TIKTOKEN).enc
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == sum(
+        len(enc.encode_ordinary(t)) + 1 for t in texts
+    )
+    for argv, dataset, out_dir in (([], "HuggingFaceFW/fineweb-edu", "data/fineweb_edu10B"),
+                                   (["--source", "fineweb"], "HuggingFaceFW/fineweb", "data/fineweb10B")):  # fmt: skip
+        args = fineweb.parse(argv)
+        assert (args.dataset, args.name, args.streaming, args.out_dir) == (dataset, "sample-10BT", True, out_dir)
+
+
+def test_force_deletes_nothing_when_the_new_source_does_not_read(tmp_path, shakespeare_path):
+    out = tmp_path / "out"
+    run(write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 20)), out, "--num_proc", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a document"}\n{"text": unquoted words\n')
+    with pytest.raises(corpus.CorpusError, match="cannot read .*bad.jsonl"):
+        run(bad, out, "--num_proc", "1", "--force")
+    assert before == {p.name: p.read_bytes() for p in out.iterdir()}  # the old dataset is intact
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, monkeypatch):
@@ -102,12 +139,12 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, m
     monkeypatch.setattr(corpus.Pipeline, "on_shard", interrupt_after_three)
     with pytest.raises(KeyboardInterrupt):
         run(source, tmp_path / "cut", *settings)
-    left = sorted(p.name for p in (tmp_path / "cut").iterdir())
+    left = sorted(p.name for p in (tmp_path / "cut.tmp").iterdir())  # built beside --out_dir
     assert left == ["progress.json", "train_000000.bin", "train_000001.bin", "train_000002.bin"]
-    with pytest.raises(FileNotFoundError):
-        open_dataset(tmp_path / "cut")  # not mistaken for a dataset
+    assert not (tmp_path / "cut").exists()
     monkeypatch.setattr(corpus.Pipeline, "on_shard", on_shard)
     run(source, tmp_path / "cut", *settings)
+    assert not (tmp_path / "cut.tmp").exists()
     whole = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert whole == sorted(p.name for p in (tmp_path / "cut").iterdir())
     for name in whole:
@@ -132,8 +169,8 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path, shakespear
             run(path, out, "--num_proc", "1")
         assert "\n" not in str(e.value)
         assert not (out / "meta.json").exists()
-    for p in out.iterdir():
-        p.unlink()
+    assert not out.exists()  # a run writes beside it, in out.tmp, until the dataset is complete
+    out.mkdir()
     (out / "train_000000.bin").write_bytes(b"someone else's")
     with pytest.raises(corpus.CorpusError, match="holds token files of an unknown dataset"):
         run(write_jsonl(tmp_path / "ok.jsonl", ["a", "b"]), out, "--num_proc", "1")
@@ -152,6 +189,20 @@ def test_text_files_and_the_command_line(tmp_path, shakespeare_path):
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 4
     with pytest.raises(SystemExit, match="^error: cannot read --input file .*nope.txt"):
         corpus.main(["--input", str(folder / "nope.txt"), "--out_dir", str(tmp_path / "o2")])
+
+
+@pytest.mark.parametrize("sample_by, documents", [("document", 2), ("paragraph", 6), ("line", 10)])
+def test_txt_sample_by_makes_a_document_of_a_file_a_paragraph_or_a_line(tmp_path, sample_by, documents):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):  # each: 3 paragraphs, 5 lines with text
+        (folder / name).write_text("To be,\nor not.\n\nThat is\nthe question.\n\nWhether 'tis nobler\n")
+    meta = run(folder, tmp_path / "out", "--txt_sample_by", sample_by, "--num_proc", "1")
+    splits = meta["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == documents
+    # Each document ends with end-of-text: one per document among the tokens.
+    tokens = np.concatenate([split_tokens(tmp_path / "out", split) for split in ("train", "val")])
+    assert (tokens == EOT).sum() == documents
 
 
 def test_shakespeare_in_gpt2_tokens(tmp_path, shakespeare_path):

@@ -15,6 +15,7 @@ from conftest import ROOT, tiny_train_args
 from gptcraft.files import TEMP_PREFIX
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
+from gptcraft.train.stops import GracefulStop
 
 # Dropout on, so that a resumed run also needs the RNG states; two micro-steps per update.
 COMMON = {"max_iters": 30, "eval_interval": 10, "dropout": 0.1, "gradient_accumulation_steps": 2, "log_interval": 5}
@@ -130,6 +131,19 @@ def test_sigterm_finishes_the_step_saves_and_exits_0_then_resumes_exactly(char_d
     assert 3 <= stopped_at < args["max_iters"]
     loop.main(tiny_train_args(char_data_dir, out, init_from="resume", **args))
     assert_same_run(straight, out)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first SIGINT only asks the loop to stop; the second raises KeyboardInterrupt there and then."""
+    previous = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs in the main thread between bytecodes
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_a_stop_at_the_last_step_leaves_the_final_evaluation_to_the_resumed_run(char_data_dir, tmp_path, monkeypatch):

@@ -4,15 +4,11 @@ import io
 import os
 
 import pytest
-import tiktoken
 from conftest import GPT2_TIKTOKEN, run_script
-from tiktoken.load import load_tiktoken_bpe
 
 from gptcraft import sample
+from gptcraft.data.tokenizer import gpt2_encoding
 from gptcraft.errors import GptcraftError
-
-# GPT-2's pre-tokenizer split pattern (tiktoken's r50k_base).
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def run(capsys, run_dir, *args):
@@ -68,6 +64,7 @@ def test_empty_prompt_starts_from_a_newline(capsys, tiny_run_dir):
         (["--temperature=-0.1"], "temperature must be >= 0"),
         (["--window_keep=33"], "window_keep (33) must not exceed the model's block_size (32)"),
         (["--start=FILE:/no/such/prompt.txt"], "cannot read prompt file /no/such/prompt.txt"),
+        (["--compile=True", "--use_cache=False"], "compile=True compiles the KV-cache decoding step"),
     ],
 )
 def test_bad_input_is_refused(tiny_run_dir, args, message):
@@ -89,14 +86,8 @@ def test_missing_checkpoint(tmp_path):
         sample.main([f"--out_dir={tmp_path}", "--device=cpu"])
 
 
-def gpt2_encoding():
-    ranks = load_tiktoken_bpe(str(GPT2_TIKTOKEN))
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256})  # fmt: skip
-
-
 def test_bpe_stream_decodes_characters_split_across_tokens():
-    enc = gpt2_encoding()
+    enc = gpt2_encoding(GPT2_TIKTOKEN)  # the project's own tokenizer, as sample.py builds it
     text = "Ünïcödé — 日本語のテキスト 🎭🦜 naïve café"
     ids = enc.encode(text)
     assert any(not enc.decode_single_token_bytes(i).decode("utf-8", "ignore") for i in ids)  # split chars
@@ -133,3 +124,50 @@ def test_gpt2_bpe_run_streams_the_same_text(capsys, tmp_path):
     assert samples(streamed.out) == samples(whole.out)
     assert "\ufffd" in streamed.out  # the case worth testing: bytes that do not form whole characters
     assert "prompt of 1 tokens" in streamed.err
+
+
+def test_generation_stops_at_end_of_text(capsys, tmp_path):
+    """A GPT-2 BPE model that ends each step's text with probability 1/4: every sample stops at its
+    first end-of-text, and the batch once all have ended, long before max_new_tokens."""
+    import math
+
+    import torch
+
+    from gptcraft.data.shards import write_meta
+    from gptcraft.data.tokenizer import GPT2_EOT
+    from gptcraft.train.checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257, tie_embeddings=False)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():  # ln_f outputs the constant one-hot e_0, so the logits are lm_head's column 0
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[GPT2_EOT, 0] = math.log(50256 / 3)  # P(end-of-text) = 1/4 at every step
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_args": args})
+    write_meta(tmp_path, {"tokenizer": "gpt2", "vocab_size": 50257})
+    common = ["--start=Once", "--max_new_tokens=200", "--temperature=1", "--top_k=0", "--seed=1",
+              f"--tokenizer_file={GPT2_TIKTOKEN}"]  # fmt: skip
+    batch = run(capsys, tmp_path, *common, "--num_samples=4")
+    steps = int(batch.err.split(" tokens x 4 sample(s)")[0])
+    assert 1 <= steps < 60  # all four have ended (P(a row lasts 60 steps) = 0.75^60, 3e-8)
+    texts = samples(batch.out)
+    assert len(texts) == 4 and all(t.startswith("Once") for t in texts) and "<|endoftext|>" not in batch.out
+    assert len({len(t) for t in texts}) > 1  # each row cut at its own end
+    single = run(capsys, tmp_path, *common, "--num_samples=1")
+    assert int(single.err.split(" tokens x 1 sample(s)")[0]) < 60 and "<|endoftext|>" not in single.out
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_text_and_compiles_once(tiny_run_dir):
+    """--compile=True with inductor on the CPU: the text of the eager path, across a window slide,
+    and no recompilation (TORCH_LOGS=recompiles reports each one on stderr)."""
+    common = [f"--out_dir={tiny_run_dir}", "--device=cpu", "--start=ROMEO:", "--max_new_tokens=40",
+              "--num_samples=2", "--seed=5"]  # fmt: skip
+    env = dict(os.environ, TORCH_LOGS="recompiles")
+    compiled = run_script("sample.py", *common, "--compile=True", env=env)
+    eager = run_script("sample.py", *common)
+    assert samples(compiled.stdout) == samples(eager.stdout) and len(samples(eager.stdout)) == 2
+    assert "Recompiling" not in compiled.stderr and "tokens/s" in compiled.stderr

@@ -1,5 +1,6 @@
 """The Shakespeare-char pipeline: prepared files, their vocabulary, and the offline message."""
 
+import io
 import json
 import urllib.error
 import urllib.request
@@ -37,3 +38,16 @@ def test_offline_download_names_the_input_flag(tmp_path, monkeypatch):
 def test_unknown_characters_are_listed():
     with pytest.raises(ValueError, match="'é'"):
         CharTokenizer.from_text("abc").encode("abé")
+
+
+def test_a_corrupted_download_is_refused_and_nothing_is_written(tmp_path, monkeypatch, shakespeare_path):
+    good = shakespeare_path.read_bytes()
+    served = {"data": good}
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: io.BytesIO(served["data"]))
+    served["data"] = good[:-1] + b"?"  # one byte changed on the way
+    with pytest.raises(SourceError, match="has sha256 [0-9a-f]{64}, expected 86c4e6aa.*--input"):
+        shakespeare_char.prepare(str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+    served["data"] = good  # the genuine file passes the same check
+    shakespeare_char.prepare(str(tmp_path / "good"))
+    assert json.loads((tmp_path / "good" / "meta.json").read_text())["vocab_size"] == 65

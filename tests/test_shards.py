@@ -31,6 +31,23 @@ def test_round_trip_and_header_layout(tmp_path, version, top):
     np.testing.assert_array_equal(open_shard(path).memmap(), ids)
 
 
+def write_llmc_shard(path, ids, version):
+    """A shard as llm.c's writers lay it out, written here without our write_shard: 256 int32
+    (magic 20240520, version, count, zeros), then uint16 (version 1) or uint32 (version 2) tokens."""
+    header = [20240520, version, len(ids)] + [0] * 253
+    with open(path, "wb") as f:
+        f.write(b"".join(n.to_bytes(4, "little", signed=True) for n in header))
+        f.write(b"".join(t.to_bytes(2 if version == 1 else 4, "little") for t in ids))
+
+
+@pytest.mark.parametrize("version, top", [(1, 65535), (2, 4_000_000_000)])
+def test_shards_written_the_llmc_way_read_back_exactly(tmp_path, version, top):
+    ids = [0, 1, 50256, 65535, 12345, top]
+    write_llmc_shard(tmp_path / "fineweb_train_000001.bin", ids, version)
+    shard = open_shard(tmp_path / "fineweb_train_000001.bin")
+    assert shard.memmap().tolist() == ids and shard.count == len(ids)
+
+
 def test_version_1_refuses_ids_above_16_bits(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         write_shard(tmp_path / "s.bin", [70_000], 1)
@@ -101,7 +118,7 @@ def test_dataset_checks_meta_against_shards_and_vocab(tmp_path):
 def test_legacy_train_and_val_bin_stay_readable(tmp_path):
     write_tokens(tmp_path / "train.bin", np.arange(50))
     write_tokens(tmp_path / "val.bin", np.arange(20))
-    write_meta(tmp_path, {"tokenizer": "char", "vocab_size": 65, "chars": []})
+    write_meta(tmp_path, {"tokenizer": "char", "vocab_size": 65, "chars": [chr(32 + i) for i in range(65)]})
     ds = open_dataset(tmp_path)
     np.testing.assert_array_equal(ds.splits["val"][0].memmap(), np.arange(20))
     (tmp_path / "val.bin").write_bytes(b"\0" * 41)

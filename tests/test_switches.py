@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
+from gptcraft.train import loop
 from gptcraft.train.loop import TrainConfig, learning_rate
 from gptcraft.train.optimizer import Optimizers, make_optimizer
 from model import GPT, GPTConfig, apply_rope, rope_tables
@@ -55,15 +56,18 @@ def test_rope_model_has_no_position_table_and_takes_offsets():
     assert torch.equal(cos, m.rope_cos[4:9]) and torch.equal(sin, m.rope_sin[4:9])
     assert m.rope(torch.arange(3)) is not None and tiny().rope(torch.arange(3)) is None
     # With a KV cache the new tokens are rotated at their true positions: a prefill then
-    # one-token steps give the logits of a single pass over the whole sequence.
+    # one-token steps give the logits of a single pass over the whole sequence. (Perturbed
+    # weights: attention at initialisation is nearly uniform and blind to positions.)
     x, _ = batch()
     m.eval()
     with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
         whole, _ = m(x)  # logits after the last position, (B, 1, V)
-        cache = m.new_cache()
+        cache = m.new_cache(x.size(0))
         m(x[:, :10], cache=cache)
         for t in range(10, 16):
-            step, _ = m(x[:, t : t + 1], cache=cache)
+            step, _ = m(x[:, t : t + 1], cache=cache, input_pos=torch.tensor([t]))
     assert torch.allclose(step, whole, atol=1e-5)
     with pytest.raises(ValueError, match="even"):
         GPTConfig(n_embd=30, n_head=2, pos_embedding="rope")
@@ -176,9 +180,9 @@ def test_muon_run_resumes_exactly(char_data_dir, tmp_path):
     with the same weights as an uninterrupted one."""
     switches = dict(optimizer="muon", pos_embedding="rope", qk_norm=True, tie_embeddings=False, eval_interval=4)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_script("train.py", *tiny_train_args(char_data_dir, straight, max_iters=8, **switches))
-    run_script("train.py", *tiny_train_args(char_data_dir, resumed, max_iters=4, **switches))
-    run_script("train.py", *tiny_train_args(char_data_dir, resumed, max_iters=8, init_from="resume", **switches))
+    loop.main(tiny_train_args(char_data_dir, straight, max_iters=8, **switches))
+    loop.main(tiny_train_args(char_data_dir, resumed, max_iters=4, **switches))
+    loop.main(tiny_train_args(char_data_dir, resumed, max_iters=8, init_from="resume", **switches))
     a = torch.load(straight / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(resumed / "ckpt.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and "lm_head.weight" in a

@@ -96,10 +96,24 @@ def test_wandb_offline_records_the_rows_and_config(wandb_run):
     assert start["event"] == "start" and start["wandb_id"] == run["run_id"]
 
 
-def test_plot_loss_redraws_a_png_at_each_eval(wandb_run):
+def test_plot_loss_leaves_a_png(wandb_run):
     out_dir, _ = wandb_run
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out_dir.glob(TEMP_PREFIX + "*"))
+
+
+def test_plot_loss_redraws_the_png_at_each_eval(tmp_path):
+    """Each evaluation redraws the figure with the rows logged so far; a train row alone does not."""
+    log = RunLog(str(tmp_path), True, start_iter=0, max_iters=20, config={"plot_loss": True})
+    drawn = []
+    for it, loss in ((10, 3.0), (20, 2.0)):
+        log.record({"iter": it, "loss": loss, "lr": 1e-3, "ms_per_iter": 1.0, "tokens_per_s": 1.0})
+        assert len(drawn) == len(list(tmp_path.glob("loss.png"))) == it // 10 - 1
+        log.record({"iter": it, "train_loss": loss, "val_loss": loss + 0.1})
+        drawn.append((tmp_path / "loss.png").read_bytes())
+        assert drawn[-1][:8] == b"\x89PNG\r\n\x1a\n"
+    log.close()
+    assert drawn[0] != drawn[1]
 
 
 def test_wandb_missing_fails_at_start_with_the_install_command(tmp_path, char_data_dir):
@@ -231,6 +245,35 @@ def test_a_run_wandb_refuses_stops_with_its_reason_and_keeps_the_log(tmp_path, m
     with pytest.raises(GptcraftError, match="wandb login.*WANDB_MODE=offline"):
         RunLog(str(tmp_path), True, start_iter=10, max_iters=20, resumed=True, config={"wandb_log": True})
     assert (tmp_path / "log.jsonl").read_text() == '{"iter": 10, "loss": 3.0}\n'
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    calls = []
+
+    def init(**kwargs):  # a new run gets a new id: run1, run2, ...
+        calls.append(kwargs)
+        run_id = kwargs["id"] or f"run{len(calls)}"
+        return types.SimpleNamespace(id=run_id, define_metric=lambda *a, **k: None, finish=lambda: None)
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, errors=types.SimpleNamespace()))
+    config = {"wandb_log": True, "wandb_project": "p"}
+    RunLog(str(tmp_path), True, start_iter=0, max_iters=20, config=config).close()
+    RunLog(str(tmp_path), True, start_iter=10, max_iters=20, resumed=True, config=config).close()
+    assert [(c["id"], c["resume"]) for c in calls] == [(None, None), ("run1", "allow")]
+    assert [r["wandb_id"] for r in lines(tmp_path) if r.get("event") == "start"] == ["run1", "run1"]
+
+
+def test_mfu_is_null_where_the_peak_is_unknown(char_data_dir, tmp_path, monkeypatch, capsys):
+    from gptcraft.train import loop
+
+    monkeypatch.setattr(loop.hardware, "peak_flops", lambda device, dtype: None)
+    loop.main(tiny_train_args(char_data_dir, tmp_path, max_iters=4, eval_interval=4, log_interval=2, eval_iters=1))
+    *rows, summary = lines(tmp_path)
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2 and all(r["mfu"] is None and r["tokens_per_s"] > 0 for r in steps)
+    assert summary["mean_mfu"] is None and summary["mean_tokens_per_s"] > 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("iter ", "  mean"))]
+    assert len(printed) == 3 and not any("mfu" in line for line in printed)
 
 
 def test_resume_after_a_killed_run(char_data_dir, tmp_path):

@@ -1,11 +1,14 @@
-"""End to end on CPU: train, checkpoint, sample, resume, and two processes under torchrun."""
+"""End to end on CPU: train, checkpoint, sample; accumulation over micro-batches; a missing dataset."""
 
 import json
 import os
 
+import numpy as np
+import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
+from gptcraft.data.batches import WindowSampler
 from gptcraft.errors import GptcraftError
 from gptcraft.train import loop
 
@@ -41,30 +44,32 @@ def test_short_run_learns_checkpoints_and_samples(char_data_dir, tmp_path):
         assert set(text) <= set(meta["chars"])
 
 
-def test_resume_continues_from_iter_num(char_data_dir, tmp_path):
-    straight = tmp_path / "straight"
-    run_script("train.py", *tiny_train_args(char_data_dir, straight, max_iters=40))
-    resumed = tmp_path / "resumed"
-    run_script("train.py", *tiny_train_args(char_data_dir, resumed, max_iters=20))
-    run_script("train.py", *tiny_train_args(char_data_dir, resumed, max_iters=40, init_from="resume"))
-    rows = read_log(resumed)
-    assert [r["iter"] for r in rows if "loss" in r] == [10, 20, 30, 40]  # appended, no step repeated
-    a = torch.load(straight / "ckpt.pt", weights_only=True)
-    b = torch.load(resumed / "ckpt.pt", weights_only=True)
-    assert b["iter_num"] == 40
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+def one_window_at_a_time(self, g):
+    """WindowSampler.windows where window i of the stream depends on i alone: batch g of size B
+    holds windows g*B .. g*B+B-1, so two batches of 8 are one batch of 16 cut in two."""
+    tokens = self.files[0].memmap()
+    first = g * self.batch_size
+    starts = [np.random.default_rng([self.stream, i]).integers(len(tokens) - self.block_size)
+              for i in range(first, first + self.batch_size)]  # fmt: skip
+    return np.stack([tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
 
 
-def test_two_processes_under_torchrun(char_data_dir, tmp_path):
-    out = tmp_path / "ddp"
-    args = tiny_train_args(char_data_dir, out, max_iters=20, gradient_accumulation_steps=2, backend="gloo")
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
-                        env={"OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert "2 process(es)" in result.stdout
-    evals = [r for r in read_log(out) if "val_loss" in r]
-    assert evals[-1]["iter"] == 20 and evals[-1]["val_loss"] < evals[0]["val_loss"]
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 20
+def test_accumulating_k_micro_batches_equals_one_batch_k_times_as_large(char_data_dir, tmp_path, monkeypatch):
+    """One process: the gradient of a step is the mean over its micro-batches (loss / accum)."""
+    monkeypatch.setattr(WindowSampler, "windows", one_window_at_a_time)
+    runs = {}
+    for batch_size, accum in ((16, 1), (4, 4)):
+        out = tmp_path / f"{batch_size}x{accum}"
+        loop.main(tiny_train_args(char_data_dir, out, batch_size=batch_size, gradient_accumulation_steps=accum,
+                                  max_iters=3, eval_interval=3, eval_iters=1, log_interval=1))  # fmt: skip
+        steps = [r for r in read_log(out) if "loss" in r]
+        runs[accum] = ([(r["loss"], r["grad_norm"]) for r in steps], torch.load(out / "ckpt.pt")["model"])
+    (one, one_weights), (four, four_weights) = runs[1], runs[4]
+    assert len(one) == len(four) == 3
+    for (loss, norm), (loss4, norm4) in zip(one, four, strict=True):
+        assert loss4 == pytest.approx(loss, rel=1e-5) and norm4 == pytest.approx(norm, rel=1e-4)
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(four_weights[name], tensor, rtol=0, atol=1e-5)
 
 
 def test_missing_dataset_offline_names_the_prepare_command(tmp_path, monkeypatch):

@@ -3,11 +3,15 @@
 python bench.py configs/train_gpt2.py --device=cuda --json bench-gpt2.json
 python bench.py configs/train_shakespeare_char.py --device=cpu --compile=False --bench_iters=5
 python bench.py configs/speedrun_shakespeare_char_cpu.py --speedrun=3
+python bench.py configs/train_shakespeare_char_cpu.py --sample_tokens=0 --nanogpt_dir=../nanoGPT --repeats=3
 
 Training is timed by running train.py itself (same step, same compile and precision) on random
 tokens for 2 x bench_iters steps: the first bench_iters warm up (compile, allocator), the last
 bench_iters are timed together (train.py reads the loss once, at their end). Sampling is timed through generate.py:
 prefill of a prompt, then decoding with the KV cache and by full recomputation.
+Decoding is printed next to its bounds: the weights read once per step at the memory bandwidth
+measured here (a large copy), and the matmul peak. --nanogpt_dir=PATH also times nanoGPT's own
+train.py on the same recipe after each of --repeats training runs (gptcraft/bench/nanogpt.py).
 --speedrun=N instead runs the whole training N times, each in a fresh process, and reports the
 seconds from process start to the last training step and the whole-val loss (their medians).
 """
@@ -26,9 +30,10 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from gptcraft.bench import nanogpt
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import read_meta, write_meta, write_tokens
-from gptcraft.generate import decode_n_tokens, prefill
+from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token, prefill
 from gptcraft.system import hardware
 from gptcraft.train import loop, outdir
 from gptcraft.train.config import TrainConfig
@@ -46,14 +51,20 @@ class BenchConfig(TrainConfig):
     vocab_size: int = option(0, "vocabulary (0: the prepared dataset's, else a known one, else GPT-2's 50304)")
     json: str = option("", "also write the results to this JSON file")
     speedrun: int = option(0, "> 0: instead time this many complete training runs (process start to last step)")
+    nanogpt_dir: str = option("", "a nanoGPT checkout: also time its train.py on the same recipe, side by side")
+    repeats: int = option(1, "training timed this many times (alternating with nanoGPT's); medians reported")
 
     def __post_init__(self):
         super().__post_init__()
         for key in ("bench_iters", "sample_tokens", "prompt_tokens", "vocab_size", "speedrun"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
-        if self.sample_batch <= 0:
-            raise ConfigError(f"sample_batch must be positive, got {self.sample_batch}")
+        if self.sample_batch <= 0 or self.repeats <= 0:
+            raise ConfigError(f"sample_batch and repeats must be positive, got {self.sample_batch}, {self.repeats}")
+        if self.nanogpt_dir:
+            if not self.bench_iters or self.speedrun:
+                raise ConfigError("--nanogpt_dir times training steps: it needs bench_iters > 0 and no --speedrun")
+            nanogpt.check_checkout(self.nanogpt_dir)
         if self.speedrun and self.max_iters % self.log_interval:
             raise ConfigError(f"--speedrun reads the log line of the last step: log_interval ({self.log_interval}) "
                               f"must divide max_iters ({self.max_iters})")  # fmt: skip
@@ -161,43 +172,77 @@ def bench_training(cfg, device, vocab, flops_per_token, peak):
             "tokens_per_s": timed["tokens_per_s"], "mfu": mfu, "peak_memory_bytes": memory}  # fmt: skip
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+def side_by_side(cfg, device, vocab, flops_per_token, peak):
+    """bench_training cfg.repeats times, each followed by nanoGPT's train.py on the same recipe when
+    cfg.nanogpt_dir is set: the figures of the run with the median ms/iter, each run's ms/iter and
+    nanoGPT's, and the ratio of the medians."""
+    runs, reference = [], []
+    for _ in range(cfg.repeats):
+        runs.append(bench_training(cfg, device, vocab, flops_per_token, peak))
+        if cfg.nanogpt_dir:
+            reference.append(nanogpt.time_steps(cfg.nanogpt_dir, cfg, vocab, cfg.bench_iters))
+    ms = [r["ms_per_iter"] for r in runs]
+    result = dict(sorted(runs, key=lambda r: r["ms_per_iter"])[len(runs) // 2], runs_ms_per_iter=ms)
+    if reference:
+        result |= {"nanogpt_ms_per_iter": reference, "speedup_vs_nanogpt": statistics.median(reference) /
+                   statistics.median(ms)}  # fmt: skip
+    return result
 
 
-def timed_decode(model, prompt, n, use_cache, device):
+def timed_decode(model, prompt, n, use_cache, device, decode=decode_one_token):
     """Seconds to decode n tokens after each sequence of prompt (B, P), greedy."""
-    sync(device)
+    hardware.synchronize(device)
     t0 = time.perf_counter()
-    for _ in decode_n_tokens(model, prompt, n, temperature=0, use_cache=use_cache):
+    for _ in decode_n_tokens(model, prompt, n, temperature=0, use_cache=use_cache, decode=decode):
         pass
-    sync(device)
+    hardware.synchronize(device)
     return time.perf_counter() - t0
 
 
-def bench_sampling(cfg, device, dtype, vocab):
-    """Prompt (prefill) tokens/s, then decode tokens/s with the KV cache and by full recomputation,
-    over all sample_batch sequences together."""
+def decode_bounds(model, batch, bandwidth, peak):
+    """Upper bounds on decoding tokens/s: a step must read every weight that does matmul work once
+    (bandwidth bound, batch tokens per read) and do 2 FLOP per such weight per token (compute bound)."""
+    n = model.num_params()
+    weight_bytes = n * next(model.parameters()).element_size()
+    return {"weight_bytes": weight_bytes, "memory_bandwidth": bandwidth,
+            "bandwidth_bound": batch * bandwidth / weight_bytes,
+            "compute_bound": peak / (2 * n) if peak else None}  # fmt: skip
+
+
+def bench_sampling(cfg, device, dtype, vocab, peak):
+    """Prompt (prefill) tokens/s, then decode tokens/s with the KV cache (eager, and compiled with
+    --compile=True) and by full recomputation, over all sample_batch sequences together, each next
+    to the bounds of decode_bounds."""
     model_args = cfg.model_args() | {"vocab_size": vocab}
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**model_args)).to(device).eval()
     P = cfg.prompt_tokens or max(1, cfg.block_size // 2)
     B, n = cfg.sample_batch, cfg.sample_tokens
     prompt = torch.randint(0, vocab, (B, P), device=device)
+    rates = {}
     with hardware.autocast(device, dtype):
         prefill(model, prompt)  # warm-up
         timed_decode(model, prompt, min(n, 8), True, device)
-        sync(device)
+        hardware.synchronize(device)
         t0 = time.perf_counter()
         prefill(model, prompt)
-        sync(device)
+        hardware.synchronize(device)
         prefill_s = time.perf_counter() - t0
-        cached_s = timed_decode(model, prompt, n, True, device)
-        full_s = timed_decode(model, prompt, n, False, device)
+        rates["cached"] = B * n / timed_decode(model, prompt, n, True, device)
+        if cfg.compile:
+            step = compile_decoder("reduce-overhead" if device.startswith("cuda") else None)
+            t0 = time.perf_counter()
+            timed_decode(model, prompt, 2, True, device, step)  # compiles at its first decoding step
+            compile_s = time.perf_counter() - t0
+            rates["compiled"] = B * n / timed_decode(model, prompt, n, True, device, step)
+        rates["full"] = B * n / timed_decode(model, prompt, n, False, device)
+    bounds = decode_bounds(model, B, hardware.memory_bandwidth(device), peak)
+    bound = min(b for b in (bounds["bandwidth_bound"], bounds["compute_bound"]) if b)
+    best = max(rates["cached"], rates.get("compiled", 0.0))
     return {"batch": B, "prompt_tokens": P, "new_tokens": n, "prompt_tokens_per_s": B * P / prefill_s,
-            "decode_tokens_per_s_cached": B * n / cached_s, "decode_tokens_per_s_full": B * n / full_s,
-            "cache_speedup": full_s / cached_s}  # fmt: skip
+            **{f"decode_tokens_per_s_{k}": v for k, v in rates.items()}, **bounds,
+            "fraction_of_bound": best / bound, "cache_speedup": best / rates["full"],
+            "compile_seconds": compile_s if cfg.compile else None}  # fmt: skip
 
 
 def table(results):
@@ -212,14 +257,28 @@ def table(results):
         rows = [("ms/iter", f"{t['ms_per_iter']:.1f}"), ("tokens/iter", f"{t['tokens_per_iter']:,d}"),
                 ("tokens/s", f"{t['tokens_per_s']:,.0f}"), ("MFU", mfu),
                 ("peak memory (MiB)", f"{t['peak_memory_bytes'] / 2**20:,.0f}")]  # fmt: skip
-        lines += ["", "training"] + [f"  {name:28s}{value:>12}" for name, value in rows]
+        if len(t["runs_ms_per_iter"]) > 1:
+            rows.append(("ms/iter of each run", ", ".join(f"{ms:.1f}" for ms in t["runs_ms_per_iter"])))
+        if "nanogpt_ms_per_iter" in t:
+            rows += [("nanoGPT ms/iter, each run", ", ".join(f"{ms:.1f}" for ms in t["nanogpt_ms_per_iter"])),
+                     ("speed-up vs nanoGPT", f"{t['speedup_vs_nanogpt']:.2f}x")]  # fmt: skip
+        lines += ["", "training" + (" (median run)" if len(t["runs_ms_per_iter"]) > 1 else "")]
+        lines += [f"  {name:28s}{value:>16}" for name, value in rows]
     if s:
+        bw, cb, compiled = s["bandwidth_bound"], s["compute_bound"], s.get("decode_tokens_per_s_compiled")
         rows = [("prompt tokens/s", f"{s['prompt_tokens_per_s']:,.0f}"),
                 ("decode tokens/s, KV cache", f"{s['decode_tokens_per_s_cached']:,.1f}"),
+                ("decode tokens/s, compiled", f"{compiled:,.1f}" if compiled else "--compile=True"),
+                ("compiling it (first step)", f"{s['compile_seconds']:.1f} s" if compiled else "n/a"),
                 ("decode tokens/s, recompute", f"{s['decode_tokens_per_s_full']:,.1f}"),
-                ("KV cache speed-up", f"{s['cache_speedup']:.1f}x")]  # fmt: skip
-        lines += ["", f"sampling: prompt of {s['prompt_tokens']}, {s['new_tokens']} new tokens, batch {s['batch']}"]
-        lines += [f"  {name:28s}{value:>12}" for name, value in rows]
+                ("memory bandwidth (copy)", f"{s['memory_bandwidth'] / 1e9:.1f} GB/s"),
+                ("bound: weights / bandwidth", f"{bw:,.1f}"),
+                ("bound: compute", f"{cb:,.1f}" if cb else "n/a"),
+                ("best decode / bound", f"{100 * s['fraction_of_bound']:.0f}%"),
+                ("best decode / recompute", f"{s['cache_speedup']:.1f}x")]  # fmt: skip
+        lines += ["", f"sampling: prompt of {s['prompt_tokens']}, {s['new_tokens']} new tokens, batch {s['batch']}, "
+                      f"{s['weight_bytes'] / 1e6:.1f} MB of weights read per step"]  # fmt: skip
+        lines += [f"  {name:28s}{value:>16}" for name, value in rows]
     if "speedrun" in results:
         r = results["speedrun"]
         lines += ["", f"speedrun: {len(r['runs'])} runs, median {r['median_seconds']:.1f} s from process start "
@@ -245,9 +304,9 @@ def main(argv=None):
     if cfg.speedrun:
         results["speedrun"] = bench_speedrun(cfg)
     elif cfg.bench_iters:
-        results["training"] = bench_training(cfg, device, vocab, results["flops_per_token"], results["peak_flops"])
+        results["training"] = side_by_side(cfg, device, vocab, results["flops_per_token"], results["peak_flops"])
     if cfg.sample_tokens and not cfg.speedrun:
-        results["sampling"] = bench_sampling(cfg, device, dtype, vocab)
+        results["sampling"] = bench_sampling(cfg, device, dtype, vocab, results["peak_flops"])
     print(table(results))
     if cfg.json:
         with open(cfg.json, "w") as f:

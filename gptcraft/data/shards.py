@@ -6,20 +6,25 @@ shards) beside its token files. Two layouts are read:
 - shards, the format of llm.c and the NanoGPT speedrun: a header of 256 little-endian int32
   (magic 20240520, version, token count, the rest zero), then the tokens, uint16 in version 1
   and uint32 in version 2 (vocabularies above 65,536 ids). meta.json lists them per split.
-- legacy: one flat little-endian uint16 file per split, `train.bin` and `val.bin`.
+- legacy: one flat little-endian uint16 file per split, `train.bin` and `val.bin`. A folder
+  that nanoGPT prepared has these without meta.json: its meta.pkl (or, without one, GPT-2
+  BPE) describes it instead (nanogpt.py), and nothing is written into it.
 
 Files are read through numpy memmap, so a corpus never has to fit in memory.
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
 
+from gptcraft.data.nanogpt import is_nanogpt_folder, nanogpt_meta
 from gptcraft.errors import GptcraftError
-from gptcraft.files import file_sha256, open_new, write_atomic
+from gptcraft.files import file_sha256, fsync_dir, open_new, write_atomic
 
 META = "meta.json"
 MAGIC = 20240520
@@ -31,6 +36,72 @@ SPLITS = ("train", "val")
 
 class TokenFileError(GptcraftError, ValueError):
     """A token file or dataset directory is damaged or of the wrong kind; the message names it."""
+
+
+def swap_dir(new, final):
+    """Put directory `new` in the place of `final` by two renames (final -> final.old, new -> final),
+    then remove the old one. A crash between the renames leaves final.old complete. A link at
+    `final` (data/owt -> /big/disk/owt) is followed: the folder it points to is replaced."""
+    final = os.path.realpath(final)
+    old = final + ".old"
+    if os.path.exists(final):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(new, final)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def is_dataset_file(name):
+    """A name that a preparation writes into a dataset directory: token files, meta.json, progress.json."""
+    return name in (META, "progress.json") or name.endswith((".bin", ".bin.tmp"))
+
+
+def carry_over(old, new):
+    """Give directory `new` what `old` holds besides dataset files (the user's own: an input.txt,
+    notes), hard-linked where the file system allows: the swap then loses none of them, and a crash
+    before it leaves `old` as it was."""
+    if not os.path.isdir(old):
+        return
+    for name in os.listdir(old):
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if is_dataset_file(name) or os.path.lexists(dst):
+            continue
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+def staging_dir(final):
+    """The directory beside `final` (beside the folder a link there points to) that its
+    replacement is built in (see replaced_dir)."""
+    return os.path.realpath(final) + ".tmp"
+
+
+@contextlib.contextmanager
+def replaced_dir(final):
+    """Yield a new, empty directory beside `final` to write into; when the block ends it replaces
+    `final` as a whole (swap_dir) with the user's files carried over, and when the block fails it
+    is removed and `final` is untouched."""
+    new = staging_dir(final)
+    if os.path.exists(new):
+        shutil.rmtree(new)  # left by a killed preparation
+    os.makedirs(new)
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    carry_over(final, new)
+    swap_dir(new, final)
 
 
 # ----------------------------------------------------------------------------- token files
@@ -210,7 +281,61 @@ def read_meta(data_dir):
         raise TokenFileError(f"{path} is not valid JSON ({e}); prepare the dataset again") from None
     if not isinstance(meta, dict):
         raise TokenFileError(f"{path} holds a JSON {type(meta).__name__}, not an object; prepare the dataset again")
+    problem = meta_problem(meta)
+    if problem:
+        raise TokenFileError(f"{path} is malformed: {problem}; prepare the dataset again")
     return meta
+
+
+def is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def is_file_name(name):
+    """A plain name of a file in the dataset directory itself: no folder, no '..', not absolute."""
+    return isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name and "\\" not in name
+
+
+def meta_problem(meta):
+    """What is wrong with the fields a meta.json is read for, or None."""
+    vocab = meta.get("vocab_size")
+    if not (is_count(vocab) and vocab > 0):
+        return f"vocab_size is {vocab!r}, not a positive integer"
+    if meta.get("tokenizer") == "char":
+        chars = meta.get("chars")
+        if not (isinstance(chars, list) and all(isinstance(c, str) and len(c) == 1 for c in chars)):
+            return "chars is not a list of single characters"
+        if len(chars) != vocab:
+            return f"it lists {len(chars)} chars but vocab_size {vocab}"
+    if "splits" not in meta:
+        return None
+    splits = meta["splits"]
+    if not isinstance(splits, dict) or not all(isinstance(info, dict) for info in splits.values()):
+        return "splits is not an object of objects"
+    for split, info in splits.items():
+        if "max_token" in info and not is_count(info["max_token"]):
+            return f"splits.{split}.max_token is {info['max_token']!r}, not a token id"
+        shards = info.get("shards", [])
+        if not isinstance(shards, list):
+            return f"splits.{split}.shards is not a list"
+        for entry in shards:
+            if not (isinstance(entry, dict) and is_count(entry.get("tokens"))):
+                return f"splits.{split}.shards holds {entry!r}, not a {{file, tokens}} object"
+            if not is_file_name(entry.get("file")):
+                return f"shard file {entry.get('file')!r} is not a file name inside the dataset directory"
+    return None
+
+
+def is_dataset(data_dir):
+    """True for a prepared dataset directory: meta.json, or the token files of a nanoGPT folder."""
+    return os.path.exists(os.path.join(data_dir, META)) or is_nanogpt_folder(data_dir)
+
+
+def dataset_meta(data_dir):
+    """The dataset's description: its meta.json, or for a nanoGPT folder without one, its meta.pkl's."""
+    if os.path.exists(os.path.join(data_dir, META)) or not is_nanogpt_folder(data_dir):
+        return read_meta(data_dir)
+    return nanogpt_meta(data_dir)
 
 
 def shard_meta(tokenizer_meta, splits, **extra):
@@ -248,12 +373,36 @@ class Dataset:
         return self.meta["vocab_size"] - 1
 
     def check_vocab(self, vocab_size):
+        """The model's vocabulary must hold every token id of the data: the largest id meta.json
+        records (verified on a sample of each file), else its vocab_size - 1."""
         top = self.max_token()
+        for files in self.splits.values():
+            for f in files:
+                found = sampled_max(f)
+                if found > top:
+                    raise TokenFileError(
+                        f"{f.path} holds token id {found}, above the largest id {top} that "
+                        f"{os.path.join(self.path, META)} allows; prepare the dataset again"
+                    )
         if top >= vocab_size:
             raise TokenFileError(
                 f"{os.path.join(self.path, META)}: the data holds token ids up to {top}, but the model's "
                 f"vocab_size is {vocab_size}; train a model with vocab_size >= {top + 1} on this dataset"
             )
+
+
+SAMPLE_WINDOWS, SAMPLE_TOKENS = 8, 1 << 16  # a file of up to 8 x 64Ki tokens is read whole
+
+
+def sampled_max(f):
+    """The largest id in SAMPLE_WINDOWS evenly spaced windows of SAMPLE_TOKENS tokens of TokenFile
+    `f` (all of it when it is that small): cheap, and it finds ids beyond the vocabulary in data of
+    the wrong tokenizer or with a wrong vocab_size."""
+    data = f.memmap()
+    if f.count <= SAMPLE_WINDOWS * SAMPLE_TOKENS:
+        return int(data.max(initial=0))
+    starts = np.linspace(0, f.count - SAMPLE_TOKENS, SAMPLE_WINDOWS).astype(np.int64)
+    return max(int(data[s : s + SAMPLE_TOKENS].max()) for s in starts)
 
 
 def _recorded_sha(meta, split, i):
@@ -263,7 +412,7 @@ def _recorded_sha(meta, split, i):
 
 def open_dataset(data_dir):
     """Open a prepared dataset directory, checking each shard's header against meta.json."""
-    meta = read_meta(data_dir)
+    meta = dataset_meta(data_dir)
     meta_path = os.path.join(data_dir, META)
     if "splits" not in meta:  # legacy: train.bin / val.bin
         splits = {split: [open_legacy(os.path.join(data_dir, f"{split}.bin"))] for split in SPLITS}

@@ -9,9 +9,11 @@ each. A seeded draw per document sends it to val (about --val_fraction of them).
 to shards of --shard_tokens tokens as they come, so memory is bounded by the chunks in
 flight, not by the corpus; the order of the output does not depend on --num_proc.
 
-Each finished shard is recorded in progress.json; an interrupted run started again with the
-same arguments resumes from the last finished train shard. meta.json, written last, marks
-a complete dataset: running again on it does nothing.
+The dataset is built in a folder beside --out_dir (OUT_DIR.tmp) and swapped in whole when it is
+complete, so --out_dir always holds either the old dataset or the new one (files other than
+token files, meta.json and progress.json are carried over). Each finished shard is recorded in
+OUT_DIR.tmp/progress.json; an interrupted run started again with the same arguments resumes
+from the last finished train shard. Running again on a complete dataset does nothing.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import glob
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import threading
 
@@ -30,9 +33,13 @@ from gptcraft.data.shards import (
     SPLITS,
     ShardWriter,
     TokenFileError,
+    carry_over,
+    is_dataset_file,
     read_meta,
     shard_meta,
     shard_version,
+    staging_dir,
+    swap_dir,
     write_meta,
 )
 from gptcraft.data.tokenizer import GPT2Tokenizer, TokenizerError
@@ -169,35 +176,40 @@ def encode_chunk(job):
 # ----------------------------------------------------------------------------- output directory
 
 
-def our_files(out_dir):
-    """Files a run of this script may have left in out_dir."""
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    return [n for n in names if n in (META, PROGRESS) or n.endswith((".bin", ".bin.tmp"))]
+def our_files(folder):
+    """Files a run of this script may have left in folder."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return [n for n in names if is_dataset_file(n)]
 
 
 def check_out_dir(out_dir, source, force):
-    """'done' if out_dir already holds this dataset, else the progress to resume (or None to start).
-    Refuses to mix with other data unless force, which clears it."""
+    """'done' if out_dir already holds this dataset, else the progress to resume from in the
+    staging folder beside it (or None to start afresh there). Refuses to replace other data unless
+    force, which also discards an unfinished run; out_dir itself changes only when the new dataset
+    is complete."""
+    staging = staging_dir(out_dir)
     found = our_files(out_dir)
-    if force:  # without reading what is there: it may be damaged
-        for name in found:
-            os.remove(os.path.join(out_dir, name))
-        return None
-    if not found:
-        return None
-    if META in found:
-        if read_meta(out_dir).get("source") == source:
-            return "done"
-        what = "a different dataset"
-    elif PROGRESS in found:
-        with open(os.path.join(out_dir, PROGRESS)) as f:
-            progress = json.load(f)
-        if progress["source"] == source:
-            return progress
-        what = "an unfinished run with other input or settings"
-    else:
-        what = f"token files of an unknown dataset ({', '.join(sorted(found)[:3])})"
-    raise CorpusError(f"--out_dir {out_dir} holds {what}; choose another --out_dir or pass --force to replace it")
+    progress = None
+    if not force:  # force: without reading what is there, it may be damaged
+        if META in found:
+            if read_meta(out_dir).get("source") == source:
+                return "done"
+            refuse(out_dir, "a different dataset")
+        if found:
+            refuse(out_dir, f"token files of an unknown dataset ({', '.join(sorted(found)[:3])})")
+        if os.path.exists(os.path.join(staging, PROGRESS)):
+            with open(os.path.join(staging, PROGRESS)) as f:
+                progress = json.load(f)
+            if progress["source"] != source:
+                refuse(staging, "an unfinished run with other input or settings")
+    if progress is None and os.path.exists(staging):
+        shutil.rmtree(staging)
+    os.makedirs(staging, exist_ok=True)
+    return progress
+
+
+def refuse(folder, what):
+    raise CorpusError(f"{folder} holds {what}; choose another --out_dir or pass --force to replace it")
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -212,12 +224,15 @@ def prepare(args):
     files, builder = local_files(args.input) if args.input else (None, None)  # checks they can be read
     source = describe_source(args, files)
     tokenizer = GPT2Tokenizer(args.tokenizer_file)
-    os.makedirs(args.out_dir, exist_ok=True)
+    # --force discards an unfinished run: only once the new source has opened and its first documents read.
+    opened = open_corpus(args, files, builder) if args.force else None
+    if opened:
+        next(chunks(*opened, args.text_column), None)
     progress = check_out_dir(args.out_dir, source, args.force)
     if progress == "done":
         print(f"{args.out_dir} already holds this dataset; nothing to do (--force prepares it again)")
         return read_meta(args.out_dir)
-    ds, where = open_corpus(args, files, builder)
+    ds, where = opened or open_corpus(args, files, builder)
     return Pipeline(args, tokenizer, source, progress or {}).run(ds, where)
 
 
@@ -226,6 +241,7 @@ class Pipeline:
 
     def __init__(self, args, tokenizer, source, progress):
         self.args, self.tokenizer, self.source = args, tokenizer, source
+        self.dir = staging_dir(args.out_dir)  # swapped in for args.out_dir when complete
         done = progress.get("shards", {})
         # Resume: train goes on from the chunk in which the last train shard ended, dropping
         # what that shard already holds; val starts over (val documents of the chunks before
@@ -234,7 +250,7 @@ class Pipeline:
         skips = {"train": self.resume[1], "val": sum(s["tokens"] for s in done.get("val", ()))}
         shape = (args.shard_tokens, shard_version(tokenizer.vocab_size))
         self.writers = {
-            split: ShardWriter(args.out_dir, split, *shape, done.get(split, ()), skips[split], self.on_shard)
+            split: ShardWriter(self.dir, split, *shape, done.get(split, ()), skips[split], self.on_shard)
             for split in SPLITS
         }
         self.resume_doc = self.resume[0]
@@ -276,7 +292,7 @@ class Pipeline:
         progress = {"source": self.source, "shards": {s: w.shards for s, w in self.writers.items()},
                     "resume": self.resume, "max_token": self.max_token}  # fmt: skip
         text = json.dumps(progress, indent=1).encode()
-        write_atomic(os.path.join(self.args.out_dir, PROGRESS), lambda f: f.write(text))
+        write_atomic(os.path.join(self.dir, PROGRESS), lambda f: f.write(text))
 
     def run(self, ds, where):
         args = self.args
@@ -322,10 +338,12 @@ class Pipeline:
         splits = {split: {"shards": shards[split], "documents": self.documents[split],
                           "max_token": self.max_token[split]} for split in SPLITS}  # fmt: skip
         meta = shard_meta(self.tokenizer.meta(), splits, shard_tokens=args.shard_tokens, source=self.source)
-        write_meta(args.out_dir, meta)  # last: its presence marks a complete dataset
-        for name in our_files(args.out_dir):
+        write_meta(self.dir, meta)
+        for name in our_files(self.dir):
             if name == PROGRESS or name.endswith(".tmp"):
-                os.remove(os.path.join(args.out_dir, name))
+                os.remove(os.path.join(self.dir, name))
+        carry_over(args.out_dir, self.dir)
+        swap_dir(self.dir, args.out_dir)
         counts = ", ".join(f"{s} {meta['splits'][s]['tokens']:,} tokens in {len(shards[s])} shard(s)" for s in SPLITS)
         print(f"{args.out_dir}: {counts}")
         return meta
@@ -353,12 +371,16 @@ def parser(dataset=None, out_dir=None):
     return p
 
 
-def main(argv=None, dataset=None, out_dir=None):
-    args = parser(dataset, out_dir).parse_args(argv)
+def run(args):
+    """prepare(args), with a one-line error for what the user can fix."""
     try:
         prepare(args)
     except (CorpusError, TokenizerError, TokenFileError, OSError) as e:
         sys.exit(f"error: {e}")
+
+
+def main(argv=None, dataset=None, out_dir=None):
+    run(parser(dataset, out_dir).parse_args(argv))
 
 
 if __name__ == "__main__":

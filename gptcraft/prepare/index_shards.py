@@ -5,6 +5,10 @@ python prepare/index_shards.py --dir data/fineweb10B
 The shards stay as they are. Files whose names hold `train` or `val` (fineweb_train_000001.bin,
 fineweb_val_000000.bin) form the splits, in name order. Each header is checked, each file
 hashed and scanned for its largest token id, which must lie in GPT-2's vocabulary.
+
+A folder that nanoGPT prepared (headerless uint16 train.bin and val.bin, maybe meta.pkl) gets a
+meta.json naming its vocabulary (meta.pkl's characters, else GPT-2 BPE); train.py reads such a
+folder without one too.
 """
 
 import argparse
@@ -15,7 +19,8 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from gptcraft.data.shards import META, SPLITS, TokenFileError, open_shard, shard_meta, write_meta
+from gptcraft.data.nanogpt import MetaPickleError, is_nanogpt_folder, nanogpt_meta
+from gptcraft.data.shards import MAGIC, META, SPLITS, TokenFileError, open_legacy, open_shard, shard_meta, write_meta
 from gptcraft.data.tokenizer import GPT2_META
 
 SCAN_TOKENS = 1 << 24  # tokens read at a time: memory stays flat however large the shard
@@ -33,9 +38,29 @@ def scan(f):
     return h.hexdigest(), top
 
 
+def headerless(path):
+    """True when a .bin file does not start with the shard magic number: nanoGPT's flat uint16 tokens."""
+    with open(path, "rb") as f:
+        return np.frombuffer(f.read(4).ljust(4, b"\0"), dtype="<i4")[0] != MAGIC
+
+
+def index_nanogpt(data_dir):
+    """meta.json for a nanoGPT folder: its vocabulary, checked against the largest id in each file."""
+    meta = dict(nanogpt_meta(data_dir), source={"nanogpt": os.path.abspath(data_dir)})
+    for split in SPLITS:
+        _, top = scan(open_legacy(os.path.join(data_dir, f"{split}.bin")))
+        if top >= meta["vocab_size"]:
+            vocabulary = "meta.pkl's" if meta["tokenizer"] == "char" else "GPT-2's"
+            sys.exit(f"error: {data_dir}/{split}.bin holds token id {top}, outside {vocabulary} {meta['vocab_size']}")
+    write_meta(data_dir, meta)
+    print(f"{data_dir}: nanoGPT train.bin and val.bin, {meta['tokenizer']} vocabulary of {meta['vocab_size']}")
+
+
 def index(data_dir, force=False):
     if os.path.exists(os.path.join(data_dir, META)) and not force:
         sys.exit(f"error: {os.path.join(data_dir, META)} exists already; pass --force to write it again")
+    if is_nanogpt_folder(data_dir) and headerless(os.path.join(data_dir, "train.bin")):
+        return index_nanogpt(data_dir)
     names = sorted(n for n in os.listdir(data_dir) if n.endswith(".bin"))
     splits = {}
     for split in SPLITS:
@@ -63,7 +88,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         index(args.dir, args.force)
-    except (OSError, TokenFileError) as e:
+    except (OSError, TokenFileError, MetaPickleError) as e:
         sys.exit(f"error: {e}")
 
 

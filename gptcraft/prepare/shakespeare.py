@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from gptcraft.data.shards import shard_meta, shard_version, write_meta, write_shard
+from gptcraft.data.shards import replaced_dir, shard_meta, shard_version, write_meta, write_shard
 from gptcraft.data.sources import SourceError, tiny_shakespeare
 from gptcraft.data.tokenizer import GPT2Tokenizer, TokenizerError
 from gptcraft.files import file_sha256
@@ -17,17 +17,18 @@ def prepare(out_dir, input_path=None, tokenizer_file=None):
     tok = GPT2Tokenizer(tokenizer_file)
     text = tiny_shakespeare(input_path)
     n = int(0.9 * len(text))
-    os.makedirs(out_dir, exist_ok=True)
     splits = {}
-    for split, part in (("train", text[:n]), ("val", text[n:])):
-        ids = tok.encode_array(part)
-        name = f"{split}_000000.bin"
-        path = os.path.join(out_dir, name)
-        write_shard(path, ids, shard_version(tok.vocab_size))
-        shard = {"file": name, "tokens": len(ids), "sha256": file_sha256(path)}
-        splits[split] = {"shards": [shard], "documents": 1, "max_token": int(ids.max(initial=0))}
-    meta = shard_meta(tok.meta(), splits)
-    write_meta(out_dir, meta)  # last: its presence marks a complete dataset
+    # Written beside out_dir and swapped in whole: a failure leaves the old dataset as it was.
+    with replaced_dir(out_dir) as new:
+        for split, part in (("train", text[:n]), ("val", text[n:])):
+            ids = tok.encode_array(part)
+            name = f"{split}_000000.bin"
+            path = os.path.join(new, name)
+            write_shard(path, ids, shard_version(tok.vocab_size))
+            shard = {"file": name, "tokens": len(ids), "sha256": file_sha256(path)}
+            splits[split] = {"shards": [shard], "documents": 1, "max_token": int(ids.max(initial=0))}
+        meta = shard_meta(tok.meta(), splits)
+        write_meta(new, meta)
     print(f"{out_dir}: train {meta['splits']['train']['tokens']:,} tokens, val {meta['splits']['val']['tokens']:,}")
 
 

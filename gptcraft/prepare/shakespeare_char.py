@@ -9,20 +9,28 @@ import sys
 
 import numpy as np
 
-from gptcraft.data.shards import write_meta, write_tokens
+from gptcraft.data.shards import replaced_dir, write_meta, write_tokens
 from gptcraft.data.sources import SourceError, tiny_shakespeare
-from gptcraft.data.tokenizer import CharTokenizer
+from gptcraft.data.tokenizer import CharTokenizer, TokenizerError
+
+TOKENS_MAX = 1 << 16  # ids a uint16 token file holds
 
 
 def prepare(out_dir, input_path=None):
     text = tiny_shakespeare(input_path)
     tok = CharTokenizer.from_text(text)
+    if tok.vocab_size > TOKENS_MAX:
+        raise TokenizerError(
+            f"the text holds {tok.vocab_size:,} distinct characters, more than the {TOKENS_MAX:,} ids of a "
+            "uint16 train.bin; tokenize it with GPT-2 BPE instead (prepare/corpus.py)"
+        )
     ids = np.array(tok.encode(text), dtype=np.uint16)
     n_train = int(0.9 * len(ids))
-    os.makedirs(out_dir, exist_ok=True)
-    write_tokens(os.path.join(out_dir, "train.bin"), ids[:n_train])
-    write_tokens(os.path.join(out_dir, "val.bin"), ids[n_train:])
-    write_meta(out_dir, tok.meta())  # last: its presence marks a complete dataset
+    # Written beside out_dir and swapped in whole: a failure leaves the old dataset as it was.
+    with replaced_dir(out_dir) as new:
+        write_tokens(os.path.join(new, "train.bin"), ids[:n_train])
+        write_tokens(os.path.join(new, "val.bin"), ids[n_train:])
+        write_meta(new, tok.meta())
     print(f"{out_dir}: vocab {tok.vocab_size}, train {n_train:,} tokens, val {len(ids) - n_train:,} tokens")
 
 
@@ -33,7 +41,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         prepare(args.out_dir, args.input)
-    except (SourceError, OSError) as e:
+    except (SourceError, TokenizerError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -88,6 +88,28 @@ def measured_cpu_peak(n=2048, repeats=5):
     return 2 * n**3 / best
 
 
+def memory_bandwidth(device, mbytes=512, repeats=5):
+    """Bytes/s of the best of `repeats` plain copies of an mbytes array (the bytes read and the bytes
+    written both count): the rate at which a decoding step can stream the weights in."""
+    src = torch.ones(mbytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # the first copy also faults the pages of dst in: not timed
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so that host clocks time it (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def peak_flops(device, dtype):
     """The FLOP/s that MFU is measured against: a data-sheet bf16 peak for known GPUs,
     a measured fp32 matmul peak on CPU, None where unknown."""

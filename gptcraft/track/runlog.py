@@ -20,12 +20,19 @@ import time
 from tqdm import tqdm
 
 from gptcraft.errors import GptcraftError
-from gptcraft.files import open_append, open_new
+from gptcraft.files import LinkError, open_append, open_new
 from gptcraft.track.logfile import ends_a_line, read_log, read_rows, summarize
 
 
 class TrackingError(GptcraftError):
-    """Weights & Biases is asked for but cannot run."""
+    """Weights & Biases is asked for but cannot run, or out_dir could not be written."""
+
+
+def write_failure(path, e):
+    """The one line for a failed write to `path` (a full disk, a lost mount) in out_dir."""
+    why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+    return TrackingError(f"could not write {path} ({why}); the previous checkpoint is intact, free space and "
+                         "resume with --init_from=resume")  # fmt: skip
 
 
 WANDB_INSTALL = 'pip install -e ".[wandb]"'
@@ -78,6 +85,9 @@ class RunLog:
 
     config: the resolved run config as a dict; its keys wandb_log, wandb_project, wandb_run_name
     and plot_loss switch on Weights & Biases and the loss plot, and wandb records it as the run config.
+
+    A write into out_dir that fails does not raise where it happens, on rank 0 alone: it is kept in
+    `failure`, nothing more is written, and the loop stops every rank together at its next sync.
     """
 
     def __init__(self, out_dir, enabled, start_iter, max_iters, resumed=False, config=None, start_row=None):
@@ -89,29 +99,44 @@ class RunLog:
         self.training = not config.get("eval_only", False)
         self.t0 = time.time()
         self.eta_anchor = (self.t0, start_iter)  # moved to the first logged step: compiling is not the pace
-        self.file = self.bar = self.wandb_run = None
+        self.file = self.bar = self.wandb_run = self.failure = None
         if not enabled:
             return
-        path = os.path.join(out_dir, "log.jsonl")
-        if resumed:  # appended to, never through a link: opened first, so that a link there is refused at once
-            self.file = open_append(path)
-        previous = read_rows(path) if resumed else []
+        self.path = path = os.path.join(out_dir, "log.jsonl")
+        previous = read_rows(path) if resumed and os.path.exists(path) else []
         # A resumed run appends to the log of the run it continues, and its clock carries on.
         self.t0 -= max((r.get("time_s", 0) for r in previous), default=0)
         if config.get("wandb_log"):  # first: a run wandb refuses leaves the old log as it was
             resume_id = next((r["wandb_id"] for r in reversed(previous) if r.get("wandb_id")), None)
             self.wandb_run = self._start_wandb(config, resume_id)
-        if resumed and not ends_a_line(path):
-            self.file.write("\n")  # ends the line a killed run left incomplete, so that the next row parses
-        if not resumed:  # a new run's log is a new file, whatever stood there (a link: replaced, not followed)
-            if os.path.lexists(path):
-                os.remove(path)
-            self.file = open_new(path, "w")
+        self.guarded(path, lambda: self._open(path, resumed))
         if self.training:  # an evaluation of a checkpoint continues no run: readers keep every row
             self.write({"event": "start", "iter": start_iter,
                         "wandb_id": self.wandb_run.id if self.wandb_run else None, **(start_row or {})})  # fmt: skip
         if sys.stderr.isatty():
             self.bar = tqdm(total=max_iters, initial=start_iter, unit="it", dynamic_ncols=True, leave=False)
+
+    def _open(self, path, resumed):
+        if resumed:  # appended to, never through a link: a link there is refused
+            self.file = open_append(path)
+            if not ends_a_line(path):
+                self.file.write("\n")  # ends the line a killed run left incomplete, so that the next row parses
+        else:  # a new run's log is a new file, whatever stood there (a link: replaced, not followed)
+            if os.path.lexists(path):
+                os.remove(path)
+            self.file = open_new(path, "w")
+
+    def guarded(self, path, write):
+        """Call write(), which writes `path`; a failure is kept in self.failure, and after one nothing
+        more is written."""
+        if self.failure is not None:
+            return
+        try:
+            write()
+        except LinkError:
+            raise
+        except (OSError, RuntimeError) as e:  # RuntimeError: matplotlib's savefig on a full disk
+            self.failure = write_failure(path, e)
 
     def _start_wandb(self, config, resume_id):
         wandb = require_wandb()
@@ -135,8 +160,8 @@ class RunLog:
         if not self.enabled:
             return
         row = {"time_s": round(self.elapsed(), 3), **row}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        line = json.dumps(row) + "\n"
+        self.guarded(self.path, lambda: (self.file.write(line), self.file.flush()))
         return row
 
     def record(self, row):
@@ -158,7 +183,8 @@ class RunLog:
             from gptcraft.track import plot  # matplotlib loads only for runs that draw
 
             # quiet: a broken line a killed run left was reported once, when this run resumed.
-            plot.draw([self.out_dir], os.path.join(self.out_dir, "loss.png"), quiet=True)
+            png = os.path.join(self.out_dir, "loss.png")
+            self.guarded(png, lambda: plot.draw([self.out_dir], png, quiet=True))
 
     def eta(self, it):
         """Seconds left at the mean wall time per iteration since the first logged step of this
@@ -170,9 +196,8 @@ class RunLog:
 
     def summary(self, checkpoints):
         """Print and log what the run achieved, from log.jsonl; checkpoints: paths saved by the run."""
-        if not (self.enabled and self.training):
+        if not (self.enabled and self.training) or self.failure is not None:
             return None
-        self.file.flush()
         summary = summarize(read_log(self.out_dir, quiet=True))
         summary["wall_time_s"] = round(self.elapsed(), 3)
         summary["checkpoints"] = [p for p in checkpoints if os.path.exists(p)]
@@ -199,6 +224,9 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # its last rows could not be written: failure says so
+                pass
         if self.wandb_run is not None:
             self.wandb_run.finish()

@@ -9,6 +9,10 @@ A file is written to a temporary name in out_dir, flushed, fsynced and renamed o
 one; a directory is written beside the old one and swapped in by two renames. A kill -9 at
 any moment leaves a complete checkpoint behind. .pt files hold only tensors and plain values
 and load with weights_only=True.
+
+nanoGPT's out_dir/ckpt.pt loads too: the same parameter names (GPT-2's), in a dict of model,
+optimizer, model_args, iter_num, best_val_loss and config, without our scaler, RNG and loader
+state (is_nanogpt).
 """
 
 import os
@@ -20,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
 from gptcraft import files
+from gptcraft.data.shards import swap_dir
 from gptcraft.errors import GptcraftError
 from gptcraft.files import fsync_dir, write_atomic
 
@@ -40,15 +45,33 @@ def reason(e):
     return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
+# What a failed write raises: OSError, or from torch.save on a full disk a RuntimeError
+# ("... unexpected pos ...", "... file write failed").
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
 def save_checkpoint(path, state):
     """Write `state` atomically: `path` holds either its previous content or all of `state`."""
     try:
         write_atomic(path, lambda f: torch.save(state, f))
         fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
+    except WRITE_ERRORS as e:
         raise CheckpointError(
             f"could not write {path} ({reason(e)}); the previous checkpoint is intact, free space and resume"
         ) from None
+
+
+def is_nanogpt(state):
+    """True for a resume checkpoint nanoGPT's train.py wrote: ours save the grad scaler beside the optimizer."""
+    return "optimizer" in state and "scaler" not in state
+
+
+def model_weights(weights):
+    """A model state dict as model.py names it: without the `_orig_mod.` prefix that saving a
+    torch.compile'd model adds (nanoGPT does), nor the (1, 1, T, T) causal-mask buffers
+    `attn.bias` that nanoGPT keeps when PyTorch has no flash attention."""
+    weights = {k.replace("_orig_mod.", ""): v for k, v in weights.items()}
+    return {k: v for k, v in weights.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -56,12 +79,15 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}; train first or fix out_dir")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         refused = "holds objects that are not plain tensors or values, refused"
         raise CheckpointError(f"{path} {refused} ({reason(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({reason(e)}); use another checkpoint") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state["model"] = model_weights(state["model"])
+    return state
 
 
 def sharded_dir(out_dir):
@@ -74,11 +100,20 @@ def sharded_dir(out_dir):
     return None
 
 
-def latest_path(out_dir):
-    """The checkpoint to resume from: ckpt.pt or a ckpt.dcp directory, whichever exists (a save
-    removes the other kind), or None."""
+def latest_path(out_dir, fsdp=False):
+    """The checkpoint to resume from: ckpt.pt, or for an FSDP run a ckpt.dcp directory, whichever
+    exists (a save removes the other kind), or None. A ckpt.dcp index is a pickle, which runs code
+    when read: it is read only when the user asks for FSDP, never behind the back of a plain run."""
     path = os.path.join(out_dir, LATEST)
-    return path if os.path.exists(path) else sharded_dir(out_dir)
+    if os.path.exists(path):
+        return path
+    sharded = sharded_dir(out_dir)
+    if sharded is not None and not fsdp:
+        raise CheckpointError(
+            f"{out_dir} holds only the FSDP checkpoint {os.path.basename(sharded)}/, whose index is a pickle that "
+            "can run code when read; resume it with --fsdp=True under torchrun, and only if you trust this folder"
+        )
+    return sharded
 
 
 def sampling_path(out_dir):
@@ -91,23 +126,16 @@ def save_sharded(out_dir, tensors, state, master):
     """Collective: write `tensors` (a state dict of sharded tensors) with torch.distributed.checkpoint
     and `state` (plain values, written by rank 0) into a new directory, then swap it in."""
     final = os.path.join(out_dir, SHARDED)
-    tmp, old = final + ".tmp", final + ".old"
+    tmp = final + ".tmp"
     if master and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left by a crash in an earlier save
     try:
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         if master:
             save_checkpoint(os.path.join(tmp, SHARDED_STATE), state)  # written last: it marks the directory complete
-            if os.path.exists(final):
-                if os.path.exists(old):
-                    shutil.rmtree(old)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_dir(out_dir)
-            if os.path.exists(old):
-                shutil.rmtree(old)
+            swap_dir(tmp, final)
             remove_file(os.path.join(out_dir, LATEST))
-    except (OSError, CheckpointException) as e:
+    except (*WRITE_ERRORS, CheckpointException) as e:
         raise CheckpointError(f"could not write {final} ({reason(e)}); the previous checkpoint is intact") from None
 
 
@@ -142,8 +170,11 @@ def remove_sharded(out_dir):
     """Delete the sharded checkpoint directories in out_dir."""
     for name in (SHARDED, SHARDED + ".old"):
         path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        try:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+        except OSError as e:
+            raise CheckpointError(f"saved {LATEST} but could not remove {path} ({reason(e)}); remove it") from None
 
 
 def remove_file(path):

@@ -28,7 +28,8 @@ class RunSettings:
     always_save_checkpoint: bool = option(True, "save at every eval, not only when val loss improves")
     init_from: str = option("auto", "auto: continue the run in out_dir if it is this one, else start a new one; "
                             "scratch: a new model; resume: continue from out_dir's checkpoint; gpt2, gpt2-medium, "
-                            "gpt2-large, gpt2-xl or a Hugging Face GPT-2 folder: finetune those weights")  # fmt: skip
+                            "gpt2-large, gpt2-xl (hub:gpt2, ...) or a Hugging Face GPT-2 folder (./gpt2): "
+                            "finetune those weights")  # fmt: skip
     overwrite: bool = option(False, "a new run into an out_dir holding another run's checkpoint deletes its "
                              "checkpoints and log.jsonl (otherwise it stops with an error)")  # fmt: skip
     checkpoint_interval: int = option(0, "also save the resume checkpoint every this many iterations, without "
@@ -82,6 +83,8 @@ class TrainConfig(ModelSettings):
     wandb_project: str = option("gptcraft", "Weights & Biases project")
     wandb_run_name: str = option("", "Weights & Biases run name; empty: the name of out_dir")
     plot_loss: bool = option(False, "redraw out_dir/loss.png after every evaluation")
+    hellaswag_file: str = option("", "HellaSwag jsonl (hellaswag_val.jsonl) to score at every evaluation, logged as "
+                                 "hellaswag_acc and hellaswag_acc_norm; empty: none")  # fmt: skip
 
     def __post_init__(self):
         check_init_from(self.init_from, ("auto", "scratch", "resume"))

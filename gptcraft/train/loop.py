@@ -17,11 +17,13 @@ import torch
 
 from gptcraft.config import ConfigError, parse_config, run_cli
 from gptcraft.data.batches import TRAIN_STREAM, VAL_STREAM, LoaderStateError, WindowError, WindowSampler
-from gptcraft.data.shards import TokenFileError, open_dataset, write_meta
+from gptcraft.data.shards import META, TokenFileError, is_dataset, open_dataset, write_meta
+from gptcraft.data.tokenizer import load_tokenizer
+from gptcraft.evaluate import hellaswag
 from gptcraft.evaluate.loss import full_split_loss
-from gptcraft.hf import HUB_MODELS, from_pretrained
+from gptcraft.hf import from_pretrained, hub_name
 from gptcraft.system import distributed, hardware
-from gptcraft.track.runlog import RunLog
+from gptcraft.track.runlog import RunLog, TrackingError
 from gptcraft.train import checkpoint, outdir, state
 from gptcraft.train.config import TrainConfig
 from gptcraft.train.optimizer import learning_rate, make_optimizer, set_learning_rate
@@ -68,6 +70,7 @@ def train(cfg, d, device, stop):
     run.log.summary(
         [os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)]
     )
+    check_writes(run.log, run.d)
     run.log.close()
     return run.best_val_loss
 
@@ -100,6 +103,7 @@ class Run:
     # between evaluations: then the one due at that iteration is done now, and saved (redo_eval).
     eval_at_start: bool
     redo_eval: bool
+    hellaswag: tuple | None = None  # (tokenizer, examples) with hellaswag_file
     t_last: float = 0.0  # when the pace was last measured
     t_saved: float = 0.0  # when the resume checkpoint was last saved (or the run started)
     minutes_up: bool = False  # checkpoint_minutes have passed on some rank (set by train_step)
@@ -118,7 +122,7 @@ def setup(cfg, d, device):
     global_accum = accum * d.world_size  # micro-batches per optimizer step over all ranks
     model_args = cfg.model_args()
     start = outdir.decide_start(asdict(cfg))
-    resume = Resume(cfg.out_dir, model_args) if start == "resume" else None
+    resume = Resume(cfg.out_dir, model_args, cfg.fsdp) if start == "resume" else None
     if resume is not None and cfg.init_from == "auto" and resume.iter_num >= cfg.max_iters and not cfg.eval_only:
         if d.master:
             print(f"{cfg.out_dir} holds this run, finished at iteration {resume.iter_num}: nothing to do "
@@ -130,6 +134,9 @@ def setup(cfg, d, device):
     except OSError as e:
         raise TokenFileError(f"dataset {cfg.dataset}: {e}") from None
     model_args["vocab_size"] = dataset.meta.get("vocab_size", 50304)
+    hellaswag_set = None
+    if cfg.hellaswag_file:  # read now: a bad file stops the run before any compute
+        hellaswag_set = (load_tokenizer(dataset.meta), hellaswag.read_examples(cfg.hellaswag_file))
     if resume is not None:
         model_args = resume.model_args
     pretrained = None
@@ -145,7 +152,7 @@ def setup(cfg, d, device):
             split: WindowSampler(dataset.splits[split], *shape, cfg.seed, stream, device, dataset.fingerprint)
             for split, stream in (("train", TRAIN_STREAM), ("val", VAL_STREAM))
         }
-        if resume is not None:
+        if resume is not None and not resume.nanogpt:
             samplers["train"].check_state(resume.loader, resume.iter_num * global_accum)
     except (TokenFileError, LoaderStateError, WindowError) as e:
         raise type(e)(f"dataset {cfg.dataset}: {e}") from None
@@ -180,7 +187,11 @@ def setup(cfg, d, device):
                       f"{d.world_size} processes: each does one micro-batch, {global_accum} per step")  # fmt: skip
         if resume is not None:
             log.print(f"resumed from {resume.path} at iteration {iter_num}")
-        write_meta(cfg.out_dir, dataset.meta)  # sample.py decodes with the run's own copy
+            for note in resume.notes:
+                log.print(f"note: {note}")
+        # sample.py decodes with the run's own copy
+        log.guarded(os.path.join(cfg.out_dir, META), lambda: write_meta(cfg.out_dir, dataset.meta))
+    check_writes(log, d)
     if resume is not None:
         resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
     redo_eval = resume is not None and not cfg.eval_only and not resume.evaluated
@@ -191,15 +202,15 @@ def setup(cfg, d, device):
         tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"],
         peak=hardware.peak_flops(device, dtype) if d.master else None,
         iter_num=iter_num, best_val_loss=best_val_loss, start_iter=iter_num,
-        eval_at_start=resume is None or cfg.eval_only or redo_eval, redo_eval=redo_eval, t_last=time.time(),
-        t_saved=time.time(),
+        eval_at_start=resume is None or cfg.eval_only or redo_eval, redo_eval=redo_eval,
+        hellaswag=hellaswag_set, t_last=time.time(), t_saved=time.time(),
     )  # fmt: skip
 
 
 def ensure_dataset(cfg, d):
     """Prepare a known dataset that is missing (rank 0 only), and return its directory."""
     path = os.path.join(cfg.data_dir, cfg.dataset)
-    if os.path.exists(os.path.join(path, "meta.json")):
+    if is_dataset(path):  # also a folder that nanoGPT prepared
         return path
     if cfg.dataset != "shakespeare_char":
         raise TokenFileError(f"dataset {cfg.dataset!r} not found in {path}; run its script in prepare/ first")
@@ -220,12 +231,22 @@ def ensure_dataset(cfg, d):
 
 def check_pretrained_vocab(cfg, meta, vocab_size):
     """The dataset's token ids must mean to the pretrained model what they meant to its training."""
-    if cfg.init_from in HUB_MODELS and meta.get("tokenizer") != "gpt2":
+    if hub_name(cfg.init_from) is not None and meta.get("tokenizer") != "gpt2":
         raise ConfigError(f"init_from={cfg.init_from} needs a dataset tokenized with GPT-2 BPE; {cfg.dataset} "
                           f"uses {meta.get('tokenizer')!r}")  # fmt: skip
     if meta.get("vocab_size", 0) > vocab_size:
         raise ConfigError(f"dataset {cfg.dataset} has {meta['vocab_size']} token ids, more than the "
                           f"{vocab_size} of {cfg.init_from}")  # fmt: skip
+
+
+def check_writes(log, d, failed=None):
+    """Collective: stop every rank together, with rank 0's one line, once rank 0 could not write
+    into out_dir (log.failure). failed: the flag, already reduced over the ranks."""
+    if failed is None:
+        failed = distributed.any_rank(torch.tensor([log.failure is not None]), d)[0]
+    if failed:
+        log.close()
+        raise log.failure or TrackingError("rank 0 could not write into out_dir")
 
 
 def evaluate_and_save(run):
@@ -239,9 +260,15 @@ def evaluate_and_save(run):
         val_data = [f.memmap() for f in run.dataset.splits["val"]]
         row["full_val_loss"] = full_split_loss(run.model, val_data, run.model_args["block_size"], cfg.batch_size,
                                                run.device, run.dtype, run.d)  # fmt: skip
+    if run.hellaswag is not None:
+        scores = hellaswag.score(run.model, *run.hellaswag, run.model_args["block_size"], run.device, run.dtype,
+                                 run.d, cfg.batch_size)  # fmt: skip
+        row.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"])
     run.log.record(row)
     if "full_val_loss" in row:
         run.log.print(f"full val loss {row['full_val_loss']:.4f} (every val token)")
+    if run.hellaswag is not None:
+        run.log.print(f"hellaswag acc {row['hellaswag_acc']:.4f}, acc_norm {row['hellaswag_acc_norm']:.4f}")
     improved = losses["val"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses["val"])
     saving = (run.iter_num > run.start_iter or run.redo_eval) and (improved or cfg.always_save_checkpoint)
@@ -324,9 +351,12 @@ def train_step(run, x, y, stop):
     # One host sync per step: every rank learns whether any rank diverged or was told to stop.
     bad = nonfinite(step_loss, grad_norm, run.scaler.is_enabled())
     stop_here = torch.full_like(bad, stop.requested is not None)  # a fill: no copy that waits
+    log_failed = torch.full_like(bad, run.log.failure is not None)
     minutes = run.cfg.checkpoint_minutes
     minutes_up = torch.full_like(bad, bool(minutes) and time.time() - run.t_saved >= 60 * minutes)
-    skip, stopping, run.minutes_up = distributed.any_rank(torch.stack([bad, stop_here, minutes_up]), run.d)
+    flags = distributed.any_rank(torch.stack([bad, stop_here, log_failed, minutes_up]), run.d)
+    skip, stopping, log_failed, run.minutes_up = flags
+    check_writes(run.log, run.d, log_failed)
     if not skip:
         run.scaler.step(run.optimizer)
     run.scaler.update()

@@ -1,6 +1,7 @@
 """Everything a run needs to continue exactly where it stopped: model, optimizer, grad scaler,
 counters, config and every rank's RNG states; saved and restored the same way whether the
-model is plain, DDP-wrapped or sharded by FSDP2 (torch.distributed.checkpoint.state_dict)."""
+model is plain, DDP-wrapped or sharded by FSDP2 (torch.distributed.checkpoint.state_dict).
+A nanoGPT checkpoint resumes too: its weights, its AdamW state, its counters."""
 
 import os
 import random
@@ -51,9 +52,10 @@ class Resume:
     """The latest checkpoint of out_dir, read and checked before any compute; `restore` then
     loads it into the built model, optimizer and scaler."""
 
-    def __init__(self, out_dir, model_keys):
-        """model_keys: this run's model settings, which must match those the checkpoint was trained with."""
-        path = checkpoint.latest_path(out_dir)
+    def __init__(self, out_dir, model_keys, fsdp=False):
+        """model_keys: this run's model settings, which must match those the checkpoint was trained with;
+        fsdp: an FSDP run, the only kind that reads a ckpt.dcp directory (see checkpoint.latest_path)."""
+        path = checkpoint.latest_path(out_dir, fsdp)
         if path is None:
             raise CheckpointError(f"init_from=resume but {out_dir} holds no checkpoint ({checkpoint.LATEST}); "
                                   "train first with init_from=scratch, or fix out_dir")  # fmt: skip
@@ -73,6 +75,11 @@ class Resume:
         self.best_val_loss = self.state["best_val_loss"]
         self.loader = self.state.get("loader")
         self.evaluated = self.state.get("evaluated", True)  # False: saved by a stop signal
+        self.nanogpt = not self.sharded and checkpoint.is_nanogpt(self.state)
+        self.notes = []  # what a resumed run should know, printed by the trainer
+        if self.nanogpt:
+            self.notes.append(f"{path} is nanoGPT's: it records no batch position or RNG states, so the batches "
+                              "and dropout masks from here on differ from those nanoGPT would draw")  # fmt: skip
         self.check_settings(model_keys)
         diff = checkpoint.shape_mismatch(model_shapes(self.model_args), shapes)
         if diff:
@@ -98,7 +105,9 @@ class Resume:
 
     def restore(self, model, optimizer, scaler):
         """Collective: load weights, optimizer and grad scaler state."""
-        if self.sharded:
+        if self.nanogpt:
+            self.restore_nanogpt(model, optimizer)
+        elif self.sharded:
             optim = get_optimizer_state_dict(model, optimizer)
             tensors = {"model": get_model_state_dict(model), "optim": {"state": optim["state"]}}
             checkpoint.load_sharded(self.path, tensors)
@@ -110,18 +119,50 @@ class Resume:
             options = StateDictOptions(full_state_dict=True)
             set_model_state_dict(model, self.state["model"], options=options)
             set_optimizer_state_dict(model, optimizer, self.state["optimizer"], options=options)
-        scaler.load_state_dict(self.state["scaler"])
-        self.rng_states = self.state["rng"]
+        if not self.nanogpt:
+            scaler.load_state_dict(self.state["scaler"])
+        self.rng_states = self.state.get("rng", [])
         self.state = None  # free the memory the weights and optimizer state took
+
+    def restore_nanogpt(self, model, optimizer):
+        """nanoGPT's weights, and its AdamW moments when this run's optimizer is an AdamW too."""
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, self.state["model"], options=options)
+        ours = get_optimizer_state_dict(model, optimizer, options=options)
+        moments = nanogpt_optimizer_state(self.state["optimizer"], self.state["model"], self.model_args)
+        if moments is None or not isinstance(optimizer, torch.optim.AdamW):
+            self.notes.append("the optimizer starts afresh: its state does not match nanoGPT's AdamW groups")
+            return
+        set_optimizer_state_dict(model, optimizer, {"state": moments, "param_groups": ours["param_groups"]},
+                                 options=options)  # fmt: skip
 
     def restore_rng(self, d, device):
         """This rank's RNG states as they were at the save."""
+        if self.nanogpt:
+            return  # nanoGPT saves none
         states = self.rng_states
         if len(states) == d.world_size:
             set_rng_state(states[d.rank], device)
         elif d.master:
             print(f"note: {self.path} was saved by {len(states)} process(es), this run has {d.world_size}: "
                   "RNG states are not restored, so dropout masks differ from an uninterrupted run")  # fmt: skip
+
+
+def nanogpt_optimizer_state(optim, weights, model_args):
+    """nanoGPT's AdamW state {index: moments} keyed by parameter name instead, or None when its
+    groups are not nanoGPT's two: the matrices (decayed), then the vectors, each in the order of
+    named_parameters (that of the state dict, less lm_head.weight when it is tied to wte)."""
+    tied = model_args.get("tie_embeddings", True)
+    names = [k for k in weights if not (tied and k == "lm_head.weight")]
+    groups = [[n for n in names if weights[n].dim() >= 2], [n for n in names if weights[n].dim() < 2]]
+    saved = [g["params"] for g in optim.get("param_groups", [])]
+    if [len(g) for g in saved] != [len(g) for g in groups]:
+        return None
+    by_index = {i: name for ids, group in zip(saved, groups, strict=True) for i, name in zip(ids, group, strict=True)}
+    state = {by_index[i]: moments for i, moments in optim.get("state", {}).items()}
+    if any(v.get("exp_avg") is None or v["exp_avg"].shape != weights[n].shape for n, v in state.items()):
+        return None
+    return state
 
 
 def model_shapes(model_args):

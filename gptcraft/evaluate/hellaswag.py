@@ -1,0 +1,182 @@
+"""HellaSwag: which of four endings of a scene does the model find most likely?
+
+gptcraft hellaswag --init_from=gpt2                      (downloads hellaswag_val.jsonl once)
+gptcraft hellaswag --out_dir=out-gpt2 --file=hellaswag_val.jsonl
+torchrun --standalone --nproc_per_node=8 -m gptcraft hellaswag --init_from=gpt2-xl
+
+Each example of the official jsonl has a context `ctx`, four `endings` and the `label` of the
+right one. Context and ending (after a space) are tokenized together, and each ending is scored
+by the model's cross-entropy over the ending's tokens only, as build-nanogpt and llm.c do
+("completion style"): acc picks the ending with the smallest sum, acc_norm the smallest mean per
+token. On the 10,042 validation examples build-nanogpt's hellaswag.py reports acc 0.2859,
+acc_norm 0.2955 for OpenAI's GPT-2 124M and 0.3842 / 0.4893 for GPT-2 1558M. Ranks take every
+world_size-th example and add up their counts.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gptcraft.config import ConfigError, option, parse_config, run_cli
+from gptcraft.data.shards import write_atomic
+from gptcraft.errors import GptcraftError
+from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.system import distributed, hardware
+
+VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+VAL_EXAMPLES = 10_042
+ENDINGS = 4
+
+
+class HellaSwagError(GptcraftError, ValueError):
+    """The examples file is missing, damaged or not in the official format; the message names it."""
+
+
+def read_examples(path):
+    """The examples of an official HellaSwag jsonl file as (ctx, endings, label) tuples."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise HellaSwagError(f"cannot read HellaSwag file {path}: {getattr(e, 'strerror', None) or e}") from None
+    examples = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            ctx, endings, label = row["ctx"], row["endings"], row["label"]
+        except (ValueError, KeyError, TypeError):
+            raise HellaSwagError(f"{path}, line {n}: not a HellaSwag example (JSON with ctx, endings, label)") from None
+        valid = isinstance(ctx, str) and isinstance(endings, list) and len(endings) == ENDINGS
+        if not (valid and all(isinstance(e, str) for e in endings) and label in range(ENDINGS)):
+            raise HellaSwagError(f"{path}, line {n}: needs a text ctx, {ENDINGS} text endings and a label 0 to 3")
+        examples.append((ctx, endings, label))
+    if not examples:
+        raise HellaSwagError(f"{path} holds no examples")
+    return examples
+
+
+def download_val(path):
+    """Fetch the official validation file to `path`; keep it only when it holds all 10,042 examples."""
+    try:
+        with urllib.request.urlopen(VAL_URL, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise HellaSwagError(f"cannot download {VAL_URL} ({e}); offline, pass --file=PATH to a local copy") from None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda f: f.write(data))
+    count = len(read_examples(path))
+    if count != VAL_EXAMPLES:
+        os.remove(path)
+        raise HellaSwagError(f"{VAL_URL} holds {count} examples, not {VAL_EXAMPLES}; pass --file=PATH to a good copy")
+    print(f"downloaded {path} ({len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()})")
+
+
+def render(example, tok, block_size):
+    """(rows, ending lengths): for each ending the tokens of context + " " + ending, cut from the
+    left to block_size + 1 tokens (block_size inputs), and how many of them are the ending's."""
+    ctx, endings, _ = example
+    ctx_ids = tok.encode(ctx)
+    rows, lengths = [], []
+    for ending in endings:
+        end_ids = tok.encode(" " + ending)
+        row = (ctx_ids + end_ids)[-(block_size + 1) :]
+        rows.append(row)
+        lengths.append(min(len(end_ids), len(row) - 1))  # the first token is never a target
+    return rows, lengths
+
+
+@torch.no_grad()
+def ending_losses(model, rows, lengths, device, dtype):
+    """(sum, mean) of each row's cross-entropy over its last lengths[i] tokens, each of shape (R,)."""
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.full((len(rows), width - 1), -1, dtype=torch.long)  # -1: not scored
+    for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        tokens[i, : len(row)] = torch.tensor(row)
+        targets[i, len(row) - 1 - n : len(row) - 1] = tokens[i, len(row) - n : len(row)]
+    x, y = tokens[:, :-1].to(device), targets.to(device)  # (R, L), right-padded
+    with hardware.autocast(device, dtype):
+        logits, _ = model(x, y)  # (R, L, V)
+    losses = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (R, L)
+    sums = losses.sum(dim=1)
+    return sums, sums / (y != -1).sum(dim=1)
+
+
+def score(model, tok, examples, block_size, device, dtype, d, batch_size=8):
+    """{"acc", "acc_norm", "examples"} over `examples`, shared out across ranks. Every rank runs
+    the same number of forward passes (FSDP's are collective); repeated examples are not counted."""
+    was_training = model.training
+    model.eval()
+    share = distributed.even_share(len(examples), d)
+    correct = torch.zeros(2, dtype=torch.float64)  # acc, acc_norm
+    for start in range(0, len(share), batch_size):
+        batch = [(examples[i], counted) for i, counted in share[start : start + batch_size]]
+        rendered = [render(example, tok, block_size) for example, _ in batch]
+        rows = [row for rows, _ in rendered for row in rows]
+        lengths = [n for _, ns in rendered for n in ns]
+        sums, means = (t.view(len(batch), ENDINGS).cpu() for t in ending_losses(model, rows, lengths, device, dtype))
+        labels = torch.tensor([example[2] for example, _ in batch])
+        counted = torch.tensor([c for _, c in batch])
+        correct += torch.stack([((sums.argmin(1) == labels) & counted).sum(),
+                                ((means.argmin(1) == labels) & counted).sum()]).double()  # fmt: skip
+    model.train(was_training)
+    total = [distributed.all_mean(c, d) * d.world_size for c in correct.tolist()]
+    return {"acc": total[0] / len(examples), "acc_norm": total[1] / len(examples), "examples": len(examples)}
+
+
+@dataclass
+class HellaSwagConfig:
+    init_from: str = option("resume", INIT_FROM_HELP)
+    out_dir: str = option("out", "run directory holding ckpt.pt and meta.json (init_from=resume)")
+    file: str = option("", "the official hellaswag_val.jsonl (or any file in its format); empty: download it")
+    cache_dir: str = option(os.path.join("data", "hellaswag"), "where the downloaded hellaswag_val.jsonl is kept")
+    max_examples: int = option(0, "score only the first this many examples; 0 scores all")
+    batch_size: int = option(8, "examples per forward pass (4 endings each)")
+    tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
+    backend: str = option("auto", "torch.distributed backend under torchrun", ("auto", "nccl", "gloo"))
+    device: str = hardware.device_option()
+    dtype: str = hardware.dtype_option()
+
+    def __post_init__(self):
+        check_init_from(self.init_from)
+        if self.max_examples < 0 or self.batch_size <= 0:
+            raise ConfigError("max_examples must be >= 0 and batch_size positive")
+
+
+def examples_file(cfg, d):
+    """--file, else the cached official file, downloaded by rank 0 when it is missing."""
+    if cfg.file:
+        return cfg.file
+    path = os.path.join(cfg.cache_dir, "hellaswag_val.jsonl")
+    if d.master and not os.path.exists(path):
+        download_val(path)
+    distributed.barrier(d)
+    return path
+
+
+def main(argv=None):
+    cfg = parse_config(HellaSwagConfig, sys.argv[1:] if argv is None else argv, prog="gptcraft hellaswag")
+    d, device = distributed.init(hardware.resolve_device(cfg.device), cfg.backend)
+    try:
+        dtype = hardware.resolve_dtype(cfg.dtype, device)
+        examples = read_examples(examples_file(cfg, d))
+        model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
+        if cfg.max_examples:
+            examples = examples[: cfg.max_examples]
+        result = score(model, tok, examples, model.config.block_size, device, dtype, d, cfg.batch_size)
+        if d.master:
+            print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
+                  f"over {result['examples']:,} examples")  # fmt: skip
+        return result
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    run_cli(main)
