@@ -41,8 +41,8 @@ def test_auto_starts_new_in_an_empty_out_dir_and_continues_only_the_same_run(tmp
     assert outdir.decide_start(config(tmp_path, max_iters=9, eval_interval=7, dropout=0.1)) == "resume"
     with pytest.raises(
         OutDirError,
-        match=r"holds another run \(ckpt.pt\): n_layer=12 \(this run: 3\), seed=1337 "
-        r"\(this run: 5\); continue it with --init_from=resume, .*--overwrite=True",
+        match=r"holds another run \(ckpt.pt\): seed=1337 \(this run: 5\), n_layer=12 "
+        r"\(this run: 3\); continue it with --init_from=resume, .*--overwrite=True",
     ):
         outdir.decide_start(config(tmp_path, n_layer=3, seed=5))
     assert outdir.decide_start(config(tmp_path, seed=5, overwrite=True)) == "new"
