@@ -15,10 +15,11 @@ import pickle
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from gptcraft.data.tokenizer import GPT2_EOT
 from gptcraft.errors import GptcraftError
+from gptcraft.files import write_atomic
 from model import GPT, GPTConfig
 
 # OpenAI's GPT-2 checkpoints on the Hugging Face hub: 124M, 350M, 774M and 1558M parameters.
@@ -212,6 +213,8 @@ def save_hf(model, folder):
     check_expressible(model.config)
     hf_sd = {k: v.float() for k, v in to_hf_state_dict(model).items()}
     os.makedirs(folder, exist_ok=True)
-    save_file(hf_sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config(model.config), f, indent=2)
+    # Each file written fresh and renamed into place: never through a link, never half written.
+    weights = save(hf_sd, metadata={"format": "pt"})
+    write_atomic(os.path.join(folder, "model.safetensors"), lambda f: f.write(weights))
+    config = json.dumps(hf_config(model.config), indent=2).encode()
+    write_atomic(os.path.join(folder, "config.json"), lambda f: f.write(config))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, run_script, tiny_train_args
+from test_resume import assert_same_run
 
 from gptcraft.errors import GptcraftError
 from gptcraft.system import distributed
@@ -160,6 +161,30 @@ def test_sigterm_to_the_launcher_stops_every_rank_which_saves_and_exits_0(char_d
     assert re.findall(r"saved ckpt.pt in .* at iter (\d+)", rest) == [str(stopped_at)]  # one save, by all ranks
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == stopped_at
     assert "exitcode  : 1" not in rest and "ChildFailedError" not in rest
+
+
+def test_torchrun_restarts_after_a_killed_worker_resume_and_end_bit_identical(char_data_dir, tmp_path):
+    # The same command for both: init_from=auto (the default) resumes after each restart.
+    run = {**RUN, "max_iters": 16, "eval_interval": 1000, "checkpoint_interval": 2}
+    straight = tmp_path / "straight"
+    torchrun(*tiny_train_args(char_data_dir, straight, backend="gloo", **run))
+    out = tmp_path / "restarted"
+    args = tiny_train_args(char_data_dir, out, backend="gloo", **run)
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--max-restarts=1", "train.py", *args], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for line in launcher.stdout:
+        if line.startswith("iter 7:"):  # after the save at iteration 6
+            break
+    os.kill(rank_pid(launcher.pid, 1), signal.SIGKILL)
+    rest, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, rest
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    starts = [(r["iter"], r["resumed"], r["restart"]) for r in rows if r.get("event") == "start"]
+    assert starts[0] == (0, False, "0") and len(starts) == 2, starts
+    assert starts[1][0] in range(6, 16, 2) and starts[1][1:] == (True, "1"), starts
+    assert_same_run(straight, out)
 
 
 def test_activation_checkpointing_gives_the_same_run(char_data_dir, tmp_path):

@@ -122,7 +122,8 @@ class FullDisk:
 
 def test_a_full_disk_while_writing_log_jsonl_gives_the_documented_line(char_data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setattr(runlog, "open", lambda *a, **k: FullDisk(open(*a, **k), rows=5), raising=False)
+    new_file = runlog.open_new  # a new run's log.jsonl is opened with gptcraft.files.open_new
+    monkeypatch.setattr(runlog, "open_new", lambda *a, **k: FullDisk(new_file(*a, **k), rows=5))
     with pytest.raises(TrackingError, match=r"could not write .*log.jsonl \(No space left on device\); the previous"):
         loop.main(tiny_train_args(char_data_dir, out, **RUN))
     monkeypatch.undo()
@@ -288,7 +289,8 @@ if os.environ.get("RANK") == "0":
     from test_hostile import FullDisk
     from gptcraft.track import runlog
 
-    runlog.open = lambda *a, **k: FullDisk(open(*a, **k), rows=5)
+    new_file = runlog.open_new
+    runlog.open_new = lambda *a, **k: FullDisk(new_file(*a, **k), rows=5)
 """
 
 

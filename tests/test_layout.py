@@ -8,7 +8,7 @@ import tomllib
 from conftest import ROOT
 
 # Packages that everything else builds on: they import nothing above them.
-LOW = ("gptcraft.errors", "gptcraft.config", "gptcraft.system", "gptcraft.data")
+LOW = ("gptcraft.errors", "gptcraft.files", "gptcraft.config", "gptcraft.system", "gptcraft.data")
 HIGH = ("gptcraft.train", "gptcraft.track", "gptcraft.evaluate", "gptcraft.prepare", "gptcraft.bench", "gptcraft.hf",
         "gptcraft.generate", "gptcraft.sample", "gptcraft.init_from", "gptcraft.export", "gptcraft.visualize",
         "gptcraft.cli")  # fmt: skip
@@ -69,6 +69,7 @@ def test_low_layers_import_nothing_above_them():
     upward = [(m, dep) for m, deps in graph.items() if within(m, LOW) for dep in deps if within(dep, HIGH)]
     assert upward == []
     assert graph["gptcraft.errors"] == set()
+    assert graph["gptcraft.files"] <= {"gptcraft.errors"}
     assert graph["gptcraft.config"] <= {"gptcraft.errors"}
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_train_args
 
+from gptcraft.files import TEMP_PREFIX
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
 from gptcraft.train.stops import GracefulStop
@@ -109,10 +110,10 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(char_data_dir, tm
     proc = start(resume_args, code=DIE_IN_SAVE)  # killed half-way through writing a checkpoint
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    assert any(".tmp." in name for name in os.listdir(out))  # the torn temporary file, never ckpt.pt itself
+    assert any(name.startswith(TEMP_PREFIX) for name in os.listdir(out))  # the torn temporary, never ckpt.pt
 
     loop.main(resume_args)
-    assert not any(".tmp." in name for name in os.listdir(out))  # cleaned up
+    assert not any(name.startswith(TEMP_PREFIX) for name in os.listdir(out))  # cleaned up
     assert_same_run(straight, out)
 
 

@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, run_script, tiny_train_args
 
 from gptcraft.errors import GptcraftError
+from gptcraft.files import TEMP_PREFIX
 from gptcraft.track.logfile import metric_rows, read_log, read_rows, summarize
 from gptcraft.track.runlog import RunLog
 
@@ -99,7 +100,7 @@ def test_wandb_offline_records_the_rows_and_config(wandb_run):
 def test_plot_loss_leaves_a_png(wandb_run):
     out_dir, _ = wandb_run
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out_dir.glob("*.tmp.png"))
+    assert not list(out_dir.glob(TEMP_PREFIX + "*"))
 
 
 def test_plot_loss_redraws_the_png_at_each_eval(tmp_path):

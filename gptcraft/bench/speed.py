@@ -35,7 +35,7 @@ from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import read_meta, write_meta, write_tokens
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token, prefill
 from gptcraft.system import hardware
-from gptcraft.train import loop
+from gptcraft.train import loop, outdir
 from gptcraft.train.config import TrainConfig
 from model import GPT, GPTConfig
 
@@ -127,7 +127,8 @@ def timed_run(cfg):
     step, the whole-val loss it logged). The final evaluation runs after the clock stops."""
     last_step = f"iter {cfg.max_iters}:"
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "gptcraft.train.loop", *train_args(cfg, full_val=True, init_from="scratch")]
+    args = train_args(cfg, full_val=True, init_from="scratch", overwrite=True)  # each run a new one
+    cmd = [sys.executable, "-m", "gptcraft.train.loop", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     seconds = None
     for line in proc.stdout:
@@ -290,7 +291,7 @@ def main(argv=None):
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     if cfg.json:
-        loop.check_out_dir(os.path.dirname(os.path.abspath(cfg.json)))  # fail now, not after the run
+        outdir.check_writable(os.path.dirname(os.path.abspath(cfg.json)))  # fail now, not after the run
     if cfg.speedrun and not os.path.exists(os.path.join(cfg.data_dir, cfg.dataset, "meta.json")):
         raise ConfigError(f"dataset {cfg.dataset} is not prepared in {cfg.data_dir}: prepare it first (not timed)")
     vocab = vocab_size(cfg)

@@ -24,6 +24,7 @@ import numpy as np
 
 from gptcraft.data.nanogpt import is_nanogpt_folder, nanogpt_meta
 from gptcraft.errors import GptcraftError
+from gptcraft.files import file_sha256, fsync_dir, open_new, write_atomic
 
 META = "meta.json"
 MAGIC = 20240520
@@ -35,30 +36,6 @@ SPLITS = ("train", "val")
 
 class TokenFileError(GptcraftError, ValueError):
     """A token file or dataset directory is damaged or of the wrong kind; the message names it."""
-
-
-def write_atomic(path, write):
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it into place,
-    so `path` is either its old content or the complete new one, never half written."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def fsync_dir(path):
-    """Make renames inside directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def swap_dir(new, final):
@@ -125,14 +102,6 @@ def replaced_dir(final):
         raise
     carry_over(final, new)
     swap_dir(new, final)
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- token files
@@ -247,7 +216,10 @@ class ShardWriter:
             ids, self.skip = ids[dropped:], self.skip - dropped
         while len(ids):
             if self.file is None:
-                self.file = open(self._tmp_path(), "wb")
+                tmp = self._tmp_path()
+                if os.path.lexists(tmp):  # left by a killed run: replaced, never written through
+                    os.remove(tmp)
+                self.file = open_new(tmp)
                 self.file.write(shard_header(0, self.version))
             take = min(len(ids), self.shard_tokens - self.filled)
             self.file.write(ids[:take].astype(self.dtype, copy=False).tobytes())

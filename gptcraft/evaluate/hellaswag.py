@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
-from gptcraft.data.shards import write_atomic
 from gptcraft.errors import GptcraftError
+from gptcraft.files import write_atomic
 from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
 from gptcraft.system import distributed, hardware
 

@@ -40,11 +40,11 @@ from gptcraft.data.shards import (
     shard_version,
     staging_dir,
     swap_dir,
-    write_atomic,
     write_meta,
 )
 from gptcraft.data.tokenizer import GPT2Tokenizer, TokenizerError
 from gptcraft.errors import GptcraftError
+from gptcraft.files import write_atomic
 
 CHUNK_CHARS = 1 << 20  # documents per task: about a million characters, whatever --num_proc
 PROGRESS = "progress.json"

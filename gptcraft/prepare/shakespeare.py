@@ -7,9 +7,10 @@ import argparse
 import os
 import sys
 
-from gptcraft.data.shards import file_sha256, replaced_dir, shard_meta, shard_version, write_meta, write_shard
+from gptcraft.data.shards import replaced_dir, shard_meta, shard_version, write_meta, write_shard
 from gptcraft.data.sources import SourceError, tiny_shakespeare
 from gptcraft.data.tokenizer import GPT2Tokenizer, TokenizerError
+from gptcraft.files import file_sha256
 
 
 def prepare(out_dir, input_path=None, tokenizer_file=None):

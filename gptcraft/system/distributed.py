@@ -65,7 +65,12 @@ def init(device, backend="auto", timeout_s=1800):
             )
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # torchrun's store outlives a restart of the workers, and with it the addresses the killed
+    # ones published: each restart gets keys of its own, or a fast rank reads a dead peer's address.
+    store, _, _ = next(dist.rendezvous("env://"))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"gptcraft/restart_{restart}", store),
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
     return Dist(rank, local_rank, world), device
 
 

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from gptcraft.errors import GptcraftError
+from gptcraft.files import write_atomic  # noqa: E402
 from gptcraft.track.logfile import read_log, warn  # noqa: E402
 
 X_AXES = {"iter": "iteration", "time": "wall time", "tokens": "tokens seen"}
@@ -92,11 +93,11 @@ def draw(out_dirs, path, x="iter", quiet=False):
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False)
     fig.tight_layout()
-    # Write beside the target, then rename: a viewer never sees a half-written image.
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    # Written beside the target, then renamed: a viewer never sees a half-written image.
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def default_output(out_dirs):

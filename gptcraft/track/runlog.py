@@ -5,7 +5,9 @@ log.jsonl is the record every other view is drawn from. Its rows:
   train rows  {"time_s", "iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "grad_norm", "tokens_seen"}
   eval rows   {"time_s", "iter", "train_loss", "val_loss", "tokens_seen"}, and "full_val_loss" on the
               last one of a run with full_val=True
-  {"time_s", "event": "start", "iter", "wandb_id"}  where a run (or a resumed run) starts at iter
+  {"time_s", "event": "start", "iter", "wandb_id", "resumed", "job", "restart"}  where a run starts at
+              iter (resumed: from a checkpoint; job: SLURM_JOB_ID or TORCHELASTIC_RUN_ID; restart:
+              torchrun's restart count)
   {"time_s", "event": "summary", ...}  at the end of training (see `summarize`)
 time_s counts from the first start: a resumed run carries on from the time its log ends at.
 """
@@ -18,6 +20,7 @@ import time
 from tqdm import tqdm
 
 from gptcraft.errors import GptcraftError
+from gptcraft.files import LinkError, open_append, open_new
 from gptcraft.track.logfile import ends_a_line, read_log, read_rows, summarize
 
 
@@ -89,7 +92,7 @@ class RunLog:
     `failure`, nothing more is written, and the loop stops every rank together at its next sync.
     """
 
-    def __init__(self, out_dir, enabled, start_iter, max_iters, resumed=False, config=None):
+    def __init__(self, out_dir, enabled, start_iter, max_iters, resumed=False, config=None, start_row=None):
         config = config or {}
         self.enabled = enabled
         self.out_dir = out_dir
@@ -113,15 +116,19 @@ class RunLog:
         self.guarded(path, lambda: self._open(path, resumed))
         if self.training:  # an evaluation of a checkpoint continues no run: readers keep every row
             self.write({"event": "start", "iter": start_iter,
-                        "wandb_id": self.wandb_run.id if self.wandb_run else None})  # fmt: skip
+                        "wandb_id": self.wandb_run.id if self.wandb_run else None, **(start_row or {})})  # fmt: skip
         if sys.stderr.isatty():
             self.bar = tqdm(total=max_iters, initial=start_iter, unit="it", dynamic_ncols=True, leave=False)
 
     def _open(self, path, resumed):
-        if resumed and os.path.exists(path) and not ends_a_line(path):
-            with open(path, "a") as f:
-                f.write("\n")  # ends the line a killed run left incomplete, so that the next row parses
-        self.file = open(path, "a" if resumed else "w")
+        if resumed:  # appended to, never through a link: a link there is refused
+            self.file = open_append(path)
+            if not ends_a_line(path):
+                self.file.write("\n")  # ends the line a killed run left incomplete, so that the next row parses
+        else:  # a new run's log is a new file, whatever stood there (a link: replaced, not followed)
+            if os.path.lexists(path):
+                os.remove(path)
+            self.file = open_new(path, "w")
 
     def guarded(self, path, write):
         """Call write(), which writes `path`; a failure is kept in self.failure, and after one nothing
@@ -130,6 +137,8 @@ class RunLog:
             return
         try:
             write()
+        except LinkError:
+            raise
         except (OSError, RuntimeError) as e:  # RuntimeError: matplotlib's savefig on a full disk
             self.failure = write_failure(path, e)
 

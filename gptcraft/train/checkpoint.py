@@ -15,7 +15,6 @@ optimizer, model_args, iter_num, best_val_loss and config, without our scaler, R
 state (is_nanogpt).
 """
 
-import glob
 import os
 import pickle
 import shutil
@@ -24,8 +23,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from gptcraft.data.shards import fsync_dir, swap_dir, write_atomic
+from gptcraft import files
+from gptcraft.data.shards import swap_dir
 from gptcraft.errors import GptcraftError
+from gptcraft.files import fsync_dir, write_atomic
 
 LATEST = "ckpt.pt"
 SHARDED = "ckpt.dcp"
@@ -163,6 +164,11 @@ def load_sharded(path, tensors):
 def save_full(out_dir, state):
     """Write the resume checkpoint ckpt.pt, then remove a sharded one an earlier run left."""
     save_checkpoint(os.path.join(out_dir, LATEST), state)
+    remove_sharded(out_dir)
+
+
+def remove_sharded(out_dir):
+    """Delete the sharded checkpoint directories in out_dir."""
     for name in (SHARDED, SHARDED + ".old"):
         path = os.path.join(out_dir, name)
         try:
@@ -173,15 +179,14 @@ def save_full(out_dir, state):
 
 
 def remove_file(path):
-    if os.path.exists(path):
+    if os.path.lexists(path):
         os.remove(path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def remove_stale_temps(out_dir):
     """Delete temporary files that a killed save left behind (rank 0, before training starts)."""
-    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp.*")):
-        os.remove(path)
+    files.remove_stale_temps(out_dir)
     tmp = os.path.join(out_dir, SHARDED + ".tmp")
     if os.path.exists(tmp):
         shutil.rmtree(tmp)

@@ -26,9 +26,16 @@ class RunSettings:
     eval_only: bool = option(False, "evaluate once and exit")
     full_val: bool = option(False, "at the last iteration also score the whole val split (log.jsonl: full_val_loss)")
     always_save_checkpoint: bool = option(True, "save at every eval, not only when val loss improves")
-    init_from: str = option("scratch", "scratch: a new model; resume: continue from out_dir/ckpt.pt; gpt2, gpt2-medium,"
-                            " gpt2-large, gpt2-xl (hub:gpt2, ...) or a Hugging Face GPT-2 folder (./gpt2): "
+    init_from: str = option("auto", "auto: continue the run in out_dir if it is this one, else start a new one; "
+                            "scratch: a new model; resume: continue from out_dir's checkpoint; gpt2, gpt2-medium, "
+                            "gpt2-large, gpt2-xl (hub:gpt2, ...) or a Hugging Face GPT-2 folder (./gpt2): "
                             "finetune those weights")  # fmt: skip
+    overwrite: bool = option(False, "a new run into an out_dir holding another run's checkpoint deletes its "
+                             "checkpoints and log.jsonl (otherwise it stops with an error)")  # fmt: skip
+    checkpoint_interval: int = option(0, "also save the resume checkpoint every this many iterations, without "
+                                      "evaluating (0: only at evaluations)")  # fmt: skip
+    checkpoint_minutes: float = option(0.0, "also save the resume checkpoint when this many minutes have passed "
+                                       "since the last save (0: off)")  # fmt: skip
     seed: int = option(1337, "seed for initialisation, data order and dropout")
     # data
     dataset: str = option("openwebtext", "dataset name: token files are read from data_dir/dataset/")
@@ -82,7 +89,7 @@ class TrainConfig(ModelSettings):
                                  "hellaswag_acc and hellaswag_acc_norm; empty: none")  # fmt: skip
 
     def __post_init__(self):
-        check_init_from(self.init_from, ("scratch", "resume"))
+        check_init_from(self.init_from, ("auto", "scratch", "resume"))
         try:
             GPTConfig(**self.model_args())  # the model's own checks, on this run's values
         except ValueError as e:
@@ -92,7 +99,9 @@ class TrainConfig(ModelSettings):
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("max_iters", "warmup_iters", "weight_decay", "grad_clip", "min_lr", "warmdown_iters"):
+        nonnegative = ("max_iters", "checkpoint_interval", "checkpoint_minutes", "warmup_iters", "weight_decay",
+                       "grad_clip", "min_lr", "warmdown_iters")  # fmt: skip
+        for key in nonnegative:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if self.min_lr > self.learning_rate:

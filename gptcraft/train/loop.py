@@ -31,8 +31,7 @@ from gptcraft.evaluate.loss import full_split_loss
 from gptcraft.hf import from_pretrained, hub_name
 from gptcraft.system import distributed, hardware
 from gptcraft.track.runlog import RunLog, TrackingError
-from gptcraft.train import checkpoint, state
-from gptcraft.train.checkpoint import CheckpointError
+from gptcraft.train import checkpoint, outdir, state
 from gptcraft.train.config import TrainConfig
 from gptcraft.train.optimizer import learning_rate, make_optimizer, set_learning_rate
 from gptcraft.train.parallelize import clip_grad_norm, grad_sync, parallelize
@@ -46,7 +45,7 @@ def main(argv=None):
     device = hardware.resolve_device(cfg.device)
     d, device = distributed.init(device, cfg.backend, cfg.dist_timeout_s)
     try:
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, outdir.locked(cfg.out_dir, d):
             best_val_loss = train(cfg, d, device, stop)
         # Tearing the process group down while another rank still uses it aborts the process.
         distributed.barrier(d)
@@ -58,22 +57,26 @@ def main(argv=None):
 def train(cfg, d, device, stop):
     """Train until max_iters or a stop signal; returns the best val loss."""
     run = setup(cfg, d, device)
+    if run is None:
+        return None
     x, y = run.next_batch(run.iter_num, 0)
     while True:
         due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only
         at_end = cfg.eval_only or run.iter_num >= cfg.max_iters
         # The last step's flags are read before its weights are evaluated or saved.
-        stopping = settle(run) if due or at_end else False
+        stopping = settle(run) if due or at_end or checkpoint_due(run) else False
         if not stopping:
-            if due and (run.iter_num > run.start_iter or run.eval_at_start):
-                evaluate_and_save(run)
+            evaluated = due and (run.iter_num > run.start_iter or run.eval_at_start)
+            saved = evaluate_and_save(run) if evaluated else False
             if at_end:
                 break
+            if not saved and checkpoint_due(run):
+                save(run, evaluated=evaluated)
             x, y, stopping = train_step(run, x, y, stop)
         if stopping:
             save(run, evaluated=False)
             run.log.print(f"stopped by {stop.requested or 'a signal on another rank'} at iteration {run.iter_num}; "
-                          f"continue with --init_from=resume --out_dir={cfg.out_dir}")  # fmt: skip
+                          f"continue with --init_from=auto (the default) --out_dir={cfg.out_dir}")  # fmt: skip
             break
     saved = [os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)]
     run.log.summary(saved, run.iter_num, run.iter_num * run.tokens_per_iter)
@@ -112,6 +115,8 @@ class Run:
     redo_eval: bool
     hellaswag: tuple | None = None  # (tokenizer, examples) with hellaswag_file
     t_last: float = 0.0  # when the pace was last measured
+    t_saved: float = 0.0  # when the resume checkpoint was last saved (or the run started)
+    minutes_up: bool = False  # checkpoint_minutes have passed on some rank (set by train_step)
     iters_since_log: int = 0
     pending: tuple | None = None  # (flags, iter_num) of the last step, until `settle` reads them
 
@@ -126,10 +131,14 @@ def setup(cfg, d, device):
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     accum = distributed.local_accumulation(cfg.gradient_accumulation_steps, d)
     global_accum = accum * d.world_size  # micro-batches per optimizer step over all ranks
-    if d.master:
-        check_out_dir(cfg.out_dir)
     model_args = cfg.model_args()
-    resume = Resume(cfg.out_dir, model_args, cfg.fsdp) if cfg.init_from == "resume" else None
+    start = outdir.decide_start(asdict(cfg))
+    resume = Resume(cfg.out_dir, model_args, cfg.fsdp) if start == "resume" else None
+    if resume is not None and cfg.init_from == "auto" and resume.iter_num >= cfg.max_iters and not cfg.eval_only:
+        if d.master:
+            print(f"{cfg.out_dir} holds this run, finished at iteration {resume.iter_num}: nothing to do "
+                  f"(raise --max_iters to train on)")  # fmt: skip
+        return None
 
     distributed.check_shared(cfg.out_dir, d, "out_dir")
     try:
@@ -145,7 +154,7 @@ def setup(cfg, d, device):
     if resume is not None:
         model_args = resume.model_args
     pretrained = None
-    if cfg.init_from not in ("scratch", "resume"):
+    if start == "new" and cfg.init_from not in ("auto", "scratch"):
         # Finetuning: GPT-2's architecture and weights, with this config's block_size and dropout.
         pretrained = from_pretrained(cfg.init_from, cfg.block_size, cfg.dropout)
         model_args = asdict(pretrained.config)
@@ -164,6 +173,8 @@ def setup(cfg, d, device):
         raise type(e)(f"dataset {cfg.dataset}: {e}") from None
     if d.master:
         checkpoint.remove_stale_temps(cfg.out_dir)
+        if start == "new" and cfg.overwrite:
+            outdir.clear_previous(cfg.out_dir)
 
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -179,7 +190,9 @@ def setup(cfg, d, device):
         resume.restore(model, optimizer, scaler)
         iter_num, best_val_loss = resume.iter_num, resume.best_val_loss
 
-    log = RunLog(cfg.out_dir, d.master, iter_num, cfg.max_iters, resumed=resume is not None, config=asdict(cfg))
+    log = RunLog(cfg.out_dir, d.master, iter_num, cfg.max_iters, resumed=resume is not None, config=asdict(cfg),
+                 start_row={"resumed": resume is not None, "job": outdir.job_id(),
+                            "restart": os.environ.get("TORCHELASTIC_RESTART_COUNT")})  # fmt: skip
     if d.master:
         log.print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
         log.print(f"device {device}, dtype {dtype}, {d.world_size} process(es), "
@@ -209,7 +222,7 @@ def setup(cfg, d, device):
         peak=peak,
         iter_num=iter_num, best_val_loss=best_val_loss, start_iter=iter_num,
         eval_at_start=resume is None or cfg.eval_only or redo_eval, redo_eval=redo_eval,
-        hellaswag=hellaswag_set, t_last=time.time(),
+        hellaswag=hellaswag_set, t_last=time.time(), t_saved=time.time(),
     )  # fmt: skip
 
 
@@ -255,19 +268,9 @@ def check_writes(log, d, failed=None):
         raise log.failure or TrackingError("rank 0 could not write into out_dir")
 
 
-def check_out_dir(out_dir):
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise CheckpointError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
-
-
 def evaluate_and_save(run):
     """Estimate train and val loss (and the whole val split at the end, with full_val), log them,
-    and save when the run has moved since its start."""
+    and save when the run has moved since its start; returns whether it saved."""
     cfg = run.cfg
     eval_samplers = {"train": run.samplers["eval_train"], "val": run.samplers["val"]}
     losses = estimate_loss(run.model, eval_samplers, cfg, run.device, run.dtype, run.d)
@@ -288,9 +291,19 @@ def evaluate_and_save(run):
         run.log.print(f"hellaswag acc {row['hellaswag_acc']:.4f}, acc_norm {row['hellaswag_acc_norm']:.4f}")
     improved = losses["val"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses["val"])
-    if (run.iter_num > run.start_iter or run.redo_eval) and (improved or cfg.always_save_checkpoint):
+    saving = (run.iter_num > run.start_iter or run.redo_eval) and (improved or cfg.always_save_checkpoint)
+    if saving:
         save(run, new_best=improved)
     run.t_last, run.iters_since_log = time.time(), 0  # evaluation time is not training time
+    return saving
+
+
+def checkpoint_due(run):
+    """Whether checkpoint_interval or checkpoint_minutes ask for a save at this iteration."""
+    cfg = run.cfg
+    if run.iter_num == run.start_iter:
+        return False
+    return bool(cfg.checkpoint_interval and run.iter_num % cfg.checkpoint_interval == 0) or run.minutes_up
 
 
 @torch.no_grad()
@@ -329,6 +342,7 @@ def save(run, new_best=False, evaluated=True):
         state.save_best(cfg.out_dir, run.model, run.model_args, progress, d)
     state.save_latest(cfg.out_dir, run.model, run.optimizer, run.scaler, run.model_args, progress, d, run.device,
                       cfg.fsdp)  # fmt: skip
+    run.t_saved, run.minutes_up = time.time(), False
     saved = checkpoint.SHARDED if cfg.fsdp else checkpoint.LATEST
     run.log.print(
         f"saved {saved}{' and ' + checkpoint.BEST if new_best else ''} in {cfg.out_dir} at iter {run.iter_num}"
@@ -366,7 +380,9 @@ def train_step(run, x, y, stop):
     bad = nonfinite(step_loss, grad_norm, run.scaler.is_enabled())
     stop_here = torch.full_like(bad, stop.requested is not None)  # a fill: no copy that waits
     log_failed = torch.full_like(bad, run.log.failure is not None)
-    flags = distributed.any_rank_on_device(torch.stack([skip, bad, stop_here, log_failed]), run.d)
+    minutes = run.cfg.checkpoint_minutes
+    minutes_up = torch.full_like(bad, bool(minutes) and time.time() - run.t_saved >= 60 * minutes)
+    flags = distributed.any_rank_on_device(torch.stack([skip, bad, stop_here, log_failed, minutes_up]), run.d)
     if getattr(run.optimizer, "_step_supports_amp_scaling", False):
         run.optimizer.found_inf = flags[0].to(grad_norm.device)  # the fused kernel skips when it is 1
         run.optimizer.step()
@@ -392,8 +408,9 @@ def settle(run):
         return False
     flags, iter_num = run.pending
     run.pending = None
-    _, bad, stopping, log_failed = (bool(f) for f in flags.tolist())
+    _, bad, stopping, log_failed, minutes_up = (bool(f) for f in flags.tolist())
     check_writes(run.log, run.d, log_failed)
+    run.minutes_up = run.minutes_up or minutes_up
     if bad:
         run.log.print(f"skipped step {iter_num}: loss or gradient norm is NaN/Inf")
     run.guard.record(bad, iter_num)

@@ -1,0 +1,92 @@
+"""Files gptcraft writes into run and data folders: atomic writes, hashes, opens that never
+follow a link.
+
+Every file is created fresh, never written through a symbolic link someone left in its place:
+a whole file is written to a temporary file (opened with O_EXCL | O_NOFOLLOW) and renamed over
+the target, which replaces a link rather than the file it points to; a file that is appended to
+(log.jsonl) is opened with O_NOFOLLOW, and a link there is refused. Temporary files carry a name
+only gptcraft makes, `.gptcraft-tmp-<name>-<pid>-<random>`, so that clearing the ones a killed
+process left never touches a user's `results.tmp.csv`.
+"""
+
+import errno
+import glob
+import hashlib
+import os
+import secrets
+
+from gptcraft.errors import GptcraftError
+
+TEMP_PREFIX = ".gptcraft-tmp-"
+
+
+class LinkError(GptcraftError, OSError):
+    """A symbolic link stands where gptcraft is to write a file."""
+
+
+def temp_path(path):
+    """A fresh temporary name beside `path`, `.gptcraft-tmp-<name>-<pid>-<random>`."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f"{TEMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _open_flags(flags, path):
+    """os.open with O_NOFOLLOW, a link in the way refused with a LinkError."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LinkError(
+                f"{path} is a symbolic link; gptcraft does not write through links: remove it or choose another folder"
+            ) from None
+        raise
+
+
+def open_new(path, mode="wb"):
+    """Create `path`, which must not exist yet (not even as a link), and open it for writing."""
+    return os.fdopen(_open_flags(os.O_WRONLY | os.O_CREAT | os.O_EXCL, path), mode)
+
+
+def open_append(path, mode="a"):
+    """Open `path` to append to it (created when missing); a symbolic link there is refused."""
+    return os.fdopen(_open_flags(os.O_WRONLY | os.O_CREAT | os.O_APPEND, path), mode)
+
+
+def fsync_dir(path):
+    """Make renames inside directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, write):
+    """Call write(file) on a fresh temporary file beside `path`, fsync it, then rename it into place,
+    so `path` is either its old content or the complete new one, never half written."""
+    tmp = temp_path(path)
+    try:
+        with open_new(tmp) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temps(folder):
+    """Delete the temporary files gptcraft processes left in `folder` (call it only while no other
+    gptcraft process writes there, e.g. holding the run's lock); every other file stays."""
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(TEMP_PREFIX) + "*")):
+        if not os.path.isdir(path) or os.path.islink(path):
+            os.remove(path)
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,163 @@
+"""What a run does with its out_dir: init_from=auto continues the same run and refuses another,
+a new run never overwrites one, one run at a time (the lock), only gptcraft's own temporaries are
+cleared, and nothing is written through a symbolic link."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_train_args
+from test_resume import start, wait_for_line
+
+from gptcraft import files
+from gptcraft.files import LinkError
+from gptcraft.track import plot
+from gptcraft.track.runlog import RunLog
+from gptcraft.train import checkpoint, loop, outdir
+from gptcraft.train.config import TrainConfig
+from gptcraft.train.outdir import OutDirError, RunLock
+
+SHORT = {"max_iters": 4, "eval_interval": 2, "eval_iters": 1, "log_interval": 1}
+
+
+def config(out, **overrides):
+    """A TrainConfig as a dict, as decide_start reads it."""
+    from dataclasses import asdict
+
+    return asdict(TrainConfig(out_dir=str(out), device="cpu", compile=False, **overrides))
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_auto_starts_new_in_an_empty_out_dir_and_continues_only_the_same_run(tmp_path):
+    assert outdir.decide_start(config(tmp_path)) == "new"
+    checkpoint.save_checkpoint(tmp_path / "ckpt.pt", {"config": config(tmp_path)})
+    # Keys that may change on resume may differ; model, data and seed may not.
+    assert outdir.decide_start(config(tmp_path, max_iters=9, eval_interval=7, dropout=0.1)) == "resume"
+    with pytest.raises(
+        OutDirError,
+        match=r"holds another run \(ckpt.pt\): seed=1337 \(this run: 5\), n_layer=12 "
+        r"\(this run: 3\); continue it with --init_from=resume, .*--overwrite=True",
+    ):
+        outdir.decide_start(config(tmp_path, n_layer=3, seed=5))
+    assert outdir.decide_start(config(tmp_path, seed=5, overwrite=True)) == "new"
+    with pytest.raises(OutDirError, match="holds ckpt.pt of an earlier run and init_from=scratch starts a new one"):
+        outdir.decide_start(config(tmp_path, init_from="scratch"))
+    with pytest.raises(OutDirError, match="cannot go with init_from=resume"):
+        outdir.decide_start(config(tmp_path, init_from="resume", overwrite=True))
+
+
+def test_a_new_run_into_a_used_out_dir_leaves_it_byte_identical(char_data_dir, tmp_path):
+    out = tmp_path / "out"
+    loop.main(tiny_train_args(char_data_dir, out, **SHORT))
+    before = snapshot(out)
+    assert sorted(before) == ["best.pt", "ckpt.pt", "log.jsonl", "meta.json"]  # the lock is gone too
+    for other in ({"init_from": "scratch"}, {"seed": 7}):
+        with pytest.raises(OutDirError, match="--overwrite=True"):
+            loop.main(tiny_train_args(char_data_dir, out, **{**SHORT, **other}))
+        assert snapshot(out) == before
+    # The same command again: the run is finished, nothing to do, nothing touched.
+    assert loop.main(tiny_train_args(char_data_dir, out, **SHORT)) is None
+    assert snapshot(out) == before
+    # overwrite=True: a new run, and nothing of the old one left (best.pt of the old run would mislead sample.py).
+    loop.main(tiny_train_args(char_data_dir, out, seed=7, overwrite=True, **{**SHORT, "max_iters": 1}))
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r.get("event") == "start"] == [0]
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["config"]["seed"] == 7
+    assert not (out / "best.pt").exists() or checkpoint.load_checkpoint(out / "best.pt")["config"]["seed"] == 7
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_lock(out, pid, host, job=None):
+    (out / outdir.LOCK).write_text(json.dumps({"pid": pid, "host": host, "job": job, "since": 0}))
+
+
+def test_the_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    here = socket.gethostname()
+    with RunLock(tmp_path):
+        with pytest.raises(OutDirError, match=rf"is in use by another run \(pid {os.getpid()} on {here}, since"):
+            RunLock(tmp_path).__enter__()
+    assert not (tmp_path / outdir.LOCK).exists()  # released on exit
+    write_lock(tmp_path, dead_pid(), here)
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / outdir.LOCK).read_text())["pid"] == os.getpid()
+    # On another host a pid says nothing: refused, unless the lock is this very job's, before a requeue.
+    write_lock(tmp_path, 1, "elsewhere", job="41")
+    with pytest.raises(OutDirError, match=r"on elsewhere, .*; if that run is dead, delete .*\.gptcraft-lock"):
+        RunLock(tmp_path).__enter__()
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    with RunLock(tmp_path):
+        pass
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused_and_the_first_finishes(char_data_dir, tmp_path):
+    out = tmp_path / "busy"
+    args = tiny_train_args(char_data_dir, out, **{**SHORT, "max_iters": 100000, "eval_interval": 100000})
+    first = start(args)
+    wait_for_line(first, "iter ")
+    with pytest.raises(OutDirError, match=rf"out_dir {out} is in use by another run \(pid {first.pid} on"):
+        loop.main(args)
+    first.terminate()  # SIGTERM: the first run saves and exits 0
+    rest, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, rest
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] >= 1
+    assert not (out / outdir.LOCK).exists()
+
+
+def test_only_gptcraft_temporaries_are_cleared(tmp_path):
+    mine = files.temp_path(str(tmp_path / "ckpt.pt"))
+    assert os.path.basename(mine).startswith(".gptcraft-tmp-ckpt.pt-")
+    open(mine, "w").close()
+    for name in ("notes.tmp.txt", "results.tmp.csv", "ckpt.pt.tmp.123"):
+        (tmp_path / name).write_text("the user's")
+    checkpoint.remove_stale_temps(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt.tmp.123", "notes.tmp.txt", "results.tmp.csv"]
+
+
+def test_nothing_is_written_through_a_link(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    # Whole files are written fresh and renamed over the link: the link goes, its target stays.
+    for name in ("ckpt.pt", "loss.png", "log.jsonl"):
+        (out / name).symlink_to(target)
+    checkpoint.save_checkpoint(out / "ckpt.pt", {"iter_num": 1})
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").write_text(json.dumps({"iter": 0, "val_loss": 1.0, "train_loss": 1.0}) + "\n")
+    plot.draw([str(out)], str(out / "loss.png"), quiet=True)
+    assert not (out / "ckpt.pt").is_symlink() and not (out / "loss.png").is_symlink()
+    # log.jsonl: a new run replaces a link there; a resumed run, which appends, refuses it.
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").symlink_to(target)
+    with pytest.raises(LinkError, match=r"log.jsonl is a symbolic link; gptcraft does not write through links"):
+        RunLog(str(out), True, 5, 10, resumed=True)
+    RunLog(str(out), True, 0, 10).close()
+    assert not (out / "log.jsonl").is_symlink()
+    assert target.read_text() == "precious"
+
+
+def test_checkpoint_interval_saves_without_evaluating(char_data_dir, tmp_path, capsys):
+    out = tmp_path / "interval"
+    loop.main(tiny_train_args(char_data_dir, out, checkpoint_interval=2,
+                              **{**SHORT, "max_iters": 5, "eval_interval": 1000}))  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "saved ckpt.pt in" in printed and f"{out} at iter 2\n" in printed and f"{out} at iter 4\n" in printed
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 5]  # no evaluation at the saves
+    loop.main(tiny_train_args(char_data_dir, tmp_path / "minutes", checkpoint_minutes=1e-9,
+                              **{**SHORT, "max_iters": 3, "eval_interval": 1000}))  # fmt: skip
+    printed = capsys.readouterr().out
+    assert all(f"at iter {i}\n" in printed for i in (1, 2, 3))
