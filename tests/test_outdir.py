@@ -160,4 +160,6 @@ def test_checkpoint_interval_saves_without_evaluating(char_data_dir, tmp_path, c
     loop.main(tiny_train_args(char_data_dir, tmp_path / "minutes", checkpoint_minutes=1e-9,
                               **{**SHORT, "max_iters": 3, "eval_interval": 1000}))  # fmt: skip
     printed = capsys.readouterr().out
-    assert all(f"at iter {i}\n" in printed for i in (1, 2, 3))
+    # A step's flags are read one step later (no host sync per step): the deadline passed at
+    # step 1 is seen, and saved, at step 2; the last step saves after its evaluation.
+    assert all(f"at iter {i}\n" in printed for i in (2, 3))

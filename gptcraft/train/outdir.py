@@ -122,9 +122,10 @@ def differences(saved, config):
             if k not in MAY_CHANGE and k in saved and saved[k] != v]  # fmt: skip
 
 
-def previous_run(out_dir):
-    """The checkpoint a run left in out_dir (the resume checkpoint, else best.pt), or None."""
-    found = checkpoint.latest_path(out_dir)
+def previous_run(out_dir, fsdp=False):
+    """The checkpoint a run left in out_dir (the resume checkpoint, else best.pt), or None; fsdp:
+    whether a ckpt.dcp directory may be read (see checkpoint.latest_path)."""
+    found = checkpoint.latest_path(out_dir, fsdp)
     best = os.path.join(out_dir, checkpoint.BEST)
     return found or (best if os.path.exists(best) else None)
 
@@ -138,7 +139,7 @@ def decide_start(config):
     """'resume' or 'new': how a run with `config` (TrainConfig as a dict) starts in its out_dir.
     Raises OutDirError, before anything is written, when it would overwrite another run."""
     out_dir, init_from = config["out_dir"], config["init_from"]
-    found = previous_run(out_dir)
+    found = previous_run(out_dir, config["fsdp"])
     if init_from == "resume":
         if config["overwrite"]:
             raise OutDirError("overwrite=True starts a new run; it cannot go with init_from=resume")
@@ -156,7 +157,7 @@ def decide_start(config):
     if diff:
         raise OutDirError(f"out_dir {out_dir} holds another run ({os.path.basename(found)}): "
                           f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}; {way_out()}")  # fmt: skip
-    return "resume" if checkpoint.latest_path(out_dir) else "new"
+    return "resume" if checkpoint.latest_path(out_dir, config["fsdp"]) else "new"
 
 
 def clear_previous(out_dir):
