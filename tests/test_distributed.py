@@ -133,13 +133,19 @@ def rank_pid(launcher_pid, rank):
     raise AssertionError(f"no worker of rank {rank}")
 
 
+def torchrun_at_iter(args, it):
+    """A 2-process training run under torchrun, returned once it has logged iteration `it`."""
+    launcher = start_torchrun(args)
+    for line in launcher.stdout:
+        if line.startswith(f"iter {it}:"):
+            break
+    return launcher
+
+
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(char_data_dir, tmp_path):
     out = tmp_path / "stopped"
     args = tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 500, "eval_interval": 1000})
-    launcher = start_torchrun(args)
-    for line in launcher.stdout:
-        if line.startswith("iter 3:"):
-            break
+    launcher = torchrun_at_iter(args, 3)
     os.kill(rank_pid(launcher.pid, 1), signal.SIGTERM)  # rank 0 gets no signal: it learns it from rank 1
     rest, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, rest
@@ -150,10 +156,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(char_data_dir, tm
 def test_sigterm_to_the_launcher_stops_every_rank_which_saves_and_exits_0(char_data_dir, tmp_path):
     out = tmp_path / "stopped"
     args = tiny_train_args(char_data_dir, out, **{**RUN, "max_iters": 500, "eval_interval": 1000})
-    launcher = start_torchrun(args)
-    for line in launcher.stdout:
-        if line.startswith("iter 3:"):
-            break
+    launcher = torchrun_at_iter(args, 3)
     launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
     rest, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 1, rest  # torchrun reports the signal; the workers exited 0
