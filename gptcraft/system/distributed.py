@@ -3,6 +3,7 @@
 import datetime
 import gc
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -159,6 +160,20 @@ def check_shared(path, d, what):
 def barrier(d):
     if d.enabled:
         dist.barrier()
+
+
+# FSDP2 and DTensor cost about a second of imports, which runs that use neither should not pay:
+# these checks never import them (nothing is an instance of a class no one has imported).
+def is_fsdp(module):
+    """Whether `module` was sharded by FSDP2's fully_shard."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
+def is_dtensor(tensor):
+    """Whether `tensor` is a DTensor: one rank's shard of a tensor spread across ranks."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
 
 def shutdown():

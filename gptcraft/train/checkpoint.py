@@ -18,10 +18,9 @@ state (is_nanogpt).
 import os
 import pickle
 import shutil
+import sys
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException
 
 from gptcraft import files
 from gptcraft.data.shards import swap_dir
@@ -40,7 +39,8 @@ class CheckpointError(GptcraftError, RuntimeError):
 
 def reason(e):
     """One line saying why `e` happened; torch.distributed.checkpoint wraps each rank's exception."""
-    if isinstance(e, CheckpointException):  # failures: rank -> (exception, traceback)
+    dcp = sys.modules.get("torch.distributed.checkpoint")  # not imported for this check alone
+    if dcp is not None and isinstance(e, dcp.CheckpointException):  # failures: rank -> (exception, traceback)
         e = next(iter(e.failures.values()), (e,))[0]
     return (str(e).strip() or type(e).__name__).splitlines()[0]
 
@@ -126,6 +126,8 @@ def sampling_path(out_dir):
 def save_sharded(out_dir, tensors, state, master):
     """Collective: write `tensors` (a state dict of sharded tensors) with torch.distributed.checkpoint
     and `state` (plain values, written by rank 0) into a new directory, then swap it in."""
+    import torch.distributed.checkpoint as dcp
+
     final = os.path.join(out_dir, SHARDED)
     tmp = final + ".tmp"
     if master and os.path.exists(tmp):
@@ -136,7 +138,7 @@ def save_sharded(out_dir, tensors, state, master):
             save_checkpoint(os.path.join(tmp, SHARDED_STATE), state)  # written last: it marks the directory complete
             swap_dir(tmp, final)
             remove_file(os.path.join(out_dir, LATEST))
-    except (*WRITE_ERRORS, CheckpointException) as e:
+    except (*WRITE_ERRORS, dcp.CheckpointException) as e:
         raise CheckpointError(f"could not write {final} ({reason(e)}); the previous checkpoint is intact") from None
 
 
@@ -146,6 +148,8 @@ def load_sharded_state(path):
 
 def sharded_shapes(path):
     """{key: shape} of every tensor in a torch.distributed.checkpoint directory, read from its index."""
+    import torch.distributed.checkpoint as dcp
+
     try:
         meta = dcp.FileSystemReader(path).read_metadata()
     except (OSError, EOFError, pickle.UnpicklingError) as e:
@@ -155,9 +159,11 @@ def sharded_shapes(path):
 
 def load_sharded(path, tensors):
     """Collective: fill the (sharded) tensors of the state dict `tensors` in place from `path`."""
+    import torch.distributed.checkpoint as dcp
+
     try:
         dcp.load(tensors, storage_reader=dcp.FileSystemReader(path))
-    except (OSError, CheckpointException) as e:
+    except (OSError, dcp.CheckpointException) as e:
         raise CheckpointError(f"{path} could not be read ({reason(e)}); use another checkpoint") from None
 
 

@@ -6,13 +6,10 @@ depend on how a run was parallelized."""
 import contextlib
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from gptcraft.system.distributed import DistributedError
+from gptcraft.system.distributed import DistributedError, is_dtensor, is_fsdp
 from gptcraft.system.hardware import DTYPES
 
 
@@ -28,6 +25,9 @@ def parallelize(model, d, device, fsdp=False, activation_checkpointing=False, co
         for block in blocks:
             block.forward = recomputed_in_backward(block.forward)
     if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
         if compile:
             for block in blocks:  # per block: FSDP's hooks between blocks would break one whole graph
                 block.compile()
@@ -66,7 +66,7 @@ def grad_sync(model, sync):
     accumulate locally and are reduced across ranks on a later micro-step."""
     if isinstance(model, DDP) and not sync:
         return model.no_sync()  # DDP records the reduction during forward, so forward goes inside too
-    if isinstance(model, FSDPModule):
+    if is_fsdp(model):
         model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
@@ -78,6 +78,6 @@ def clip_grad_norm(model, max_norm):
     norm = torch.nn.utils.get_total_norm(grads)
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
-    if isinstance(norm, DTensor):
+    if is_dtensor(norm):
         norm = norm.full_tensor()
     return norm

@@ -9,21 +9,21 @@ from dataclasses import fields
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule
 
 from gptcraft.system import distributed
 from gptcraft.train import checkpoint
 from gptcraft.train.checkpoint import CheckpointError
 from model import GPT, GPTConfig
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+def state_dicts():
+    """torch.distributed.checkpoint.state_dict: one state-dict format for plain, DDP and FSDP models.
+    Imported at the first save or resume, not at start-up: about a second of imports."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
 # Model settings a resumed run may change: they leave the function the weights compute unchanged.
 FREE_SETTINGS = tuple(f.name for f in fields(GPTConfig) if f.metadata.get("free"))
 
@@ -108,20 +108,21 @@ class Resume:
     def restore(self, model, optimizer, scaler):
         """Collective: load weights, optimizer and grad scaler state. A float16 run resumed from
         a checkpoint written in another dtype (no scaler state) starts with a fresh scaler."""
+        sd = state_dicts()
         if self.nanogpt:
             self.restore_nanogpt(model, optimizer)
         elif self.sharded:
-            optim = get_optimizer_state_dict(model, optimizer)
-            tensors = {"model": get_model_state_dict(model), "optim": {"state": optim["state"]}}
+            optim = sd.get_optimizer_state_dict(model, optimizer)
+            tensors = {"model": sd.get_model_state_dict(model), "optim": {"state": optim["state"]}}
             checkpoint.load_sharded(self.path, tensors)
-            set_model_state_dict(model, tensors["model"])
+            sd.set_model_state_dict(model, tensors["model"])
             optim = {"state": tensors["optim"]["state"], "param_groups": self.state["param_groups"]}
-            set_optimizer_state_dict(model, optimizer, optim)
+            sd.set_optimizer_state_dict(model, optimizer, optim)
         else:
             # A full checkpoint also loads into a sharded model: each rank keeps its own shard.
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(model, self.state["model"], options=options)
-            set_optimizer_state_dict(model, optimizer, self.state["optimizer"], options=options)
+            options = sd.StateDictOptions(full_state_dict=True)
+            sd.set_model_state_dict(model, self.state["model"], options=options)
+            sd.set_optimizer_state_dict(model, optimizer, self.state["optimizer"], options=options)
         if not self.nanogpt and (self.state["scaler"] or not scaler.is_enabled()):
             scaler.load_state_dict(self.state["scaler"])
         self.rng_states = self.state.get("rng", [])
@@ -129,15 +130,16 @@ class Resume:
 
     def restore_nanogpt(self, model, optimizer):
         """nanoGPT's weights, and its AdamW moments when this run's optimizer is an AdamW too."""
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, self.state["model"], options=options)
-        ours = get_optimizer_state_dict(model, optimizer, options=options)
+        sd = state_dicts()
+        options = sd.StateDictOptions(full_state_dict=True)
+        sd.set_model_state_dict(model, self.state["model"], options=options)
+        ours = sd.get_optimizer_state_dict(model, optimizer, options=options)
         moments = nanogpt_optimizer_state(self.state["optimizer"], self.state["model"], self.model_args)
         if moments is None or not isinstance(optimizer, torch.optim.AdamW):
             self.notes.append("the optimizer starts afresh: its state does not match nanoGPT's AdamW groups")
             return
-        set_optimizer_state_dict(model, optimizer, {"state": moments, "param_groups": ours["param_groups"]},
-                                 options=options)  # fmt: skip
+        sd.set_optimizer_state_dict(model, optimizer, {"state": moments, "param_groups": ours["param_groups"]},
+                                    options=options)  # fmt: skip
 
     def restore_rng(self, d, device):
         """This rank's RNG states as they were at the save."""
@@ -185,28 +187,32 @@ def save_latest(out_dir, model, optimizer, scaler, model_args, progress, d, devi
         "scaler": scaler.state_dict(),
         "rng": distributed.all_gather(rng_state(device), d),
     }
+    sd = state_dicts()
     if sharded:
-        optim = get_optimizer_state_dict(model, optimizer)
+        optim = sd.get_optimizer_state_dict(model, optimizer)
         state["param_groups"] = optim["param_groups"]
-        tensors = {"model": get_model_state_dict(model), "optim": {"state": optim["state"]}}
+        tensors = {"model": sd.get_model_state_dict(model), "optim": {"state": optim["state"]}}
         agree(lambda: checkpoint.save_sharded(out_dir, tensors, state, d.master), d)
         return
-    state["model"] = get_model_state_dict(model, options=FULL)
-    state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=FULL)
+    full = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state["model"] = sd.get_model_state_dict(model, options=full)
+    state["optimizer"] = sd.get_optimizer_state_dict(model, optimizer, options=full)
     agree(lambda: d.master and checkpoint.save_full(out_dir, state), d)
 
 
 def save_best(out_dir, model, model_args, progress, d):
     """Collective: write best.pt, the full model weights for sampling (gathered from all shards)."""
     reshard(model)
-    state = {**progress, "model": get_model_state_dict(model, options=FULL), "model_args": model_args}
+    sd = state_dicts()
+    weights = sd.get_model_state_dict(model, options=sd.StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = {**progress, "model": weights, "model_args": model_args}
     agree(lambda: d.master and checkpoint.save_checkpoint(os.path.join(out_dir, checkpoint.BEST), state), d)
 
 
 def reshard(model):
     """FSDP keeps the root module's weights gathered after a forward with no backward (an
     evaluation); state dicts are made of the sharded parameters the optimizer holds."""
-    if isinstance(model, FSDPModule):
+    if distributed.is_fsdp(model):
         model.reshard()
 
 

@@ -10,9 +10,9 @@ steps in a row stop the run before it wastes more compute.
 import signal
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from gptcraft.errors import GptcraftError
+from gptcraft.system.distributed import is_dtensor
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -54,7 +54,7 @@ def nonfinite(loss, grad_norm, scaled):
 
 def weights_finite(model):
     """Whether this rank's parameters (its shards, under FSDP) hold only finite numbers."""
-    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
+    local = (p.to_local() if is_dtensor(p) else p for p in model.parameters())
     return bool(torch.stack([torch.isfinite(t).all() for t in local]).all())  # one host sync
 
 
