@@ -4,9 +4,13 @@ The files come from $GPTCRAFT_SHARED_DATA, else ../shared/data beside the reposi
 cache (~/.cache/gptcraft/test-data) that the first test session fills by download, hash-checked.
 """
 
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,6 +71,34 @@ def run_script(*args, check=True, env=None, timeout=600, cwd=ROOT):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_here(*args, cwd=None):
+    """`python script.py args` or `python -m module args` run inside this process, as run_script
+    runs it in a fresh one (what it prints, its exit status), without the seconds of a fresh
+    interpreter's imports: for commands that stop before any work. One test per command still
+    runs it in a fresh process."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv, here = sys.argv, os.getcwd()
+    try:
+        os.chdir(cwd or ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if args[0] == "-m":
+                sys.argv = [args[1], *map(str, args[2:])]
+                with warnings.catch_warnings():  # that the module was imported before: it runs afresh all the same
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = [str(args[0]), *map(str, args[1:])]
+                runpy.run_path(str(ROOT / args[0]), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int | None):
+            print(e.code, file=err)  # as the interpreter prints sys.exit("message")
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

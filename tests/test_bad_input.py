@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_script, tiny_train_args
+from conftest import run_here, tiny_train_args
 
 from gptcraft.errors import GptcraftError
 from gptcraft.train import loop
@@ -108,7 +108,7 @@ def test_block_size_larger_than_the_dataset(char_data_dir, tmp_path):
 
 def test_unknown_device_or_backend(char_data_dir, tmp_path):
     refuses(char_data_dir, tmp_path / "out", "unknown device 'tpu'", device="tpu")
-    result = run_script("train.py", *tiny_train_args(char_data_dir, tmp_path / "out", backend="mpi"), check=False)
+    result = run_here("train.py", *tiny_train_args(char_data_dir, tmp_path / "out", backend="mpi"))
     assert result.returncode == 2
     assert result.stderr.strip() == "error: backend must be one of auto, nccl, gloo; got 'mpi'"
 

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 import pytest
-from conftest import run_script
+from conftest import run_here, run_script
 
 from gptcraft.config import ConfigError, option, parse_config
 from gptcraft.train.loop import TrainConfig
@@ -80,15 +80,16 @@ def test_train_cli_errors_exit_nonzero_with_one_line():
     result = run_script("train.py", "--batch_sise=3", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown config key 'batch_sise'; did you mean batch_size?"
-    result = run_script("train.py", "--max_iters=ten", check=False)
+    result = run_here("train.py", "--max_iters=ten")
     assert result.returncode == 2
     assert "max_iters expects int, got 'ten'" in result.stderr
-    result = run_script("sample.py", "--temprature=0.5", check=False)
+    result = run_here("sample.py", "--temprature=0.5")
     assert result.returncode == 2 and "did you mean temperature?" in result.stderr
 
 
 def test_help_lists_every_key_with_default():
-    result = run_script("train.py", "--help")
+    result = run_here("train.py", "--help")
+    assert result.returncode == 0
     for key in ("out_dir", "eval_interval", "gradient_accumulation_steps", "pos_embedding", "compile", "seed"):
         assert f"--{key}=" in result.stdout
     assert "--batch_size=12" in result.stdout and "sequences per micro-batch" in result.stdout

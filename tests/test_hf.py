@@ -125,19 +125,18 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, tiny_run_dir, model_a
     assert not (tmp_path / "hf").exists()  # refused before anything is written
 
 
-def test_finetune_and_evaluate_from_a_local_gpt2_folder(tmp_path, char_data_dir):
+def test_finetune_and_evaluate_from_a_local_gpt2_folder(tmp_path, char_data_dir, capfd):
     random_hf_model(tmp_path / "hf")
     out = tmp_path / "out"
     args = tiny_train_args(char_data_dir, out, init_from=tmp_path / "hf", max_iters=4, eval_interval=4,
                            n_layer=5, n_embd=48)  # fmt: skip
-    result = run_script("train.py", *args)
+    loop.main(args)
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 4 and ckpt["model_args"]["n_layer"] == 2  # GPT-2's shape, not the config's
     assert ckpt["model_args"]["block_size"] == 32 and ckpt["model_args"]["bias"]
-    assert "eval 4:" in result.stdout
-    result = run_script("train.py", *tiny_train_args(char_data_dir, tmp_path / "eval", init_from=tmp_path / "hf",
-                                                     eval_only=True))  # fmt: skip
-    assert "eval 0: train loss" in result.stdout and not (tmp_path / "eval" / "ckpt.pt").exists()
+    assert "eval 4:" in capfd.readouterr().out
+    loop.main(tiny_train_args(char_data_dir, tmp_path / "eval", init_from=tmp_path / "hf", eval_only=True))
+    assert "eval 0: train loss" in capfd.readouterr().out and not (tmp_path / "eval" / "ckpt.pt").exists()
 
 
 def test_gpt2_offline_and_wrong_dataset_errors(tmp_path, char_data_dir):

@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import run_script
+from conftest import run_here
 from PIL import Image
 
 from gptcraft.track import plot
@@ -78,8 +78,8 @@ def test_default_output_is_the_runs_folder_for_one_run_and_the_working_directory
 
 
 def errors(tmp_path, *args):
-    """Run plot.py as a user would; return (exit status, stderr)."""
-    result = run_script("-m", "gptcraft.track.plot", *args, check=False, cwd=tmp_path)
+    """Run `python -m gptcraft.track.plot` as a user would; return (exit status, stderr)."""
+    result = run_here("-m", "gptcraft.track.plot", *args, cwd=tmp_path)
     assert "Traceback" not in result.stderr
     return result.returncode, result.stderr
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_here
 from PIL import Image
 
 from gptcraft.config import ConfigError
@@ -60,7 +60,7 @@ def test_learned_table_of_a_run_is_drawn_next_to_the_fixed_ones(tmp_path, tiny_r
 
 def test_fixed_tables_only_through_the_gptcraft_command(tmp_path):
     out = tmp_path / "pos.png"
-    result = run_script("-m", "gptcraft", "positions", "--block_size=16", "--n_embd=8", "--n_head=2", f"--output={out}")
+    result = run_here("-m", "gptcraft", "positions", "--block_size=16", "--n_embd=8", "--n_head=2", f"--output={out}")
     assert result.stdout.strip() == f"wrote {out} (sinusoidal, d=8; rope, head size 4: cos(pos θ_i))"
     with Image.open(out) as image:
         assert image.size == (900, 900)

@@ -4,7 +4,7 @@ import io
 import os
 
 import pytest
-from conftest import GPT2_TIKTOKEN, run_script
+from conftest import GPT2_TIKTOKEN, run_here, run_script
 
 from gptcraft import sample
 from gptcraft.data.tokenizer import gpt2_encoding
@@ -75,7 +75,7 @@ def test_bad_input_is_refused(tiny_run_dir, args, message):
 
 def test_checkpoint_without_meta_json(tiny_run_dir):
     os.remove(tiny_run_dir / "meta.json")
-    result = run_script("sample.py", f"--out_dir={tiny_run_dir}", "--device=cpu", check=False)
+    result = run_here("sample.py", f"--out_dir={tiny_run_dir}", "--device=cpu")
     assert result.returncode == 2
     assert "meta.json not found" in result.stderr
     assert f"copy the dataset's meta.json into {tiny_run_dir}" in result.stderr
@@ -168,6 +168,6 @@ def test_compiled_decoding_gives_the_same_text_and_compiles_once(tiny_run_dir):
               "--num_samples=2", "--seed=5"]  # fmt: skip
     env = dict(os.environ, TORCH_LOGS="recompiles")
     compiled = run_script("sample.py", *common, "--compile=True", env=env)
-    eager = run_script("sample.py", *common)
+    eager = run_here("sample.py", *common)
     assert samples(compiled.stdout) == samples(eager.stdout) and len(samples(eager.stdout)) == 2
     assert "Recompiling" not in compiled.stderr and "tokens/s" in compiled.stderr

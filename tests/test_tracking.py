@@ -278,15 +278,17 @@ def test_mfu_is_null_where_the_peak_is_unknown(char_data_dir, tmp_path, monkeypa
     assert len(printed) == 3 and not any("mfu" in line for line in printed)
 
 
-def test_resume_after_a_killed_run(char_data_dir, tmp_path):
+def test_resume_after_a_killed_run(char_data_dir, tmp_path, capfd):
+    from gptcraft.train import loop
+
     out_dir = tmp_path / "run"
-    run_script("train.py", *tiny_train_args(char_data_dir, out_dir, max_iters=20))
+    loop.main(tiny_train_args(char_data_dir, out_dir, max_iters=20))
     # The run went on past its checkpoint at iter 20 and was killed while writing a row.
     with open(out_dir / "log.jsonl", "a") as f:
         f.write('{"time_s": 99.0, "iter": 30, "loss": 9.9}\n{"time_s": 99.5, "it')
-    args = tiny_train_args(char_data_dir, out_dir, max_iters=40, init_from="resume", plot_loss=True)
-    result = run_script("train.py", *args)
-    assert result.stderr.count("is incomplete or corrupt") == 1  # reported once, at the start
+    capfd.readouterr()
+    loop.main(tiny_train_args(char_data_dir, out_dir, max_iters=40, init_from="resume", plot_loss=True))
+    assert capfd.readouterr().err.count("is incomplete or corrupt") == 1  # reported once, at the start
     rows = read_log(out_dir)
     assert [r["iter"] for r in rows if "loss" in r] == [10, 20, 30, 40]
     assert all(r["loss"] < 9 for r in rows if "loss" in r)  # the killed run's row at 30 is gone

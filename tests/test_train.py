@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, tiny_train_args
+from conftest import run_here, run_script, tiny_train_args
 
 from gptcraft.data.batches import WindowSampler
 from gptcraft.errors import GptcraftError
@@ -91,6 +91,6 @@ def test_missing_dataset_offline_names_the_prepare_command(tmp_path, monkeypatch
 
 
 def test_unprepared_dataset_is_a_clear_error(tmp_path):
-    result = run_script("train.py", f"--data_dir={tmp_path}", "--dataset=nothing_here", "--device=cpu", check=False)
+    result = run_here("train.py", f"--data_dir={tmp_path}", "--dataset=nothing_here", "--device=cpu")
     assert result.returncode == 2
     assert "dataset 'nothing_here' not found" in result.stderr and "Traceback" not in result.stderr
