@@ -91,6 +91,15 @@ def test_cpu_peak_keeps_the_best_of_its_calibration_runs_then_stops_measuring(mo
     assert hardware.cpu_peak(cache) == 90e9 and len(measured) == 1
 
 
+def test_measuring_the_cpu_peak_leaves_the_random_streams_alone():
+    """Only calibration runs measure: a run's dropout masks must not depend on whether it did."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert hardware.measured_cpu_peak(n=64, repeats=1) > 0
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_mfu_above_100_percent_is_flagged():
     row = {"iter": 10, "loss": 2.0, "lr": 1e-3, "ms_per_iter": 5.0, "tokens_per_s": 1000.0, "mfu": 1.2}
     assert "cannot be" in train_line(row, None)

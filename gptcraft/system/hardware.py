@@ -89,7 +89,9 @@ def autocast(device, dtype):
 
 def measured_cpu_peak(n=2048, repeats=5):
     """Best fp32 matmul FLOP/s of this CPU in `repeats` large square matmuls."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    # Its own generator: whether a run measures (see cpu_peak) must not change its random streams.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b  # warm up the thread pool
     best = float("inf")
     for _ in range(repeats):

@@ -210,7 +210,7 @@ def setup(cfg, d, device):
         # sample.py decodes with the run's own copy
         log.guarded(os.path.join(cfg.out_dir, META), lambda: write_meta(cfg.out_dir, dataset.meta))
     check_writes(log, d)
-    peak = hardware.peak_flops(device, dtype) if d.master else None  # on the CPU a timed matmul of random inputs
+    peak = hardware.peak_flops(device, dtype) if d.master else None  # on the CPU, maybe a timed matmul
     if resume is not None:
         resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
     redo_eval = resume is not None and not cfg.eval_only and not resume.evaluated
