@@ -30,8 +30,18 @@ def test_bench_cpu_writes_table_and_json(tmp_path):
     assert s["weight_bytes"] == 4 * r["params"]  # fp32: every weight that does matmul work, read once a step
     assert s["memory_bandwidth"] > 1e8 and s["bandwidth_bound"] == s["memory_bandwidth"] / s["weight_bytes"]
     assert s["fraction_of_bound"] == pytest.approx(s["decode_tokens_per_s_cached"] / s["bandwidth_bound"])
+    # The matmuls alone are part of a decoding step: faster than the whole step.
+    assert s["matmul_tokens_per_s"] > s["decode_tokens_per_s_cached"] > 0
+    assert s["fraction_of_matmuls"] == pytest.approx(s["decode_tokens_per_s_cached"] / s["matmul_tokens_per_s"])
     assert r["config"]["n_embd"] == 32 and r["device"].startswith("cpu")
-    for line in ("tokens/s", "MFU", "decode tokens/s, KV cache", "bound: weights / bandwidth", "best decode / bound"):
+    for line in (
+        "tokens/s",
+        "MFU",
+        "decode tokens/s, KV cache",
+        "bound: weights / bandwidth",
+        "best decode / bound",
+        "best decode / matmuls alone",
+    ):
         assert line in result.stdout
 
 

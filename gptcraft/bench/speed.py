@@ -10,8 +10,9 @@ tokens for 2 x bench_iters steps: the first bench_iters warm up (compile, alloca
 bench_iters are timed together (train.py reads the loss once, at their end). Sampling is timed through generate.py:
 prefill of a prompt, then decoding with the KV cache and by full recomputation.
 Decoding is printed next to its bounds: the weights read once per step at the memory bandwidth
-measured here (a large copy), and the matmul peak. --nanogpt_dir=PATH also times nanoGPT's own
-train.py on the same recipe after each of --repeats training runs (gptcraft/bench/nanogpt.py).
+measured here (a large copy), the matmul peak, and the rate of the model's matmuls alone.
+--nanogpt_dir=PATH also times nanoGPT's own train.py on the same recipe after each of --repeats
+training runs (gptcraft/bench/nanogpt.py).
 --speedrun=N instead runs the whole training N times, each in a fresh process, and reports the
 seconds from process start to the last training step and the whole-val loss (their medians).
 """
@@ -209,6 +210,28 @@ def decode_bounds(model, batch, bandwidth, peak):
             "compute_bound": peak / (2 * n) if peak else None}  # fmt: skip
 
 
+def matmul_rate(model, batch, device, repeats=5):
+    """Tokens/s of a decoding step's matmuls alone: one F.linear per Linear of the model, in order,
+    on (batch, in_features) inputs, best of `repeats` passes. The weights stream from memory as in
+    decoding, so this is what torch's kernels reach on these shapes before any other operator."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device) for w in weights}
+
+    def one_pass():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    one_pass()
+    best = float("inf")
+    for _ in range(repeats):
+        hardware.synchronize(device)
+        t0 = time.perf_counter()
+        one_pass()
+        hardware.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return batch / best
+
+
 def bench_sampling(cfg, device, dtype, vocab, peak):
     """Prompt (prefill) tokens/s, then decode tokens/s with the KV cache (eager, and compiled with
     --compile=True) and by full recomputation, over all sample_batch sequences together, each next
@@ -236,12 +259,14 @@ def bench_sampling(cfg, device, dtype, vocab, peak):
             compile_s = time.perf_counter() - t0
             rates["compiled"] = B * n / timed_decode(model, prompt, n, True, device, step)
         rates["full"] = B * n / timed_decode(model, prompt, n, False, device)
+        matmuls = matmul_rate(model, B, device)
     bounds = decode_bounds(model, B, hardware.memory_bandwidth(device), peak)
     bound = min(b for b in (bounds["bandwidth_bound"], bounds["compute_bound"]) if b)
     best = max(rates["cached"], rates.get("compiled", 0.0))
     return {"batch": B, "prompt_tokens": P, "new_tokens": n, "prompt_tokens_per_s": B * P / prefill_s,
             **{f"decode_tokens_per_s_{k}": v for k, v in rates.items()}, **bounds,
             "fraction_of_bound": best / bound, "cache_speedup": best / rates["full"],
+            "matmul_tokens_per_s": matmuls, "fraction_of_matmuls": best / matmuls,
             "compile_seconds": compile_s if cfg.compile else None}  # fmt: skip
 
 
@@ -275,6 +300,8 @@ def table(results):
                 ("bound: weights / bandwidth", f"{bw:,.1f}"),
                 ("bound: compute", f"{cb:,.1f}" if cb else "n/a"),
                 ("best decode / bound", f"{100 * s['fraction_of_bound']:.0f}%"),
+                ("matmuls alone (torch kernels)", f"{s['matmul_tokens_per_s']:,.1f}"),
+                ("best decode / matmuls alone", f"{100 * s['fraction_of_matmuls']:.0f}%"),
                 ("best decode / recompute", f"{s['cache_speedup']:.1f}x")]  # fmt: skip
         lines += ["", f"sampling: prompt of {s['prompt_tokens']}, {s['new_tokens']} new tokens, batch {s['batch']}, "
                       f"{s['weight_bytes'] / 1e6:.1f} MB of weights read per step"]  # fmt: skip
