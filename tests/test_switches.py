@@ -175,6 +175,37 @@ def test_warmdown_schedule():
     assert learning_rate(cfg, 100) == 0.0
 
 
+def test_our_muon_is_torchs_with_newton_schulz_in_the_dtype_asked_for(monkeypatch):
+    from gptcraft.train import optimizer
+
+    torch.manual_seed(0)
+    params = [torch.randn(64, 32), torch.randn(32, 96)]  # tall and wide
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+
+    def run(make):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = make(ps)
+        for step_grads in grads:
+            for p, g in zip(ps, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        return ps, opt
+
+    theirs, _ = run(lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.1))
+    ours, opt = run(lambda ps: optimizer.Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))  # bit for bit
+    assert set(opt.state[ours[0]]) == {"momentum_buffer"}  # the same state dict as torch's
+    seen = []
+    real = optimizer.orthogonalize
+    monkeypatch.setattr(optimizer, "orthogonalize", lambda g, *a: seen.append(a[-1]) or real(g, *a))
+    fp32, _ = run(lambda ps: optimizer.Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32))
+    assert seen == [torch.float32] * 6
+    for a, b in zip(theirs, fp32, strict=True):  # bf16 rounding apart, the same update
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+    cpu = make_optimizer(tiny(), TrainConfig(optimizer="muon"), "cpu")
+    assert cpu.optimizers[0].ns_dtype == torch.float32  # no native bf16 on most CPUs
+
+
 def test_muon_run_resumes_exactly(char_data_dir, tmp_path):
     """Both optimizers' state goes into the checkpoint and comes back: a resumed Muon run ends
     with the same weights as an uninterrupted one."""
