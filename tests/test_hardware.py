@@ -69,7 +69,7 @@ def test_gpu_peak_by_name_and_dtype(monkeypatch, name, dtype, peak):
 
 
 def test_cpu_peak_keeps_the_best_of_its_calibration_runs_then_stops_measuring(monkeypatch, tmp_path):
-    cache = tmp_path / "cpu_peak.json"
+    cache = tmp_path / "cpu_peak_calibration.json"
     figures = [100e9, 40e9, 120e9, 90e9, 110e9]  # the second run measured on a busy machine
     measured = []
     monkeypatch.setattr(hardware, "measured_cpu_peak", lambda: measured.append(1) or figures[len(measured) - 1])

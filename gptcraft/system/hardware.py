@@ -124,9 +124,10 @@ def synchronize(device):
 
 
 def cpu_peak_cache():
-    """The file that keeps the best CPU peak measured so far on this kind of machine."""
+    """The file that keeps the CPU peak's calibration on this kind of machine (not cpu_peak.json,
+    whose plain figures earlier versions read and would fail on this format)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "gptcraft", "cpu_peak.json")
+    return os.path.join(root, "gptcraft", "cpu_peak_calibration.json")
 
 
 # Runs that measure the CPU peak before it is trusted: the best of them is the calibration.
