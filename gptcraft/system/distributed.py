@@ -162,7 +162,7 @@ def barrier(d):
         dist.barrier()
 
 
-# FSDP2 and DTensor cost about a second of imports, which runs that use neither should not pay:
+# FSDP2 and DTensor take most of a second to import, which runs that use neither should not pay:
 # these checks never import them (nothing is an instance of a class no one has imported).
 def is_fsdp(module):
     """Whether `module` was sharded by FSDP2's fully_shard."""

@@ -88,14 +88,18 @@ class Muon(torch.optim.Muon):
     (about 85 times slower than float32 on the 2-core test VMs)."""
 
     def __init__(self, params, ns_dtype=torch.bfloat16, **kwargs):
+        if kwargs.get("adjust_lr_fn") not in (None, "original"):
+            raise ValueError(f"adjust_lr_fn={kwargs['adjust_lr_fn']!r}: only the original scaling is supported")
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
-            if group["adjust_lr_fn"] not in (None, "original"):
-                raise ValueError(f"adjust_lr_fn={group['adjust_lr_fn']!r}: only the original scaling is supported")
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -106,6 +110,7 @@ class Muon(torch.optim.Muon):
                 rows, cols = p.shape
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, rows / cols)))  # larger steps for tall matrices
+        return loss
 
 
 def orthogonalize(g, coefficients, steps, eps, dtype):

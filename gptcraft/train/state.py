@@ -18,10 +18,15 @@ from model import GPT, GPTConfig
 
 def state_dicts():
     """torch.distributed.checkpoint.state_dict: one state-dict format for plain, DDP and FSDP models.
-    Imported at the first save or resume, not at start-up: about a second of imports."""
+    Imported at the first save or resume, not at start-up."""
     from torch.distributed.checkpoint import state_dict
 
     return state_dict
+
+
+def full(cpu_offload=False):
+    """Options for whole (unsharded) state dicts; cpu_offload: gathered into CPU memory, for saving."""
+    return state_dicts().StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
 
 
 # Model settings a resumed run may change: they leave the function the weights compute unchanged.
@@ -120,9 +125,8 @@ class Resume:
             sd.set_optimizer_state_dict(model, optimizer, optim)
         else:
             # A full checkpoint also loads into a sharded model: each rank keeps its own shard.
-            options = sd.StateDictOptions(full_state_dict=True)
-            sd.set_model_state_dict(model, self.state["model"], options=options)
-            sd.set_optimizer_state_dict(model, optimizer, self.state["optimizer"], options=options)
+            sd.set_model_state_dict(model, self.state["model"], options=full())
+            sd.set_optimizer_state_dict(model, optimizer, self.state["optimizer"], options=full())
         if not self.nanogpt and (self.state["scaler"] or not scaler.is_enabled()):
             scaler.load_state_dict(self.state["scaler"])
         self.rng_states = self.state.get("rng", [])
@@ -131,15 +135,14 @@ class Resume:
     def restore_nanogpt(self, model, optimizer):
         """nanoGPT's weights, and its AdamW moments when this run's optimizer is an AdamW too."""
         sd = state_dicts()
-        options = sd.StateDictOptions(full_state_dict=True)
-        sd.set_model_state_dict(model, self.state["model"], options=options)
-        ours = sd.get_optimizer_state_dict(model, optimizer, options=options)
+        sd.set_model_state_dict(model, self.state["model"], options=full())
+        ours = sd.get_optimizer_state_dict(model, optimizer, options=full())
         moments = nanogpt_optimizer_state(self.state["optimizer"], self.state["model"], self.model_args)
         if moments is None or not isinstance(optimizer, torch.optim.AdamW):
             self.notes.append("the optimizer starts afresh: its state does not match nanoGPT's AdamW groups")
             return
         sd.set_optimizer_state_dict(model, optimizer, {"state": moments, "param_groups": ours["param_groups"]},
-                                    options=options)  # fmt: skip
+                                    options=full())  # fmt: skip
 
     def restore_rng(self, d, device):
         """This rank's RNG states as they were at the save."""
@@ -194,17 +197,15 @@ def save_latest(out_dir, model, optimizer, scaler, model_args, progress, d, devi
         tensors = {"model": sd.get_model_state_dict(model), "optim": {"state": optim["state"]}}
         agree(lambda: checkpoint.save_sharded(out_dir, tensors, state, d.master), d)
         return
-    full = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state["model"] = sd.get_model_state_dict(model, options=full)
-    state["optimizer"] = sd.get_optimizer_state_dict(model, optimizer, options=full)
+    state["model"] = sd.get_model_state_dict(model, options=full(cpu_offload=True))
+    state["optimizer"] = sd.get_optimizer_state_dict(model, optimizer, options=full(cpu_offload=True))
     agree(lambda: d.master and checkpoint.save_full(out_dir, state), d)
 
 
 def save_best(out_dir, model, model_args, progress, d):
     """Collective: write best.pt, the full model weights for sampling (gathered from all shards)."""
     reshard(model)
-    sd = state_dicts()
-    weights = sd.get_model_state_dict(model, options=sd.StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = state_dicts().get_model_state_dict(model, options=full(cpu_offload=True))
     state = {**progress, "model": weights, "model_args": model_args}
     agree(lambda: d.master and checkpoint.save_checkpoint(os.path.join(out_dir, checkpoint.BEST), state), d)
 
