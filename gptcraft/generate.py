@@ -12,6 +12,8 @@ tokens, much slower. Both paths see the same context at every step (`context_sta
 the same seed they produce the same tokens.
 """
 
+import weakref
+
 import torch
 
 
@@ -47,20 +49,32 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def new_cache(model, batch_size):
-    """A KV cache for batch_size sequences, in the dtype the keys will have: autocast's when it is on."""
-    device_type = model.lm_head.weight.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    return model.new_cache(batch_size, dtype)
+# model -> {(batch size, dtype): its KV cache}. Kept while the model lives: a compiled decoding step
+# guards on the addresses of the cache's buffers, so new buffers at every call would recompile it.
+_CACHES = weakref.WeakKeyDictionary()
+
+
+def cache_for(model, batch_size):
+    """The KV cache of `model` for batch_size sequences, made once and reused by every later call:
+    one generation at a time per model and batch size. Its dtype is the one the keys will have:
+    autocast's when it is on, else the embeddings' (the dtype the model was cast to)."""
+    device_type = model.transformer.wte.weight.device.type
+    dtype = model.transformer.wte.weight.dtype
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    caches = _CACHES.setdefault(model, {})
+    if (batch_size, dtype) not in caches:
+        caches[batch_size, dtype] = model.new_cache(batch_size, dtype)
+    return caches[batch_size, dtype]
 
 
 @torch.no_grad()
 def prefill(model, context, use_cache=True, cache=None):
     """Run context (B, T), T <= block_size, through the model from position 0. Returns the logits
     of the token that follows, (B, V), and a KV cache holding the T positions (None without
-    use_cache): `cache` itself when given (overwritten from position 0), else a new one."""
+    use_cache): `cache` itself when given (overwritten from position 0), else the model's (cache_for)."""
     if use_cache and cache is None:
-        cache = new_cache(model, context.size(0))
+        cache = cache_for(model, context.size(0))
     logits, _ = model(context, cache=cache if use_cache else None)
     return logits[:, -1], cache if use_cache else None
 
@@ -102,49 +116,65 @@ def context_start(length, block_size, keep):
     """
     if length <= block_size:
         return 0
-    if keep >= block_size:
-        return length - block_size
     since_first_jump = length - block_size - 1
-    return length - keep - since_first_jump % (block_size - keep)
+    # The window holds keep, keep + 1, ..., block_size tokens: block_size - keep + 1 lengths per period.
+    return length - keep - since_first_jump % (block_size - keep + 1)
+
+
+# Tokens between two checks that every row has produced end-of-text: the check reads a flag back
+# from the device, which waits for the queued steps, so it is not done at every token.
+EOS_CHECK_EVERY = 8
 
 
 @torch.no_grad()
 def decode_n_tokens(model, idx, n, temperature=1.0, top_k=None, top_p=None, generator=None,
-                    use_cache=True, keep=None, eos_id=None, decode=decode_one_token):  # fmt: skip
+                    use_cache=True, keep=None, eos_id=None, decode=decode_one_token, out=None):  # fmt: skip
     """Yield up to n new tokens (B, 1) that continue idx (B, T), one per step.
 
     keep: tokens kept when the window slides past block_size (default block_size // 2, see
     context_start). eos_id: a row that has produced it yields eos_id from then on, and the
-    generation stops once every row has. decode: the decoding step, decode_one_token or its
-    compiled form (compile_decoder); one KV cache serves the whole generation, refilled from
+    generation stops once every row has (seen every EOS_CHECK_EVERY tokens, so up to that many
+    more eos_id may come). decode: the decoding step, decode_one_token or its compiled form
+    (compile_decoder). out: a (B, T + n) buffer that receives idx and the new tokens (default a
+    new one); the tokens yielded are views of it.
+
+    Nothing here waits on the device between checks: the position of the newest token lives on
+    the device and advances in place, the tokens are written into `out`, and the model's one KV
+    cache for this batch size (cache_for) serves every step and every call, refilled from
     position 0 when the window slides, so a compiled step sees the same tensors throughout.
     """
     block_size = model.config.block_size
     keep = block_size // 2 if keep is None else keep
     if not 1 <= keep <= block_size:
         raise ValueError(f"keep must be in [1, block_size={block_size}], got {keep}")
-    cache = new_cache(model, idx.size(0)) if use_cache else None
+    B, T = idx.shape
+    out = torch.empty(B, T + n, dtype=idx.dtype, device=idx.device) if out is None else out
+    out[:, :T] = idx
+    cache = cache_for(model, B) if use_cache else None
+    input_pos = torch.zeros(1, dtype=torch.long, device=idx.device)  # the next token's position in the window
     cache_start, token = None, None  # the cache holds the context from cache_start on; the last token drawn
-    finished = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-    for _ in range(n):
-        start = context_start(idx.size(1), block_size, keep)
+    finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+    for length in range(T, T + n):  # tokens so far: the one drawn now goes to out[:, length]
+        start = context_start(length, block_size, keep)
         if use_cache and start == cache_start:
-            # The newest token's position in the window, < block_size by context_start.
-            input_pos = torch.tensor([idx.size(1) - 1 - start], device=idx.device)
             logits = decode(model, token, cache, input_pos)  # token (B, 1): a fresh tensor, contiguous
+            input_pos += 1
         else:
-            logits, cache = prefill(model, idx[:, start:], use_cache, cache)
+            logits, cache = prefill(model, out[:, start:length], use_cache, cache)
             cache_start = start
+            input_pos.fill_(length - start)  # a scalar kernel argument: no copy from the host
         token = sample(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
-        idx = torch.cat((idx, token), dim=1)
-        yield token
-        if eos_id is not None and finished.all():
+        out[:, length : length + 1] = token
+        yield out[:, length : length + 1]
+        if eos_id is not None and (length - T + 1) % EOS_CHECK_EVERY == 0 and finished.all():
             return
 
 
 def generate(model, idx, max_new_tokens, **kwargs):
     """idx (B, T) followed by up to max_new_tokens new tokens, (B, T + n); kwargs as decode_n_tokens."""
-    return torch.cat([idx, *decode_n_tokens(model, idx, max_new_tokens, **kwargs)], dim=1)
+    out = torch.empty(idx.size(0), idx.size(1) + max_new_tokens, dtype=idx.dtype, device=idx.device)
+    n = sum(1 for _ in decode_n_tokens(model, idx, max_new_tokens, out=out, **kwargs))
+    return out[:, : idx.size(1) + n]

@@ -151,13 +151,14 @@ def test_generation_stops_at_end_of_text(capsys, tmp_path):
     common = ["--start=Once", "--max_new_tokens=200", "--temperature=1", "--top_k=0", "--seed=1",
               f"--tokenizer_file={GPT2_TIKTOKEN}"]  # fmt: skip
     batch = run(capsys, tmp_path, *common, "--num_samples=4")
-    steps = int(batch.err.split(" tokens x 4 sample(s)")[0])
+    assert batch.err.startswith("inference in float32 (")  # the dtype and why, before the work
+    steps = int(batch.err.splitlines()[-1].split(" tokens x 4 sample(s)")[0])
     assert 1 <= steps < 60  # all four have ended (P(a row lasts 60 steps) = 0.75^60, 3e-8)
     texts = samples(batch.out)
     assert len(texts) == 4 and all(t.startswith("Once") for t in texts) and "<|endoftext|>" not in batch.out
     assert len({len(t) for t in texts}) > 1  # each row cut at its own end
     single = run(capsys, tmp_path, *common, "--num_samples=1")
-    assert int(single.err.split(" tokens x 1 sample(s)")[0]) < 60 and "<|endoftext|>" not in single.out
+    assert int(single.err.splitlines()[-1].split(" tokens x 1 sample(s)")[0]) < 60 and "<|endoftext|>" not in single.out
 
 
 @pytest.mark.slow

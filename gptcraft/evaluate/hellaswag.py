@@ -27,6 +27,7 @@ from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.errors import GptcraftError
 from gptcraft.files import write_atomic
 from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.quantize import check_scheme, for_inference, quantize_option
 from gptcraft.system import distributed, hardware
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -141,7 +142,8 @@ class HellaSwagConfig:
     tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
     backend: str = option("auto", "torch.distributed backend under torchrun", ("auto", "nccl", "gloo"))
     device: str = hardware.device_option()
-    dtype: str = hardware.dtype_option()
+    dtype: str = hardware.inference_dtype_option()
+    quantize: str = quantize_option()
 
     def __post_init__(self):
         check_init_from(self.init_from)
@@ -164,12 +166,13 @@ def main(argv=None):
     cfg = parse_config(HellaSwagConfig, sys.argv[1:] if argv is None else argv, prog="gptcraft hellaswag")
     d, device = distributed.init(hardware.resolve_device(cfg.device), cfg.backend)
     try:
-        dtype = hardware.resolve_dtype(cfg.dtype, device)
+        check_scheme(cfg.quantize, device)  # before loading a model it could not run
         examples = read_examples(examples_file(cfg, d))
         model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
+        model, _ = for_inference(model, device, cfg.dtype, cfg.quantize)
         if cfg.max_examples:
             examples = examples[: cfg.max_examples]
-        result = score(model, tok, examples, model.config.block_size, device, dtype, d, cfg.batch_size)
+        result = score(model, tok, examples, model.config.block_size, device, None, d, cfg.batch_size)
         if d.master:
             print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
                   f"over {result['examples']:,} examples")  # fmt: skip

@@ -19,6 +19,7 @@ from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import TokenFileError, open_dataset
 from gptcraft.evaluate.loss import full_split_loss
 from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.quantize import check_scheme, for_inference, quantize_option
 from gptcraft.system import hardware
 from gptcraft.system.distributed import Dist
 
@@ -35,7 +36,8 @@ class EvaluateConfig:
     batch_size: int = option(8, "windows per forward pass")
     tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
     device: str = hardware.device_option()
-    dtype: str = hardware.dtype_option()
+    dtype: str = hardware.inference_dtype_option()
+    quantize: str = quantize_option()
 
     def __post_init__(self):
         check_init_from(self.init_from)
@@ -78,8 +80,9 @@ def first_tokens(pieces, n):
 def main(argv=None):
     cfg = parse_config(EvaluateConfig, sys.argv[1:] if argv is None else argv, prog="evaluate.py")
     device = hardware.resolve_device(cfg.device)
-    dtype = hardware.resolve_dtype(cfg.dtype, device)
+    check_scheme(cfg.quantize, device)  # before loading a model it could not run
     model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
+    model, _ = for_inference(model, device, cfg.dtype, cfg.quantize)
     pieces, name = read_tokens(cfg, tok)
     if cfg.max_tokens:
         pieces = first_tokens(pieces, cfg.max_tokens)
@@ -91,7 +94,7 @@ def main(argv=None):
         raise ConfigError(f"{name} holds token id {top}, beyond the model's vocabulary "
                           f"of {model.config.vocab_size}: it was tokenized for another model")  # fmt: skip
     # Each shard is scored on its own (windows do not cross files); the mean is over all targets.
-    loss = full_split_loss(model, pieces, model.config.block_size, cfg.batch_size, device, dtype, Dist())
+    loss = full_split_loss(model, pieces, model.config.block_size, cfg.batch_size, device, None, Dist())
     n_targets = sum(len(p) - 1 for p in pieces)
     print(f"{name}: loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {n_targets:,} tokens")
     return loss

@@ -80,9 +80,45 @@ def resolve_dtype(name, device):
     return name
 
 
+def cpu_flags():
+    """The CPU's vector and matrix extensions that decide the fastest number format, as torch sees them."""
+    checks = {"AVX2": torch.cpu._is_avx2_supported, "AVX-512": torch.cpu._is_avx512_supported,
+              "avx512_bf16": torch.cpu._is_avx512_bf16_supported, "AMX": torch.cpu._is_amx_tile_supported}  # fmt: skip
+    return [name for name, supported in checks.items() if supported()]
+
+
+def cpu_has_native_bf16():
+    """bf16 matmuls in hardware (avx512_bf16 or AMX tiles): else torch emulates them, hundreds of times
+    slower than fp32."""
+    return bool({"avx512_bf16", "AMX"} & set(cpu_flags()))
+
+
+def inference_dtype(name, device):
+    """(dtype name, why) for commands that only run the model: the fastest format the device has.
+    'auto': bfloat16 on CUDA (float16 where bf16 is emulated), bfloat16 on a CPU with native bf16,
+    float32 on other CPUs and devices. The weights are cast to it; there is no autocast."""
+    if name != "auto":
+        return name, "asked for"
+    if device.startswith("cuda"):
+        dtype = resolve_dtype("auto", device)
+        return dtype, "CUDA" + ("" if dtype == "bfloat16" else " without native bfloat16")
+    if device == "cpu" and cpu_has_native_bf16():
+        return "bfloat16", f"this CPU has native bfloat16 ({', '.join(cpu_flags())})"
+    if device == "cpu":
+        flags = ", ".join(cpu_flags()) or "no AVX2"
+        return "float32", f"this CPU has no native bfloat16 ({flags}): emulated, it is slower"
+    return "float32", f"auto on {device}"
+
+
+def inference_dtype_option():
+    """The `dtype` key of the commands that only run the model (sample, eval, hellaswag, attention)."""
+    return option("auto", "weights cast to this; auto: bfloat16 on CUDA (float16 where bf16 is missing) and on "
+                  "CPUs with native bf16 (avx512_bf16, AMX), else float32", ("auto", *DTYPES))  # fmt: skip
+
+
 def autocast(device, dtype):
-    """Mixed-precision context for forward passes; a no-op for float32."""
-    if dtype == "float32":
+    """Mixed-precision context for forward passes; a no-op for float32, and for None (a model already cast)."""
+    if dtype in (None, "float32"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
 

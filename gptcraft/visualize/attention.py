@@ -18,6 +18,7 @@ import torch
 
 from gptcraft.config import ConfigError, option, parse_config
 from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.quantize import for_inference
 from gptcraft.sample import encode_prompt, read_prompt
 from gptcraft.system import hardware
 from gptcraft.visualize import png
@@ -37,6 +38,7 @@ class AttentionConfig:
     heads: str = option("all", "heads to draw in each layer: all, or indices counted from 0, e.g. 0,1")
     output: str = option("", "PNG file to write; empty: attention.png in out_dir (init_from=resume), else here")
     device: str = hardware.device_option()
+    dtype: str = hardware.inference_dtype_option()
     tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
 
     def __post_init__(self):
@@ -128,6 +130,7 @@ def main(argv=None):
     device = hardware.resolve_device(cfg.device)
     prompt = read_prompt(cfg.start)
     model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
+    model, _ = for_inference(model, device, cfg.dtype)
     ids = encode_prompt(tok, prompt)
     limit = min(MAX_TOKENS, model.config.block_size)
     if len(ids) > limit:
