@@ -15,44 +15,54 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--gradient_accumulation_steps=2", "--vocab_size=65", "--compile=False", "--dtype=float32"]  # fmt: skip
 
 
+# TINY's weights counted by hand: per block c_attn 32x96, attn.c_proj 32x32, c_fc 32x128, mlp.c_proj
+# 128x32 and two LayerNorms of 32 (no biases), then ln_f and the head tied to the 65-token embedding.
+MATRICES = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 65 * 32
+MATRIX_ROWS = 2 * (96 + 32 + 128 + 32) + 65
+NORMS = 2 * 2 * 32 + 32
+
+
 def test_bench_cpu_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_script("bench.py", *TINY, "--device=cpu", "--bench_iters=2", "--sample_tokens=40", "--json", out)
+    t0 = time.perf_counter()
+    result = run_script("bench.py", *TINY, "--device=cpu", "--bench_iters=2", "--sample_tokens=40",
+                        "--formats=float32,int8", "--json", out)  # fmt: skip
+    wall = time.perf_counter() - t0
     r = json.loads(out.read_text())
     t, s = r["training"], r["sampling"]
     assert t["tokens_per_iter"] == 2 * 4 * 32
-    assert t["ms_per_iter"] > 0 and t["tokens_per_s"] == pytest.approx(t["tokens_per_iter"] / t["ms_per_iter"] * 1e3)
+    assert 2 * 2 * t["ms_per_iter"] / 1e3 < wall  # warm-up and timed steps both ran within the stopwatch
+    assert t["tokens_per_s"] == pytest.approx(2 * 4 * 32 / t["ms_per_iter"] * 1e3)
+    assert r["flops_per_token"] == 6 * (MATRICES + NORMS) + 12 * 2 * 32 * 32  # 6N + 12 L C T
     assert r["peak_flops"] > 1e9 and 0 < t["mfu"] < 1  # against the measured fp32 matmul peak
-    assert t["mfu"] == pytest.approx(r["flops_per_token"] * t["tokens_per_s"] / r["peak_flops"])
     assert t["peak_memory_bytes"] > 10 * 2**20
-    assert s["prompt_tokens"] == 16 and s["new_tokens"] == 40
-    assert s["decode_tokens_per_s_cached"] > 0 and s["decode_tokens_per_s_full"] > 0
-    assert s["weight_bytes"] == 4 * r["params"]  # fp32: every weight that does matmul work, read once a step
-    assert s["memory_bandwidth"] > 1e8 and s["bandwidth_bound"] == s["memory_bandwidth"] / s["weight_bytes"]
-    assert s["fraction_of_bound"] == pytest.approx(s["decode_tokens_per_s_cached"] / s["bandwidth_bound"])
-    # The matmuls alone are part of a decoding step: faster than the whole step.
-    assert s["matmul_tokens_per_s"] > s["decode_tokens_per_s_cached"] > 0
-    assert s["fraction_of_matmuls"] == pytest.approx(s["decode_tokens_per_s_cached"] / s["matmul_tokens_per_s"])
-    assert r["config"]["n_embd"] == 32 and r["device"].startswith("cpu")
-    for line in (
-        "tokens/s",
-        "MFU",
-        "decode tokens/s, KV cache",
-        "bound: weights / bandwidth",
-        "best decode / bound",
-        "best decode / matmuls alone",
-    ):
+    assert s["prompt_tokens"] == 16 and s["new_tokens"] == 40 and list(s["formats"]) == ["float32", "int8"]
+    f32, i8 = s["formats"]["float32"], s["formats"]["int8"]
+    assert f32["weight_bytes"] == 4 * (MATRICES + NORMS)
+    assert i8["weight_bytes"] == MATRICES + 2 * MATRIX_ROWS + 4 * NORMS  # int8 weights, a bf16 scale per row
+    for f in (f32, i8):
+        assert 40 / f["decode_tokens_per_s_eager"] < wall  # the 40 tokens took less than the whole run
+        assert f["bandwidth_bound"] * f["weight_bytes"] == pytest.approx(s["memory_bandwidth"])
+        # The matmuls alone are part of a decoding step: faster than the whole step.
+        assert f["matmul_tokens_per_s"] > f["decode_tokens_per_s_eager"]
+    assert 40 / s["decode_tokens_per_s_recompute"] < wall
+    assert s["memory_bandwidth"] > 1e8 and r["cpu_flags"] is not None and r["device"].startswith("cpu")
+    assert r["config"]["n_embd"] == 32
+    for line in ("tokens/s", "MFU", "CPU flags", "decode tokens/s, eager", "bound: weights / bandwidth",
+                 "best decode / bound", "best decode / recompute", "matmuls alone"):  # fmt: skip
         assert line in result.stdout
 
 
 def test_bench_reads_config_files_and_skips_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(speed.hardware, "peak_flops", lambda device, dtype: 1e11)  # skip the matmul measurement
+    monkeypatch.setattr(speed.hardware, "cpu_has_native_bf16", lambda: False)
     out = tmp_path / "b.json"
     args = ["configs/train_shakespeare_char_cpu.py", *TINY, "--bench_iters=0", "--sample_tokens=5",
             "--sample_batch=3", f"--json={out}"]  # fmt: skip
     speed.main(args)
     r = json.loads(out.read_text())
     assert "training" not in r and r["sampling"]["new_tokens"] == 5 and r["sampling"]["batch"] == 3
+    assert list(r["sampling"]["formats"]) == ["float32", "int8", "int4"]  # auto on a CPU without native bf16
     assert r["config"]["dataset"] == "shakespeare_char" and r["config"]["eval_interval"] == 250
 
 
@@ -68,7 +78,8 @@ def test_vocab_size_falls_back_to_known_datasets(tmp_path):
      (["--prompt_tokens=99", "--block_size=32"], "prompt_tokens (99) must not exceed block_size"),
      (["--sample_batch=0"], "sample_batch and repeats must be positive"),
      (["--nanogpt_dir=/no/such/dir"], "--nanogpt_dir=/no/such/dir holds no train.py: point it at a nanoGPT checkout"),
-     (["--nanogpt_dir=.", "--bench_iters=0"], "--nanogpt_dir times training steps")],
+     (["--nanogpt_dir=.", "--bench_iters=0", "--sample_tokens=0"], "--nanogpt_dir times training steps"),
+     (["--formats=float32,int3"], "--formats: unknown int3")],
 )  # fmt: skip
 def test_bad_arguments_fail_fast(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -84,7 +95,7 @@ def test_bench_cuda_compiled_bf16(tmp_path):
     r = json.loads(out.read_text())
     assert r["dtype"] in ("bfloat16", "float16") and r["compile"] is True
     assert r["training"]["tokens_per_s"] > 0 and r["training"]["peak_memory_bytes"] > 0
-    assert r["sampling"]["decode_tokens_per_s_cached"] > 0
+    assert r["sampling"]["formats"]["int8"]["decode_tokens_per_s_compiled"] > 0
 
 
 def test_speedrun_times_whole_runs(char_data_dir, tmp_path):
@@ -124,9 +135,35 @@ def test_nanogpt_is_timed_side_by_side_from_its_own_log_lines(tmp_path, monkeypa
         "    print(f'iter {i}: loss 4.1000, time {99.0 if i <= n // 2 else 7.0:.2f}ms, mfu -100.00%')\n"
     )
     monkeypatch.setattr(speed.hardware, "peak_flops", lambda device, dtype: 1e11)
+    (tmp_path / "sample.py").write_text("")
     r = speed.main([*TINY, "--bench_iters=2", "--sample_tokens=0", f"--nanogpt_dir={tmp_path}", "--repeats=3"])
     t = r["training"]
     assert t["nanogpt_ms_per_iter"] == [7.0, 7.0, 7.0] and len(t["runs_ms_per_iter"]) == 3
     assert t["ms_per_iter"] == sorted(t["runs_ms_per_iter"])[1]  # the median run
     assert t["speedup_vs_nanogpt"] == pytest.approx(7.0 / t["ms_per_iter"])
     assert "speed-up vs nanoGPT" in capsys.readouterr().out
+
+
+def test_nanogpt_sampling_is_timed_by_the_difference_of_two_runs(tmp_path):
+    """A stand-in for nanoGPT's sample.py: it checks the checkpoint and the prompt it is given, then
+    takes 10 ms per new token after 0.2 s of start-up, which the difference of two runs cancels."""
+    import torch
+
+    from gptcraft.bench import nanogpt
+    from model import GPT, GPTConfig
+
+    for name in ("train.py", "model.py", "configurator.py"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "sample.py").write_text(
+        "import os, pickle, sys, time\n"
+        "args = dict(a[2:].split('=', 1) for a in sys.argv[1:])\n"
+        "assert os.path.getsize(os.path.join(args['out_dir'], 'ckpt.pt')) > 0\n"
+        "meta = pickle.load(open('data/bench/meta.pkl', 'rb'))\n"
+        "prompt = open(args['start'][len('FILE:'):], encoding='utf-8').read()\n"
+        "assert [meta['stoi'][c] for c in prompt] == [3, 1, 4, 1, 5] and meta['vocab_size'] == 65\n"
+        "time.sleep(0.2 + 0.01 * int(args['max_new_tokens']))\n"
+    )
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=65, n_layer=1, n_head=1, n_embd=8, bias=False))
+    rate = nanogpt.time_sampling(tmp_path, model, [3, 1, 4, 1, 5], 100)
+    assert 70 < rate < 110  # 100 tokens in 1 s, less whatever a busy machine adds

@@ -1,10 +1,12 @@
-"""Time the nanoGPT reference's own train.py on the same recipe, side by side with ours.
+"""Time the nanoGPT reference's own train.py and sample.py on the same recipe, side by side with ours.
 
 bench.py --nanogpt_dir=PATH runs PATH/train.py (a nanoGPT checkout, not part of this project)
 as a subprocess in a scratch directory (it reads configurator.py and data/ from its working
 directory: the checkout's three files are linked there), on uniformly random tokens in nanoGPT's data layout
 (data/<dataset>/train.bin, val.bin as uint16, and its meta.pkl holding the vocabulary size),
 and reads the ms of each step from the `iter N: loss L, time T ms` lines it prints.
+time_sampling runs PATH/sample.py on a model of ours saved in nanoGPT's checkpoint format (GPT-2's
+parameter names, which both share), with a meta.pkl whose characters stand for the token ids.
 """
 
 import os
@@ -14,15 +16,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
+import torch
 
 from gptcraft.errors import GptcraftError
 
 # nanoGPT's train.py keys that set the step being timed, as our TrainConfig names them too.
 RECIPE_KEYS = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "learning_rate",
                "weight_decay", "beta1", "beta2", "grad_clip", "gradient_accumulation_steps", "device")  # fmt: skip
-CHECKOUT_FILES = ("train.py", "model.py", "configurator.py")
+CHECKOUT_FILES = ("train.py", "sample.py", "model.py", "configurator.py")
+NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 STEP_LINE = re.compile(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms")
 
 
@@ -76,3 +81,46 @@ def time_steps(checkout, cfg, vocab, iters):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise NanoGPTError(f"nanoGPT's train.py failed (exit {proc.returncode}): {tail[0]}")
     return statistics.fmean(timed)
+
+
+def token_char(i):
+    """The character that stands for token id i in the meta.pkl of time_sampling (below the surrogates)."""
+    return chr(0x100 + i)
+
+
+def write_run(root, model):
+    """root/out/ckpt.pt in nanoGPT's format, and the meta.pkl its sample.py finds via config.dataset."""
+    os.makedirs(os.path.join(root, "out"))
+    args = {k: getattr(model.config, k) for k in NANOGPT_MODEL_ARGS}
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    ckpt = {"model": state, "model_args": args, "config": {"dataset": "bench"}}
+    torch.save(ckpt, os.path.join(root, "out", "ckpt.pt"))
+    path = os.path.join(root, "data", "bench")
+    os.makedirs(path)
+    itos = {i: token_char(i) for i in range(model.config.vocab_size)}
+    with open(os.path.join(path, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": model.config.vocab_size, "itos": itos, "stoi": {c: i for i, c in itos.items()}}, f)
+
+
+def time_sampling(checkout, model, prompt, n, device="cpu", short=10):
+    """Tokens/s of nanoGPT's sample.py decoding n tokens after prompt (a list of ids), one sample, fp32,
+    not compiled: two runs, of short and of short + n new tokens, and n over the difference of their
+    wall times, so that starting Python, importing torch and loading the model cancel out."""
+    check_checkout(checkout)
+    with tempfile.TemporaryDirectory(prefix="gptcraft-nanogpt-") as tmp:
+        write_run(tmp, model)
+        with open(os.path.join(tmp, "prompt.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(map(token_char, prompt)))
+        for name in CHECKOUT_FILES:
+            os.symlink(os.path.join(os.path.abspath(checkout), name), os.path.join(tmp, name))
+        seconds = []
+        for tokens in (short, short + n):
+            args = ["--out_dir=out", f"--device={device}", "--dtype=float32", "--compile=False", "--num_samples=1",
+                    f"--max_new_tokens={tokens}", "--start=FILE:prompt.txt"]  # fmt: skip
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "sample.py", *args], cwd=tmp, capture_output=True, text=True)
+            seconds.append(time.perf_counter() - t0)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise NanoGPTError(f"nanoGPT's sample.py failed (exit {proc.returncode}): {tail[0]}")
+    return n / max(seconds[1] - seconds[0], 1e-9)

@@ -4,19 +4,22 @@ python bench.py configs/train_gpt2.py --device=cuda --json bench-gpt2.json
 python bench.py configs/train_shakespeare_char.py --device=cpu --compile=False --bench_iters=5
 python bench.py configs/speedrun_shakespeare_char_cpu.py --speedrun=3
 python bench.py configs/train_shakespeare_char_cpu.py --sample_tokens=0 --nanogpt_dir=../nanoGPT --repeats=3
+python bench.py configs/train_shakespeare_char.py --device=cpu --bench_iters=0 --nanogpt_dir=../nanoGPT --repeats=2
 
 Training is timed by running train.py itself (same step, same compile and precision) on random
 tokens for 2 x bench_iters steps: the first bench_iters warm up (compile, allocator), the last
 bench_iters are timed together (train.py reads the loss once, at their end). Sampling is timed through generate.py:
-prefill of a prompt, then decoding with the KV cache and by full recomputation.
-Decoding is printed next to its bounds: the weights read once per step at the memory bandwidth
-measured here (a large copy), the matmul peak, and the rate of the model's matmuls alone.
+prefill of a prompt, then decoding with the KV cache in each number format (--formats: float32,
+bfloat16, int8, int4), eager and with --compile=True compiled, and by full recomputation.
+Each format is printed next to its bound, its weight bytes read once per step at the memory
+bandwidth measured here (a large copy), and the rate of its matmuls alone.
 --nanogpt_dir=PATH also times nanoGPT's own train.py on the same recipe after each of --repeats
-training runs (gptcraft/bench/nanogpt.py).
+training runs, and its sample.py before each round of sampling (gptcraft/bench/nanogpt.py).
 --speedrun=N instead runs the whole training N times, each in a fresh process, and reports the
 seconds from process start to the last training step and the whole-val loss (their medians).
 """
 
+import copy
 import json
 import os
 import platform
@@ -31,16 +34,19 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from gptcraft import quantize
 from gptcraft.bench import nanogpt
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import read_meta, write_meta, write_tokens
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token, prefill
+from gptcraft.quantize import QuantizeError, check_scheme, prepare
 from gptcraft.system import hardware
 from gptcraft.train import loop, outdir
 from gptcraft.train.config import TrainConfig
 from model import GPT, GPTConfig
 
 KNOWN_VOCAB_SIZES = {"shakespeare_char": 65}  # used when the dataset is not prepared here
+FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")  # a dtype, or a quantization scheme
 
 
 @dataclass
@@ -52,8 +58,11 @@ class BenchConfig(TrainConfig):
     vocab_size: int = option(0, "vocabulary (0: the prepared dataset's, else a known one, else GPT-2's 50304)")
     json: str = option("", "also write the results to this JSON file")
     speedrun: int = option(0, "> 0: instead time this many complete training runs (process start to last step)")
-    nanogpt_dir: str = option("", "a nanoGPT checkout: also time its train.py on the same recipe, side by side")
-    repeats: int = option(1, "training timed this many times (alternating with nanoGPT's); medians reported")
+    nanogpt_dir: str = option("", "a nanoGPT checkout: also time its train.py and sample.py, side by side")
+    repeats: int = option(1, "training timed this many times (alternating with nanoGPT's), medians reported; "
+                             "sampling in as many rounds, the best of each format kept")  # fmt: skip
+    formats: str = option("auto", f"number formats to time sampling in, comma-separated among {', '.join(FORMATS)}; "
+                          "auto: float32, the inference dtype, int8, int4 where it runs")  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,9 +71,13 @@ class BenchConfig(TrainConfig):
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if self.sample_batch <= 0 or self.repeats <= 0:
             raise ConfigError(f"sample_batch and repeats must be positive, got {self.sample_batch}, {self.repeats}")
+        unknown = set(self.formats.split(",")) - set(FORMATS) if self.formats != "auto" else set()
+        if unknown:
+            raise ConfigError(f"--formats: unknown {', '.join(sorted(unknown))}; choose among {', '.join(FORMATS)}")
         if self.nanogpt_dir:
-            if not self.bench_iters or self.speedrun:
-                raise ConfigError("--nanogpt_dir times training steps: it needs bench_iters > 0 and no --speedrun")
+            if not (self.bench_iters or self.sample_tokens) or self.speedrun:
+                raise ConfigError("--nanogpt_dir times training steps and sampling: it needs bench_iters > 0 or "
+                                  "sample_tokens > 0, and no --speedrun")  # fmt: skip
             nanogpt.check_checkout(self.nanogpt_dir)
         if self.speedrun and self.max_iters % self.log_interval:
             raise ConfigError(f"--speedrun reads the log line of the last step: log_interval ({self.log_interval}) "
@@ -200,26 +213,19 @@ def timed_decode(model, prompt, n, use_cache, device, decode=decode_one_token):
     return time.perf_counter() - t0
 
 
-def decode_bounds(model, batch, bandwidth, peak):
-    """Upper bounds on decoding tokens/s: a step must read every weight that does matmul work once
-    (bandwidth bound, batch tokens per read) and do 2 FLOP per such weight per token (compute bound)."""
-    n = model.num_params()
-    weight_bytes = n * next(model.parameters()).element_size()
-    return {"weight_bytes": weight_bytes, "memory_bandwidth": bandwidth,
-            "bandwidth_bound": batch * bandwidth / weight_bytes,
-            "compute_bound": peak / (2 * n) if peak else None}  # fmt: skip
-
-
 def matmul_rate(model, batch, device, repeats=5):
-    """Tokens/s of a decoding step's matmuls alone: one F.linear per Linear of the model, in order,
-    on (batch, in_features) inputs, best of `repeats` passes. The weights stream from memory as in
-    decoding, so this is what torch's kernels reach on these shapes before any other operator."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device) for w in weights}
+    """Tokens/s of a decoding step's matmuls alone: every linear layer of the model (nn.Linear or a
+    quantized one), in order, on (batch, in_features) inputs of the model's dtype, best of `repeats`
+    passes. The weights stream from memory as in decoding, so this is what the kernels reach on
+    these shapes before any other operator."""
+    layers = [m for m in model.modules() if hasattr(m, "in_features")]
+    dtype = model.transformer.wte.weight.dtype
+    inputs = {m.in_features: torch.randn(batch, m.in_features, device=device, dtype=dtype) for m in layers}
 
+    @torch.no_grad()
     def one_pass():
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        for m in layers:
+            m(inputs[m.in_features])
 
     one_pass()
     best = float("inf")
@@ -232,49 +238,92 @@ def matmul_rate(model, batch, device, repeats=5):
     return batch / best
 
 
-def bench_sampling(cfg, device, dtype, vocab, peak):
-    """Prompt (prefill) tokens/s, then decode tokens/s with the KV cache (eager, and compiled with
-    --compile=True) and by full recomputation, over all sample_batch sequences together, each next
-    to the bounds of decode_bounds."""
+def sampling_formats(cfg, device):
+    """The number formats to time: --formats, or auto: float32, the inference dtype where it is not
+    float32 (CUDA, CPUs with native bf16), int8, and int4 where torch has a kernel."""
+    if cfg.formats != "auto":
+        return cfg.formats.split(",")
+    formats = ["float32", hardware.inference_dtype("auto", device)[0], "int8", "int4"]
+    return [f for i, f in enumerate(formats) if f not in formats[:i] and (f != "int4" or device_has_int4(device))]
+
+
+def device_has_int4(device):
+    try:
+        check_scheme("int4", device)
+    except QuantizeError:
+        return False
+    return True
+
+
+def format_model(base, name, device):
+    """A copy of base in format `name`: a dtype, or a quantization over the inference dtype."""
+    if name in FORMATS[:3]:
+        return prepare(copy.deepcopy(base), hardware.DTYPES[name])
+    check_scheme(name, device)
+    return prepare(copy.deepcopy(base), hardware.DTYPES[hardware.inference_dtype("auto", device)[0]], name)
+
+
+def bench_sampling(cfg, device, vocab):
+    """Decode tokens/s of each number format (sampling_formats) with the KV cache, eager and, with
+    --compile=True, compiled, against full recomputation in float32 and, with --nanogpt_dir, nanoGPT's
+    sample.py; each format next to its bound: its weight bytes read once per step at the memory
+    bandwidth measured here. Rounds of --repeats, formats in turn (A B A B), best of each kept."""
     model_args = cfg.model_args() | {"vocab_size": vocab}
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**model_args)).to(device).eval()
+    base = GPT(GPTConfig(**model_args)).to(device).eval()
     P = cfg.prompt_tokens or max(1, cfg.block_size // 2)
     B, n = cfg.sample_batch, cfg.sample_tokens
     prompt = torch.randint(0, vocab, (B, P), device=device)
-    rates = {}
-    with hardware.autocast(device, dtype):
-        prefill(model, prompt)  # warm-up
-        timed_decode(model, prompt, min(n, 8), True, device)
-        hardware.synchronize(device)
-        t0 = time.perf_counter()
-        prefill(model, prompt)
-        hardware.synchronize(device)
-        prefill_s = time.perf_counter() - t0
-        rates["cached"] = B * n / timed_decode(model, prompt, n, True, device)
-        if cfg.compile:
-            step = compile_decoder("reduce-overhead" if device.startswith("cuda") else None)
-            t0 = time.perf_counter()
-            timed_decode(model, prompt, 2, True, device, step)  # compiles at its first decoding step
-            compile_s = time.perf_counter() - t0
-            rates["compiled"] = B * n / timed_decode(model, prompt, n, True, device, step)
-        rates["full"] = B * n / timed_decode(model, prompt, n, False, device)
-        matmuls = matmul_rate(model, B, device)
-    bounds = decode_bounds(model, B, hardware.memory_bandwidth(device), peak)
-    bound = min(b for b in (bounds["bandwidth_bound"], bounds["compute_bound"]) if b)
-    best = max(rates["cached"], rates.get("compiled", 0.0))
+    models = {name: format_model(base, name, device) for name in sampling_formats(cfg, device)}
+    eager, compiled, compile_s, nanogpt_rates = {}, {}, {}, []
+    steps = {name: compile_decoder("reduce-overhead" if device.startswith("cuda") else None) for name in models}
+    for model in models.values():
+        timed_decode(model, prompt, min(n, 8), True, device)  # warm-up
+    hardware.synchronize(device)
+    t0 = time.perf_counter()
+    prefill(models["float32"] if "float32" in models else next(iter(models.values())), prompt)
+    hardware.synchronize(device)
+    prefill_s = time.perf_counter() - t0
+    for _ in range(cfg.repeats):
+        if cfg.nanogpt_dir:
+            nanogpt_rates.append(nanogpt.time_sampling(cfg.nanogpt_dir, base, prompt[0].tolist(), n, device))
+        for name, model in models.items():
+            eager[name] = max(eager.get(name, 0.0), B * n / timed_decode(model, prompt, n, True, device))
+            if cfg.compile:
+                if name not in compile_s:
+                    t0 = time.perf_counter()
+                    timed_decode(model, prompt, 2, True, device, steps[name])  # compiles at its first decoding step
+                    compile_s[name] = time.perf_counter() - t0
+                rate = B * n / timed_decode(model, prompt, n, True, device, steps[name])
+                compiled[name] = max(compiled.get(name, 0.0), rate)
+    recompute = B * n / timed_decode(models.get("float32", base), prompt, n, False, device)
+    bandwidth = hardware.memory_bandwidth(device)
+    nanogpt_rate = statistics.median(nanogpt_rates) if nanogpt_rates else None
+    formats = {}
+    for name, model in models.items():
+        weight_bytes = quantize.weight_bytes(model)
+        best = max(eager[name], compiled.get(name, 0.0))
+        bound = B * bandwidth / weight_bytes
+        formats[name] = {"weight_bytes": weight_bytes, "bandwidth_bound": bound,
+                         "decode_tokens_per_s_eager": eager[name], "decode_tokens_per_s_compiled": compiled.get(name),
+                         "compile_seconds": compile_s.get(name), "fraction_of_bound": best / bound,
+                         "vs_recompute": best / recompute, "matmul_tokens_per_s": matmul_rate(model, B, device),
+                         "vs_nanogpt": best / nanogpt_rate if nanogpt_rate else None}  # fmt: skip
     return {"batch": B, "prompt_tokens": P, "new_tokens": n, "prompt_tokens_per_s": B * P / prefill_s,
-            **{f"decode_tokens_per_s_{k}": v for k, v in rates.items()}, **bounds,
-            "fraction_of_bound": best / bound, "cache_speedup": best / rates["full"],
-            "matmul_tokens_per_s": matmuls, "fraction_of_matmuls": best / matmuls,
-            "compile_seconds": compile_s if cfg.compile else None}  # fmt: skip
+            "memory_bandwidth": bandwidth, "decode_tokens_per_s_recompute": recompute,
+            "nanogpt_tokens_per_s": nanogpt_rates or None, "formats": formats}  # fmt: skip
+
+
+def number(value, missing, unit=""):
+    return missing if value is None else f"{value:,.1f}{unit}"
 
 
 def table(results):
     """The results as aligned text lines."""
     peak = f"{results['peak_flops'] / 1e12:.2f} TFLOP/s" if results["peak_flops"] else "unknown"
     params, flops = results["params"] / 1e6, results["flops_per_token"] / 1e6
-    lines = [f"{results['device']}, {results['dtype']}, compile {results['compile']}, peak {peak}",
+    flags = f", CPU flags {' '.join(results['cpu_flags']) or 'none'}" if results.get("cpu_flags") is not None else ""
+    lines = [f"{results['device']}{flags}, {results['dtype']}, compile {results['compile']}, peak {peak}",
              f"model: {params:.2f}M parameters, {flops:.1f} MFLOP/token"]  # fmt: skip
     t, s = results.get("training"), results.get("sampling")
     if t:
@@ -290,22 +339,25 @@ def table(results):
         lines += ["", "training" + (" (median run)" if len(t["runs_ms_per_iter"]) > 1 else "")]
         lines += [f"  {name:28s}{value:>16}" for name, value in rows]
     if s:
-        bw, cb, compiled = s["bandwidth_bound"], s["compute_bound"], s.get("decode_tokens_per_s_compiled")
-        rows = [("prompt tokens/s", f"{s['prompt_tokens_per_s']:,.0f}"),
-                ("decode tokens/s, KV cache", f"{s['decode_tokens_per_s_cached']:,.1f}"),
-                ("decode tokens/s, compiled", f"{compiled:,.1f}" if compiled else "--compile=True"),
-                ("compiling it (first step)", f"{s['compile_seconds']:.1f} s" if compiled else "n/a"),
-                ("decode tokens/s, recompute", f"{s['decode_tokens_per_s_full']:,.1f}"),
-                ("memory bandwidth (copy)", f"{s['memory_bandwidth'] / 1e9:.1f} GB/s"),
-                ("bound: weights / bandwidth", f"{bw:,.1f}"),
-                ("bound: compute", f"{cb:,.1f}" if cb else "n/a"),
-                ("best decode / bound", f"{100 * s['fraction_of_bound']:.0f}%"),
-                ("matmuls alone (torch kernels)", f"{s['matmul_tokens_per_s']:,.1f}"),
-                ("best decode / matmuls alone", f"{100 * s['fraction_of_matmuls']:.0f}%"),
-                ("best decode / recompute", f"{s['cache_speedup']:.1f}x")]  # fmt: skip
-        lines += ["", f"sampling: prompt of {s['prompt_tokens']}, {s['new_tokens']} new tokens, batch {s['batch']}, "
-                      f"{s['weight_bytes'] / 1e6:.1f} MB of weights read per step"]  # fmt: skip
-        lines += [f"  {name:28s}{value:>16}" for name, value in rows]
+        lines += ["", f"sampling: prompt of {s['prompt_tokens']}, {s['new_tokens']} new tokens, batch {s['batch']}; "
+                      f"memory bandwidth (copy) {s['memory_bandwidth'] / 1e9:.1f} GB/s; prompt "
+                      f"{s['prompt_tokens_per_s']:,.0f} tokens/s; recompute (float32) "
+                      f"{s['decode_tokens_per_s_recompute']:,.1f} tokens/s"]  # fmt: skip
+        if s["nanogpt_tokens_per_s"]:
+            each = ", ".join(f"{r:,.1f}" for r in s["nanogpt_tokens_per_s"])
+            lines.append(f"  nanoGPT's sample.py (float32, recompute): {each} tokens/s")
+        names = list(s["formats"])
+        rows = [("weights read per token (MB)", lambda f: f"{f['weight_bytes'] / 1e6:,.2f}"),
+                ("bound: weights / bandwidth", lambda f: f"{f['bandwidth_bound']:,.1f}"),
+                ("decode tokens/s, eager", lambda f: f"{f['decode_tokens_per_s_eager']:,.1f}"),
+                ("decode tokens/s, compiled", lambda f: number(f["decode_tokens_per_s_compiled"], "--compile")),
+                ("compiling it (first step, s)", lambda f: number(f["compile_seconds"], "n/a")),
+                ("matmuls alone", lambda f: f"{f['matmul_tokens_per_s']:,.1f}"),
+                ("best decode / bound", lambda f: f"{100 * f['fraction_of_bound']:.0f}%"),
+                ("best decode / recompute", lambda f: f"{f['vs_recompute']:.1f}x"),
+                ("best decode / nanoGPT", lambda f: number(f["vs_nanogpt"], "--nanogpt_dir", "x"))]  # fmt: skip
+        lines.append(f"  {'':30s}" + "".join(f"{name:>14}" for name in names))
+        lines += [f"  {label:30s}" + "".join(f"{show(s['formats'][k]):>14}" for k in names) for label, show in rows]
     if "speedrun" in results:
         r = results["speedrun"]
         lines += ["", f"speedrun: {len(r['runs'])} runs, median {r['median_seconds']:.1f} s from process start "
@@ -327,13 +379,14 @@ def main(argv=None):
     results = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device), "dtype": dtype,
                "compile": cfg.compile, "params": shape.num_params(), "flops_per_token": shape.flops_per_token(),
                "peak_flops": hardware.peak_flops(device, dtype),
+               "cpu_flags": hardware.cpu_flags() if device == "cpu" else None,
                "config": {k: v for k, v in asdict(cfg).items() if k != "json"}}  # fmt: skip
     if cfg.speedrun:
         results["speedrun"] = bench_speedrun(cfg)
     elif cfg.bench_iters:
         results["training"] = side_by_side(cfg, device, vocab, results["flops_per_token"], results["peak_flops"])
     if cfg.sample_tokens and not cfg.speedrun:
-        results["sampling"] = bench_sampling(cfg, device, dtype, vocab, results["peak_flops"])
+        results["sampling"] = bench_sampling(cfg, device, vocab)
     print(table(results))
     if cfg.json:
         with open(cfg.json, "w") as f:
