@@ -101,9 +101,9 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def fits(linear, inner_k_tiles=8):
-        """Whether tinygemm takes this layer's shape (gpt-fast's rule for the inputs)."""
+        """Whether tinygemm takes this layer's shape: gpt-fast's rule for the inputs; the CPU packing wants outputs by 16."""
         k = linear.in_features
-        return k % GROUP_SIZE == 0 and k % (inner_k_tiles * 16) == 0 and linear.out_features % 8 == 0
+        return k % GROUP_SIZE == 0 and k % (inner_k_tiles * 16) == 0 and linear.out_features % 16 == 0
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)

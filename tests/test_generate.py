@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+from gptcraft import generate as generation
 from gptcraft.generate import (
+    EOS_CHECK_EVERY,
+    cache_for,
     context_start,
     decode_n_tokens,
     decode_one_token,
@@ -21,7 +24,7 @@ def tiny_model(**overrides):
     """Random weights far from the initial ones: attention at initialisation is nearly uniform, so
     it would hardly notice keys at wrong positions."""
     torch.manual_seed(0)
-    cfg = dict(block_size=BLOCK, vocab_size=40, n_layer=2, n_head=2, n_embd=32, **overrides)
+    cfg = dict(block_size=BLOCK, vocab_size=40, n_layer=2, n_head=2, n_embd=32) | overrides
     model = GPT(GPTConfig(**cfg)).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -49,21 +52,42 @@ def test_cached_forward_equals_full_forward(pos_embedding, attention):
         model(torch.zeros(1, BLOCK + 1, dtype=torch.long))
 
 
+def documented_starts(length, block_size, keep):
+    """The window's start for every sequence length 1 .. length, by the rule docs/sampling.md states:
+    the whole sequence while it fits; each time the window would exceed block_size it jumps forward
+    to the last `keep` tokens, then grows back one token per step."""
+    starts, start = [], 0
+    for n in range(1, length + 1):
+        if n - start > block_size:
+            start = n - keep
+        starts.append(start)
+    return starts
+
+
+def recompute_reference(model, idx, n, keep=None, temperature=0.0, generator=None, **sampling):
+    """A plain loop, nanoGPT's way: the whole window through the model at every step, no cache."""
+    block = model.config.block_size
+    keep = block // 2 if keep is None else keep
+    starts = documented_starts(idx.size(1) + n, block, keep)
+    seq = idx
+    for _ in range(n):
+        logits, _ = model(seq[:, starts[seq.size(1) - 1] :])
+        seq = torch.cat((seq, sample(logits[:, -1], temperature, generator=generator, **sampling)), dim=1)
+    return seq
+
+
 @pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal", "rope"])
 @pytest.mark.parametrize("keep", [None, 1, BLOCK - 1, BLOCK])
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=10, top_p=0.9)],
                          ids=["greedy", "sampled"])  # fmt: skip
-def test_cached_equals_uncached_across_block_size(pos_embedding, keep, sampling):
+def test_cached_equals_a_plain_recompute_loop_across_block_size(pos_embedding, keep, sampling):
     model = tiny_model(pos_embedding=pos_embedding)
     idx = torch.randint(0, 40, (3, 5))
     n = 3 * BLOCK  # the window slides several times
-    out = {}
-    for use_cache in (True, False):
-        gen = torch.Generator().manual_seed(7)
-        out[use_cache] = generate(model, idx, n, generator=gen, use_cache=use_cache, keep=keep, **sampling)
-    assert out[True].shape == (3, 5 + n)
-    assert torch.equal(out[True][:, :5], idx)
-    assert torch.equal(out[True], out[False])
+    out = generate(model, idx, n, generator=torch.Generator().manual_seed(7), keep=keep, **sampling)
+    expected = recompute_reference(model, idx, n, keep, generator=torch.Generator().manual_seed(7), **sampling)
+    assert out.shape == (3, 5 + n)
+    assert torch.equal(out, expected)
 
 
 def test_sliding_one_token_matches_nanogpt_crop():
@@ -77,13 +101,12 @@ def test_sliding_one_token_matches_nanogpt_crop():
     assert torch.equal(generate(model, idx, 2 * BLOCK, temperature=0, keep=BLOCK), expected)
 
 
-def test_context_window_stays_within_keep_and_block_size():
+def test_context_window_follows_the_documented_rule():
     for keep in (1, 5, BLOCK - 1, BLOCK):
-        starts = [context_start(n, BLOCK, keep) for n in range(1, 5 * BLOCK)]
-        lengths = [n - context_start(n, BLOCK, keep) for n in range(1, 5 * BLOCK)]
-        assert lengths[:BLOCK] == list(range(1, BLOCK + 1))  # the whole sequence while it fits
-        assert min(lengths[BLOCK:]) == keep and max(lengths) == BLOCK
-        assert starts == sorted(starts)  # the window only moves forward
+        expected = documented_starts(6 * BLOCK, BLOCK, keep)
+        assert [context_start(n, BLOCK, keep) for n in range(1, 6 * BLOCK + 1)] == expected
+        lengths = [n + 1 - start for n, start in enumerate(expected)]
+        assert lengths[-3 * BLOCK :].count(BLOCK) >= 2  # back to block_size after each slide
 
 
 def test_eos_stops_a_row_and_the_generation():
@@ -96,8 +119,8 @@ def test_eos_stops_a_row_and_the_generation():
     first = row0.index(eos)
     assert all(t == eos for t in row0[first:])  # padded after its end
     assert torch.equal(out[1, : 4 + first + 1], greedy[1, : 4 + first + 1])
-    steps = list(decode_n_tokens(model, idx[:1], 10, temperature=0, eos_id=eos))
-    assert len(steps) == first + 1  # stops once every row has ended
+    steps = list(decode_n_tokens(model, idx[:1], 4 * EOS_CHECK_EVERY, temperature=0, eos_id=eos))
+    assert len(steps) == EOS_CHECK_EVERY  # stops at the first check after every row has ended
 
 
 def test_prefill_without_cache_returns_none():
@@ -149,7 +172,8 @@ def test_prompt_longer_than_block_size_is_cropped_the_same_way():
     model = tiny_model()
     idx = torch.randint(0, 40, (2, 2 * BLOCK + 3))
     cached = generate(model, idx, BLOCK, temperature=0)
-    assert torch.equal(cached, generate(model, idx, BLOCK, temperature=0, use_cache=False))
+    assert torch.equal(cached, recompute_reference(model, idx, BLOCK))
+    assert torch.equal(generate(model, idx, BLOCK, temperature=0, use_cache=False), cached)
     assert torch.equal(cached[:, : idx.size(1)], idx)
 
 
@@ -178,11 +202,9 @@ def test_static_cache_equals_recompute_token_for_token(pos_embedding, sampling):
     idx = torch.randint(0, 40, (2, 3))
     weights = torch.softmax(model(idx[:, :1].repeat(1, BLOCK), idx[:, :1].repeat(1, BLOCK))[0], -1)
     assert weights.max() > 0.2  # peaked predictions: not the near-uniform model of the initialisation
-    out = {}
-    for use_cache in (True, False):
-        gen = torch.Generator().manual_seed(3)
-        out[use_cache] = generate(model, idx, 3 * BLOCK, generator=gen, use_cache=use_cache, keep=5, **sampling)
-    assert torch.equal(out[True], out[False])
+    out = generate(model, idx, 3 * BLOCK, generator=torch.Generator().manual_seed(3), keep=5, **sampling)
+    expected = recompute_reference(model, idx, 3 * BLOCK, 5, generator=torch.Generator().manual_seed(3), **sampling)
+    assert torch.equal(out, expected)
 
 
 def test_compiled_decoding_step_is_traced_once_for_every_position():
@@ -195,4 +217,55 @@ def test_compiled_decoding_step_is_traced_once_for_every_position():
     step = torch.compile(decode_one_token, backend="eager", fullgraph=True)  # tracing, not code generation
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = generate(model, idx, 3 * BLOCK, temperature=0, keep=5, decode=step)
-    assert torch.equal(compiled, generate(model, idx, 3 * BLOCK, temperature=0, keep=5, use_cache=False))
+    assert torch.equal(compiled, recompute_reference(model, idx, 3 * BLOCK, keep=5))
+
+
+def test_one_cache_per_model_and_batch_serves_every_call_without_recompiling():
+    """Two generate calls with one compiled step: the same cache buffers, and no second capture
+    (the step guards on the buffers' addresses: a new cache per call would compile it again)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = perturbed_model()
+    idx = torch.randint(0, 40, (2, 3))
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(decode_one_token, backend="eager", fullgraph=True)
+    first = generate(model, idx, 2 * BLOCK, temperature=0, decode=step)
+    captured = counters["stats"]["unique_graphs"]
+    cache = cache_for(model, 2)
+    second = generate(model, idx, 2 * BLOCK, temperature=0, decode=step)
+    assert torch.equal(first, second) and captured == 1
+    assert counters["stats"]["unique_graphs"] == captured and not counters["recompiles"]
+    assert cache_for(model, 2) is cache and cache_for(model, 3) is not cache  # one per batch size
+
+
+@pytest.mark.cuda
+def test_decoding_never_waits_on_the_host_between_eos_checks():
+    """The decode loop under sync debug mode "error": any copy to the host or wait on the device raises.
+    The one check of end-of-text at EOS_CHECK_EVERY tokens is the only sync, so the loop runs one short of it."""
+    model = perturbed_model().cuda()
+    idx = torch.randint(0, 40, (2, 3), device="cuda")
+    eager = generate(model, idx, EOS_CHECK_EVERY - 1, temperature=1.0, eos_id=0)  # warm-up: the cache is made
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = generate(model, idx, EOS_CHECK_EVERY - 1, temperature=0, eos_id=0, keep=BLOCK)
+        out = generate(model, idx, EOS_CHECK_EVERY - 1, temperature=1.0, top_k=5, top_p=0.9)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == eager.shape
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
+def test_cached_equals_recomputed_in_every_format(fmt):
+    """Greedy tokens of the KV cache equal those of the plain recompute loop on the same cast or
+    quantized model, across window slides: the cache stores what the recompute would compute."""
+    from gptcraft.quantize import prepare
+
+    scheme = fmt if fmt.startswith("int") else "none"
+    model = prepare(tiny_model(n_embd=128, n_head=2), torch.bfloat16 if fmt == "bfloat16" else torch.float32, scheme)
+    idx = torch.randint(0, 40, (2, 3))
+    out = generate(model, idx, 2 * BLOCK, temperature=0, keep=BLOCK // 2)
+    assert torch.equal(out, recompute_reference(model, idx, 2 * BLOCK, BLOCK // 2))
+    assert generation.cache_for(model, 2)[0].k.dtype == (torch.bfloat16 if fmt == "bfloat16" else torch.float32)
