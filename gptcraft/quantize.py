@@ -101,7 +101,7 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def fits(linear, inner_k_tiles=8):
-        """Whether tinygemm takes this layer's shape: gpt-fast's rule for the inputs; the CPU packing wants outputs by 16."""
+        """Whether tinygemm takes this layer's shape: gpt-fast's rule for the inputs, outputs by 16 (CPU packing)."""
         k = linear.in_features
         return k % GROUP_SIZE == 0 and k % (inner_k_tiles * 16) == 0 and linear.out_features % 16 == 0
 
