@@ -7,7 +7,8 @@ model to the inference dtype (hardware.inference_dtype) and replaces its nn.Line
 - int8: per-output-channel scales, w ~ scale[o] * q[o, i] with q in [-127, 127]. On the CPU the
   matmul is torch's `_weight_int8pack_mm` with bfloat16 activations (fast even on AVX2-only CPUs,
   where bf16 matmuls are otherwise emulated; the activations are rounded to bf16 for this matmul only).
-  On CUDA it is the int8 weights converted in the matmul's prologue, which torch.compile fuses.
+  Past KERNEL_ROWS rows, and on CUDA, it is the int8 weights converted for an ordinary matmul
+  (on CUDA torch.compile fuses the conversion into the matmul's prologue).
 - int4: groups of GROUP_SIZE inputs with a scale and an offset each, w ~ (q - 8) * scale + zero with
   q in [0, 15], through torch's tinygemm kernels (`_weight_int4pack_mm`, on CPU `_for_cpu`).
 
@@ -26,6 +27,10 @@ from gptcraft.errors import GptcraftError
 from gptcraft.system import hardware
 
 SCHEMES = ("none", "int8", "int4")
+# Up to this many rows (tokens) the CPU's int8 kernel runs; more rows (a prompt, an evaluation
+# batch) are compute-bound, where its bf16 arithmetic is slow without native bf16: there the
+# weights are converted to the activations' dtype for one ordinary matmul instead.
+KERNEL_ROWS = 16
 GROUP_SIZE = 32  # int4: inputs sharing one scale and zero
 INT4_DEVICES = ("cpu", "cuda")  # where torch has an int4 kernel
 
@@ -65,12 +70,12 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x):
-        if self.weight.device.type == "cpu":
+        if self.weight.device.type == "cpu" and x.numel() <= KERNEL_ROWS * self.in_features:
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+            y = (F.linear(x, self.weight.to(x.dtype)) * self.scales).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
