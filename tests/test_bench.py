@@ -9,7 +9,8 @@ from conftest import run_script, tiny_train_args
 from gptcraft.bench import speed
 from gptcraft.config import run_cli
 from gptcraft.errors import GptcraftError
-from gptcraft.evaluate import run as evaluate
+from gptcraft.evaluate import cli as evaluate
+from tools import time_nanogpt
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--vocab_size=65", "--compile=False", "--dtype=float32"]  # fmt: skip
@@ -83,8 +84,15 @@ def test_vocab_size_falls_back_to_known_datasets(tmp_path):
 )  # fmt: skip
 def test_bad_arguments_fail_fast(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: speed.main(args))
+        run_cli(lambda: speed.main(args, reference=time_nanogpt))  # as bench.py at the root runs it
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_nanogpt_side_by_side_needs_the_checkout_tools(tmp_path, capsys):
+    """tools/ is not installed: `gptcraft bench` says where --nanogpt_dir runs, before any work."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: speed.main([f"--nanogpt_dir={tmp_path}"]))
+    assert exit_info.value.code == 2 and "run python bench.py from a gptcraft checkout" in capsys.readouterr().err
 
 
 @pytest.mark.cuda
@@ -136,7 +144,10 @@ def test_nanogpt_is_timed_side_by_side_from_its_own_log_lines(tmp_path, monkeypa
     )
     monkeypatch.setattr(speed.hardware, "peak_flops", lambda device, dtype: 1e11)
     (tmp_path / "sample.py").write_text("")
-    r = speed.main([*TINY, "--bench_iters=2", "--sample_tokens=0", f"--nanogpt_dir={tmp_path}", "--repeats=3"])
+    r = speed.main(
+        [*TINY, "--bench_iters=2", "--sample_tokens=0", f"--nanogpt_dir={tmp_path}", "--repeats=3"],
+        reference=time_nanogpt,
+    )
     t = r["training"]
     assert t["nanogpt_ms_per_iter"] == [7.0, 7.0, 7.0] and len(t["runs_ms_per_iter"]) == 3
     assert t["ms_per_iter"] == sorted(t["runs_ms_per_iter"])[1]  # the median run
@@ -146,10 +157,9 @@ def test_nanogpt_is_timed_side_by_side_from_its_own_log_lines(tmp_path, monkeypa
 
 def test_nanogpt_sampling_is_timed_by_the_difference_of_two_runs(tmp_path):
     """A stand-in for nanoGPT's sample.py: it checks the checkpoint and the prompt it is given, then
-    takes 10 ms per new token after 0.2 s of start-up, which the difference of two runs cancels."""
+    takes 10 ms per new token after 1 s of start-up, which the difference of two runs cancels."""
     import torch
 
-    from gptcraft.bench import nanogpt
     from model import GPT, GPTConfig
 
     for name in ("train.py", "model.py", "configurator.py"):
@@ -161,9 +171,9 @@ def test_nanogpt_sampling_is_timed_by_the_difference_of_two_runs(tmp_path):
         "meta = pickle.load(open('data/bench/meta.pkl', 'rb'))\n"
         "prompt = open(args['start'][len('FILE:'):], encoding='utf-8').read()\n"
         "assert [meta['stoi'][c] for c in prompt] == [3, 1, 4, 1, 5] and meta['vocab_size'] == 65\n"
-        "time.sleep(0.2 + 0.01 * int(args['max_new_tokens']))\n"
+        "time.sleep(1.0 + 0.01 * int(args['max_new_tokens']))\n"
     )
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=65, n_layer=1, n_head=1, n_embd=8, bias=False))
-    rate = nanogpt.time_sampling(tmp_path, model, [3, 1, 4, 1, 5], 100)
-    assert 70 < rate < 110  # 100 tokens in 1 s, less whatever a busy machine adds
+    rate = time_nanogpt.time_sampling(tmp_path, model, [3, 1, 4, 1, 5], 100)
+    assert 70 < rate < 150  # 100 tokens in 1 s, give or take a busy machine's noise; start-up counted: 50

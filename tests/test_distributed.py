@@ -17,8 +17,9 @@ from conftest import ROOT, run_script, tiny_train_args
 from test_resume import assert_same_run
 
 from gptcraft.errors import GptcraftError
+from gptcraft.runs import checkpoint
 from gptcraft.system import distributed
-from gptcraft.train import checkpoint, loop
+from gptcraft.train import loop
 from gptcraft.train.parallelize import parallelize
 from model import GPT, GPTConfig
 

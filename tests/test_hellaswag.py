@@ -12,10 +12,10 @@ from conftest import run_script, tiny_train_args
 from gptcraft.data.shards import write_meta
 from gptcraft.data.tokenizer import CharTokenizer
 from gptcraft.evaluate import hellaswag
+from gptcraft.runs.checkpoint import save_checkpoint
 from gptcraft.system.distributed import Dist
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
-from gptcraft.train.checkpoint import save_checkpoint
 from model import GPT, GPTConfig
 
 SCENES = [
@@ -80,7 +80,7 @@ def test_batched_scores_equal_a_direct_computation(tok, tmp_path):
             sums.append(token_losses.sum().item())
             means.append(token_losses.mean().item())
         rows, lengths = hellaswag.render((ctx, endings, label), tok, 64)
-        batched_sums, batched_means = hellaswag.ending_losses(model, rows, lengths, "cpu", "float32")
+        batched_sums, batched_means = hellaswag.ending_losses(model, rows, lengths, "cpu")
         assert batched_sums.tolist() == pytest.approx(sums, rel=1e-5)
         assert batched_means.tolist() == pytest.approx(means, rel=1e-5)
         picks.append((min(range(4), key=sums.__getitem__) == label, min(range(4), key=means.__getitem__) == label))

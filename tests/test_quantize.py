@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
-from gptcraft.evaluate import run as evaluate
+from gptcraft.evaluate import cli as evaluate
 from gptcraft.quantize import GROUP_SIZE, Int4Linear, Int8Linear, QuantizeError, check_scheme, prepare, weight_bytes
 from gptcraft.system import hardware
 from model import GPT, GPTConfig

@@ -10,7 +10,8 @@ from conftest import run_here, run_script, tiny_train_args
 
 from gptcraft.data.batches import WindowSampler
 from gptcraft.errors import GptcraftError
-from gptcraft.train import loop
+from gptcraft.system.distributed import Dist
+from gptcraft.train import loop, setup
 
 
 def read_log(out_dir):
@@ -82,7 +83,7 @@ def test_missing_dataset_offline_names_the_prepare_command(tmp_path, monkeypatch
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     cfg = loop.TrainConfig(dataset="shakespeare_char", data_dir=str(tmp_path))
     try:
-        loop.ensure_dataset(cfg, loop.distributed.Dist())
+        setup.ensure_dataset(cfg, Dist())
     except GptcraftError as e:
         assert "--input" in str(e) and "prepare/shakespeare_char.py" in str(e)
     else:

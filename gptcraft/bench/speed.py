@@ -14,7 +14,8 @@ bfloat16, int8, int4), eager and with --compile=True compiled, and by full recom
 Each format is printed next to its bound, its weight bytes read once per step at the memory
 bandwidth measured here (a large copy), and the rate of its matmuls alone.
 --nanogpt_dir=PATH also times nanoGPT's own train.py on the same recipe after each of --repeats
-training runs, and its sample.py before each round of sampling (gptcraft/bench/nanogpt.py).
+training runs, and its sample.py before each round of sampling (tools/time_nanogpt.py, from bench.py
+at the repository's root).
 --speedrun=N instead runs the whole training N times, each in a fresh process, and reports the
 seconds from process start to the last training step and the whole-val loss (their medians).
 """
@@ -35,13 +36,13 @@ import numpy as np
 import torch
 
 from gptcraft import quantize
-from gptcraft.bench import nanogpt
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import read_meta, write_meta, write_tokens
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token, prefill
 from gptcraft.quantize import QuantizeError, check_scheme, prepare
+from gptcraft.runs.lock import check_writable
 from gptcraft.system import hardware
-from gptcraft.train import loop, outdir
+from gptcraft.train import loop
 from gptcraft.train.config import TrainConfig
 from model import GPT, GPTConfig
 
@@ -74,11 +75,9 @@ class BenchConfig(TrainConfig):
         unknown = set(self.formats.split(",")) - set(FORMATS) if self.formats != "auto" else set()
         if unknown:
             raise ConfigError(f"--formats: unknown {', '.join(sorted(unknown))}; choose among {', '.join(FORMATS)}")
-        if self.nanogpt_dir:
-            if not (self.bench_iters or self.sample_tokens) or self.speedrun:
-                raise ConfigError("--nanogpt_dir times training steps and sampling: it needs bench_iters > 0 or "
-                                  "sample_tokens > 0, and no --speedrun")  # fmt: skip
-            nanogpt.check_checkout(self.nanogpt_dir)
+        if self.nanogpt_dir and (not (self.bench_iters or self.sample_tokens) or self.speedrun):
+            raise ConfigError("--nanogpt_dir times training steps and sampling: it needs bench_iters > 0 or "
+                              "sample_tokens > 0, and no --speedrun")  # fmt: skip
         if self.speedrun and self.max_iters % self.log_interval:
             raise ConfigError(f"--speedrun reads the log line of the last step: log_interval ({self.log_interval}) "
                               f"must divide max_iters ({self.max_iters})")  # fmt: skip
@@ -186,19 +185,19 @@ def bench_training(cfg, device, vocab, flops_per_token, peak):
             "tokens_per_s": timed["tokens_per_s"], "mfu": mfu, "peak_memory_bytes": memory}  # fmt: skip
 
 
-def side_by_side(cfg, device, vocab, flops_per_token, peak):
+def side_by_side(cfg, device, vocab, flops_per_token, peak, reference):
     """bench_training cfg.repeats times, each followed by nanoGPT's train.py on the same recipe when
-    cfg.nanogpt_dir is set: the figures of the run with the median ms/iter, each run's ms/iter and
-    nanoGPT's, and the ratio of the medians."""
-    runs, reference = [], []
+    cfg.nanogpt_dir is set (timed by `reference`, tools/time_nanogpt.py): the figures of the run with the
+    median ms/iter, each run's ms/iter and nanoGPT's, and the ratio of the medians."""
+    runs, timings = [], []
     for _ in range(cfg.repeats):
         runs.append(bench_training(cfg, device, vocab, flops_per_token, peak))
         if cfg.nanogpt_dir:
-            reference.append(nanogpt.time_steps(cfg.nanogpt_dir, cfg, vocab, cfg.bench_iters))
+            timings.append(reference.time_steps(cfg.nanogpt_dir, cfg, vocab, cfg.bench_iters))
     ms = [r["ms_per_iter"] for r in runs]
     result = dict(sorted(runs, key=lambda r: r["ms_per_iter"])[len(runs) // 2], runs_ms_per_iter=ms)
-    if reference:
-        result |= {"nanogpt_ms_per_iter": reference, "speedup_vs_nanogpt": statistics.median(reference) /
+    if timings:
+        result |= {"nanogpt_ms_per_iter": timings, "speedup_vs_nanogpt": statistics.median(timings) /
                    statistics.median(ms)}  # fmt: skip
     return result
 
@@ -263,11 +262,12 @@ def format_model(base, name, device):
     return prepare(copy.deepcopy(base), hardware.DTYPES[hardware.inference_dtype("auto", device)[0]], name)
 
 
-def bench_sampling(cfg, device, vocab):
+def bench_sampling(cfg, device, vocab, reference=None):
     """Decode tokens/s of each number format (sampling_formats) with the KV cache, eager and, with
     --compile=True, compiled, against full recomputation in float32 and, with --nanogpt_dir, nanoGPT's
-    sample.py; each format next to its bound: its weight bytes read once per step at the memory
-    bandwidth measured here. Rounds of --repeats, formats in turn (A B A B), best of each kept."""
+    sample.py (timed by `reference`, tools/time_nanogpt.py); each format next to its bound: its weight
+    bytes read once per step at the memory bandwidth measured here. Rounds of --repeats, formats in
+    turn (A B A B), best of each kept."""
     model_args = cfg.model_args() | {"vocab_size": vocab}
     torch.manual_seed(cfg.seed)
     base = GPT(GPTConfig(**model_args)).to(device).eval()
@@ -286,7 +286,7 @@ def bench_sampling(cfg, device, vocab):
     prefill_s = time.perf_counter() - t0
     for _ in range(cfg.repeats):
         if cfg.nanogpt_dir:
-            nanogpt_rates.append(nanogpt.time_sampling(cfg.nanogpt_dir, base, prompt[0].tolist(), n, device))
+            nanogpt_rates.append(reference.time_sampling(cfg.nanogpt_dir, base, prompt[0].tolist(), n, device))
         for name, model in models.items():
             eager[name] = max(eager.get(name, 0.0), B * n / timed_decode(model, prompt, n, True, device))
             if cfg.compile:
@@ -365,12 +365,19 @@ def table(results):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv=None, reference=None):
+    """reference: the module that times a nanoGPT checkout (tools/time_nanogpt.py, which is not installed:
+    bench.py at the repository's root passes it)."""
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    if cfg.nanogpt_dir:
+        if reference is None:
+            raise ConfigError("--nanogpt_dir is a developer tool (tools/time_nanogpt.py): run python bench.py from a "
+                              "gptcraft checkout")  # fmt: skip
+        reference.check_checkout(cfg.nanogpt_dir)
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     if cfg.json:
-        outdir.check_writable(os.path.dirname(os.path.abspath(cfg.json)))  # fail now, not after the run
+        check_writable(os.path.dirname(os.path.abspath(cfg.json)))  # fail now, not after the run
     if cfg.speedrun and not os.path.exists(os.path.join(cfg.data_dir, cfg.dataset, "meta.json")):
         raise ConfigError(f"dataset {cfg.dataset} is not prepared in {cfg.data_dir}: prepare it first (not timed)")
     vocab = vocab_size(cfg)
@@ -384,9 +391,11 @@ def main(argv=None):
     if cfg.speedrun:
         results["speedrun"] = bench_speedrun(cfg)
     elif cfg.bench_iters:
-        results["training"] = side_by_side(cfg, device, vocab, results["flops_per_token"], results["peak_flops"])
+        results["training"] = side_by_side(
+            cfg, device, vocab, results["flops_per_token"], results["peak_flops"], reference
+        )
     if cfg.sample_tokens and not cfg.speedrun:
-        results["sampling"] = bench_sampling(cfg, device, vocab)
+        results["sampling"] = bench_sampling(cfg, device, vocab, reference)
     print(table(results))
     if cfg.json:
         with open(cfg.json, "w") as f:
