@@ -32,7 +32,7 @@ SCHEMES = ("none", "int8", "int4")
 # weights are converted to the activations' dtype for one ordinary matmul instead.
 KERNEL_ROWS = 16
 GROUP_SIZE = 32  # int4: inputs sharing one scale and zero
-INT4_DEVICES = ("cpu", "cuda")  # where torch has an int4 kernel
+KERNEL_DEVICES = ("cpu", "cuda")  # where torch has int8 and int4 kernels
 
 
 def quantize_option():
@@ -49,10 +49,9 @@ def check_scheme(scheme, device):
     """Refuse, in one line, a scheme this device cannot run."""
     if scheme not in SCHEMES:
         raise QuantizeError(f"quantize={scheme!r}: choose one of {', '.join(SCHEMES)}")
-    if scheme == "int4" and device.split(":")[0] not in INT4_DEVICES:
-        raise QuantizeError(f"quantize=int4 has no kernel on {device} (torch has one for cpu and cuda); use int8")
-    if scheme != "none" and device.split(":")[0] not in ("cpu", "cuda"):
-        raise QuantizeError(f"quantize={scheme} has no kernel on {device}; use cpu or cuda")
+    if scheme != "none" and device.split(":")[0] not in KERNEL_DEVICES:
+        raise QuantizeError(f"quantize={scheme} has no kernel on {device} (torch has them for cpu and cuda); "
+                            "use --quantize=none")  # fmt: skip
 
 
 class Int8Linear(nn.Module):
