@@ -17,9 +17,9 @@ from gptcraft.config import ConfigError
 from gptcraft.data.shards import write_meta
 from gptcraft.data.tokenizer import GPT2_META, CharTokenizer, GPT2Tokenizer
 from gptcraft.init_from import load_model
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.train.checkpoint import save_checkpoint
 from gptcraft.visualize import attention, png
-from model import GPT, GPTConfig
 
 
 def write_run(out_dir, meta, **model_args):

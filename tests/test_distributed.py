@@ -17,10 +17,10 @@ from conftest import ROOT, run_script, tiny_train_args
 from test_resume import assert_same_run
 
 from gptcraft.errors import GptcraftError
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.system import distributed
 from gptcraft.train import checkpoint, loop
 from gptcraft.train.parallelize import parallelize
-from model import GPT, GPTConfig
 
 # gradient_accumulation_steps is global: 2 micro-batches per step, one on each of 2 ranks. At a
 # learning rate of 1e-2 AdamW grows FSDP's float32 rounding differences past 1e-3 by iteration 20.

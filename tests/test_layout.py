@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import tomllib
-from conftest import ROOT
+from conftest import ROOT, run_script, tiny_train_args
 
 # Packages that everything else builds on: they import nothing above them.
 LOW = ("gptcraft.errors", "gptcraft.files", "gptcraft.config", "gptcraft.system", "gptcraft.data")
@@ -46,6 +46,14 @@ def test_model_imports_nothing_from_the_project():
     assert project_imports()["model"] == set()
 
 
+def test_the_package_imports_its_model_under_its_own_name():
+    # A top-level `model` would be whichever model.py comes first on sys.path: the current
+    # folder's under `python -m`, e.g. nanoGPT's in a nanoGPT checkout.
+    assert (ROOT / "gptcraft" / "model.py").resolve() == (ROOT / "model.py").resolve()
+    importers = [m for m, deps in project_imports().items() if "model" in deps]
+    assert importers == []
+
+
 def test_no_import_circle():
     graph = project_imports()
     state = {}  # module -> "open" while on the path, "done" after
@@ -73,9 +81,9 @@ def test_low_layers_import_nothing_above_them():
     assert graph["gptcraft.config"] <= {"gptcraft.errors"}
 
 
-def test_only_gptcraft_and_model_are_installed_names(tmp_path):
+def test_only_gptcraft_is_an_installed_name(tmp_path):
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert setuptools["py-modules"] == ["model"]
+    assert "py-modules" not in setuptools
     assert setuptools["packages"]["find"]["include"] == ["gptcraft*"]
     # From another directory, names that used to be ours resolve to nothing of this repository.
     names = ["config", "evaluate", "distributed", "tokens", "loader", "loading", "tracking", "checkpoint", "plot"]
@@ -108,3 +116,15 @@ def test_gptcraft_help_lists_the_subcommands(tmp_path):
 
 def test_root_holds_few_scripts():
     assert sorted(p.name for p in ROOT.glob("*.py")) == ["bench.py", "model.py", "sample.py", "train.py"]
+
+
+def test_a_folder_holding_another_model_py_changes_nothing(tmp_path, char_data_dir):
+    # `python -m` puts the current folder first on sys.path: there a nanoGPT checkout's model.py
+    # would stand in for ours if the package imported a top-level `model`.
+    (tmp_path / "model.py").write_text('raise ImportError("the current folder\'s model.py was imported")\n')
+    out = tmp_path / "out"
+    run_script("-m", "gptcraft", "train", *tiny_train_args(char_data_dir, out, max_iters=2, eval_iters=1),
+               cwd=tmp_path)  # fmt: skip
+    sample = run_script("-m", "gptcraft", "sample", f"--out_dir={out}", "--max_new_tokens=5", "--num_samples=1",
+                        "--device=cpu", cwd=tmp_path)  # fmt: skip
+    assert sample.stdout.strip()

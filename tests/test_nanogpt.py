@@ -15,11 +15,11 @@ from gptcraft.data.nanogpt import MetaPickleError
 from gptcraft.data.shards import open_dataset, read_meta
 from gptcraft.errors import GptcraftError
 from gptcraft.evaluate import run
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.prepare import index_shards
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
 from gptcraft.train.state import nanogpt_optimizer_state
-from model import GPT, GPTConfig
 
 
 def sha(path):

@@ -8,9 +8,9 @@ from conftest import run_here
 from PIL import Image
 
 from gptcraft.config import ConfigError
+from gptcraft.model import sinusoidal_positions
 from gptcraft.train.checkpoint import load_checkpoint, save_checkpoint
 from gptcraft.visualize import positions
-from model import sinusoidal_positions
 
 
 def offsets_only(similarity):

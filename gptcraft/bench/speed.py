@@ -35,10 +35,10 @@ from gptcraft.bench import nanogpt
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import read_meta, write_meta, write_tokens
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token, prefill
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.system import hardware
 from gptcraft.train import loop, outdir
 from gptcraft.train.config import TrainConfig
-from model import GPT, GPTConfig
 
 KNOWN_VOCAB_SIZES = {"shakespeare_char": 65}  # used when the dataset is not prepared here
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, fields, make_dataclass
 
 from gptcraft.config import ConfigError, option, options_of
 from gptcraft.init_from import check_init_from
+from gptcraft.model import GPTConfig
 from gptcraft.system import hardware
 from gptcraft.track.runlog import require_wandb
 from gptcraft.train.optimizer import OPTIMIZERS
-from model import GPTConfig
 
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 

@@ -29,6 +29,7 @@ from gptcraft.data.tokenizer import load_tokenizer
 from gptcraft.evaluate import hellaswag
 from gptcraft.evaluate.loss import full_split_loss
 from gptcraft.hf import from_pretrained, hub_name
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.system import distributed, hardware
 from gptcraft.track.runlog import RunLog, TrackingError
 from gptcraft.train import checkpoint, outdir, state
@@ -37,7 +38,6 @@ from gptcraft.train.optimizer import learning_rate, make_optimizer, set_learning
 from gptcraft.train.parallelize import clip_grad_norm, grad_sync, parallelize
 from gptcraft.train.state import Resume
 from gptcraft.train.stops import DivergenceGuard, GracefulStop, nonfinite, weights_finite
-from model import GPT, GPTConfig
 
 
 def main(argv=None):

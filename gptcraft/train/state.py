@@ -10,10 +10,10 @@ from dataclasses import fields
 import numpy as np
 import torch
 
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.system import distributed
 from gptcraft.train import checkpoint
 from gptcraft.train.checkpoint import CheckpointError
-from model import GPT, GPTConfig
 
 
 def state_dicts():

@@ -18,10 +18,10 @@ import torch
 
 from gptcraft.config import ConfigError, option, parse_config
 from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.model import attention_weights, causal_mask
 from gptcraft.sample import encode_prompt, read_prompt
 from gptcraft.system import hardware
 from gptcraft.visualize import png
-from model import attention_weights, causal_mask
 
 MAX_TOKENS = 128  # one readable label per token
 MAX_PIXELS = 12000  # per side of the PNG; a larger grid asks for fewer layers or heads

@@ -22,8 +22,8 @@ import torch
 from gptcraft.config import ConfigError, option, parse_config
 from gptcraft.hf import HUB_MODELS, from_pretrained
 from gptcraft.init_from import check_init_from, load_run
+from gptcraft.model import apply_rope, rope_tables, sinusoidal_positions
 from gptcraft.visualize import png
-from model import apply_rope, rope_tables, sinusoidal_positions
 
 DEFAULT_SIZES = dict(block_size=64, n_embd=128, n_head=4)  # configs/train_shakespeare_char_cpu.py
 
