@@ -40,8 +40,18 @@ def _type_name(tp):
     return getattr(tp, "__name__", str(tp))
 
 
+def _unless_auto(tp):
+    """X for a field typed `X | None`, whose None means "auto" (derived at run time), else None."""
+    args = typing.get_args(tp)
+    return next((a for a in args if a is not type(None)), None) if type(None) in args and len(args) == 2 else None
+
+
 def _convert(key, raw, tp, choices, from_text):
     """Turn a command-line string (from_text) or a config-file value into the field's type."""
+    if _unless_auto(tp) is not None:
+        if raw is None or raw == "auto" or (from_text and raw.strip().lower() in ("auto", "none")):
+            return None
+        tp = _unless_auto(tp)
     if from_text and tp is not str:
         text = raw.strip()
         if tp is bool:
@@ -102,11 +112,12 @@ def help_text(cls, prog):
     command = f"python {prog}" if prog.endswith(".py") else prog  # a script, or a gptcraft subcommand
     lines = [f"usage: {command} [CONFIG.py ...] [--key=value ...]", "",
              "CONFIG.py files are Python and run as code: load only your own, or ones you have read", "",
-             "keys (default: help):"]  # fmt: skip
+             "keys, each --key=DEFAULT  what it sets:"]  # fmt: skip
     for f in fields(cls):
         choices = f.metadata.get("choices")
         extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
-        lines.append(f"  --{f.name}={f.default!r}{extra}  {f.metadata.get('help', '')}")
+        default = "auto" if f.default is None else repr(f.default)
+        lines.append(f"  --{f.name}={default}{extra}  {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

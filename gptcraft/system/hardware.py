@@ -80,6 +80,12 @@ def resolve_dtype(name, device):
     return name
 
 
+def resolve_compile(compile, device):
+    """None (auto): torch.compile on CUDA only. On the CPU recipe it took about 37 s to compile and
+    ran no faster per iteration."""
+    return device.startswith("cuda") if compile is None else compile
+
+
 def autocast(device, dtype):
     """Mixed-precision context for forward passes; a no-op for float32."""
     if dtype == "float32":

@@ -182,7 +182,8 @@ def setup(cfg, d, device):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, which FSDP relies on
     raw_model = (pretrained if pretrained is not None else GPT(GPTConfig(**model_args))).to(device)
     torch.manual_seed(cfg.seed + d.rank)  # then each rank its own dropout masks
-    model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, cfg.compile, dtype)
+    compile_model = hardware.resolve_compile(cfg.compile, device)
+    model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, compile_model, dtype)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     iter_num, best_val_loss = 0, float("inf")
