@@ -153,11 +153,16 @@ def parse_config(cls, argv, prog="train.py"):
 
 
 def run_cli(main):
-    """Call main(), turning any GptcraftError into a one-line message and exit status 2. Under
-    torchrun every rank meets the same error: only rank 0 prints it."""
+    """Call main(), turning any GptcraftError into a one-line message and exit status 2, and
+    Ctrl-C (the second, in train.py) into one line and status 130. Under torchrun every rank
+    meets the same error: only rank 0 prints it."""
     try:
         return main()
     except GptcraftError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted by Ctrl-C: stopped at once", file=sys.stderr)
+        sys.exit(130)

@@ -13,10 +13,11 @@ from gptcraft.system import distributed, hardware
 
 
 @torch.no_grad()
-def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d):
+def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d, check=None):
     """Mean cross-entropy over every target token of `tokens` (a 1-D array of token ids).
     Every batch has the shape (batch_size, block_size), the last one padded with targets the
-    loss ignores (-1): a compiled model sees one shape and never recompiles."""
+    loss ignores (-1): a compiled model sees one shape and never recompiles. check: called
+    before each batch on every rank; it may raise to stop the evaluation (the trainer's stop)."""
     T = block_size
     n_targets = len(tokens) - 1
     starts = list(range(0, n_targets, T))  # window i covers inputs [s, s+T), targets [s+1, s+T+1)
@@ -25,6 +26,8 @@ def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d):
     model.eval()
     losses, sizes = [], []  # kept on the device: one host sync at the end
     for i, counted in distributed.even_share(len(batches), d):
+        if check is not None:
+            check()
         x = torch.zeros((batch_size, T), dtype=torch.int64)
         y = torch.full((batch_size, T), -1, dtype=torch.int64)
         for row, s in enumerate(batches[i]):
@@ -42,9 +45,9 @@ def full_val_loss(model, tokens, block_size, batch_size, device, dtype, d):
     return distributed.all_mean(total, d) * d.world_size / n_targets
 
 
-def full_split_loss(model, pieces, block_size, batch_size, device, dtype, d):
+def full_split_loss(model, pieces, block_size, batch_size, device, dtype, d, check=None):
     """Mean cross-entropy over every target token of a split stored as several token arrays."""
     pieces = [p for p in pieces if len(p) > 1]  # a one-token file has nothing to predict
     targets = [len(p) - 1 for p in pieces]
-    losses = [full_val_loss(model, p, block_size, batch_size, device, dtype, d) for p in pieces]
+    losses = [full_val_loss(model, p, block_size, batch_size, device, dtype, d, check) for p in pieces]
     return sum(loss * n for loss, n in zip(losses, targets, strict=True)) / sum(targets)

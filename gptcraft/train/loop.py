@@ -37,7 +37,7 @@ from gptcraft.train.config import TrainConfig
 from gptcraft.train.optimizer import learning_rate, make_optimizer, set_learning_rate
 from gptcraft.train.parallelize import clip_grad_norm, grad_sync, parallelize
 from gptcraft.train.state import Resume
-from gptcraft.train.stops import DivergenceGuard, GracefulStop, nonfinite, weights_finite
+from gptcraft.train.stops import DivergenceGuard, GracefulStop, StopRequested, nonfinite, weights_finite
 
 
 def main(argv=None):
@@ -63,11 +63,17 @@ def train(cfg, d, device, stop):
     while True:
         due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only
         at_end = cfg.eval_only or run.iter_num >= cfg.max_iters
-        # The last step's flags are read before its weights are evaluated or saved.
-        stopping = settle(run) if due or at_end or checkpoint_due(run) else False
+        # The last step's flags are read before its weights are evaluated or saved. One process
+        # needs no agreement with others: a signal stops it before its next step.
+        alone_stopped = stop.requested is not None and not d.enabled
+        stopping = (settle(run) or alone_stopped) if due or at_end or checkpoint_due(run) or alone_stopped else False
         if not stopping:
             evaluated = due and (run.iter_num > run.start_iter or run.eval_at_start)
-            saved = evaluate_and_save(run) if evaluated else False
+            try:
+                saved = evaluate_and_save(run, lambda: stop.check(d)) if evaluated else False
+            except StopRequested:  # the evaluation is dropped; the resumed run does it again
+                stopping = True
+        if not stopping:
             if at_end:
                 break
             if not saved and checkpoint_due(run):
@@ -269,18 +275,19 @@ def check_writes(log, d, failed=None):
         raise log.failure or TrackingError("rank 0 could not write into out_dir")
 
 
-def evaluate_and_save(run):
+def evaluate_and_save(run, check=None):
     """Estimate train and val loss (and the whole val split at the end, with full_val), log them,
-    and save when the run has moved since its start; returns whether it saved."""
+    and save when the run has moved since its start; returns whether it saved. check: called
+    before each batch, raises StopRequested to drop the evaluation."""
     cfg = run.cfg
     eval_samplers = {"train": run.samplers["eval_train"], "val": run.samplers["val"]}
-    losses = estimate_loss(run.model, eval_samplers, cfg, run.device, run.dtype, run.d)
+    losses = estimate_loss(run.model, eval_samplers, cfg, run.device, run.dtype, run.d, check)
     row = {"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
            "tokens_seen": run.iter_num * run.tokens_per_iter}  # fmt: skip
     if cfg.full_val and (run.iter_num == cfg.max_iters or cfg.eval_only):
         val_data = [f.memmap() for f in run.dataset.splits["val"]]
         row["full_val_loss"] = full_split_loss(run.model, val_data, run.model_args["block_size"], cfg.batch_size,
-                                               run.device, run.dtype, run.d)  # fmt: skip
+                                               run.device, run.dtype, run.d, check)  # fmt: skip
     if run.hellaswag is not None:
         scores = hellaswag.score(run.model, *run.hellaswag, run.model_args["block_size"], run.device, run.dtype,
                                  run.d, cfg.batch_size)  # fmt: skip
@@ -308,13 +315,16 @@ def checkpoint_due(run):
 
 
 @torch.no_grad()
-def estimate_loss(model, samplers, cfg, device, dtype, d):
-    """Mean loss over eval_iters fixed batches per split, shared out across ranks."""
+def estimate_loss(model, samplers, cfg, device, dtype, d, check=None):
+    """Mean loss over eval_iters fixed batches per split, shared out across ranks. check: called
+    before each batch on every rank; it may raise to stop the evaluation."""
     model.eval()
     out = {}
     for split, sampler in samplers.items():
         losses = []  # kept on the device: one host sync per split, not one per batch
         for j, counted in distributed.even_share(cfg.eval_iters, d):
+            if check is not None:
+                check()
             x, y = sampler.batch(j)
             with hardware.autocast(device, dtype):
                 _, loss = model(x, y)
