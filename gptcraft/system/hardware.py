@@ -143,8 +143,10 @@ def cpu_peak_cache():
     return os.path.join(root, "gptcraft", "cpu_peak_calibration.json")
 
 
-# Runs that measure the CPU peak before it is trusted: the best of them is the calibration.
+# Runs that measure the CPU peak before it is trusted: the best of them is the calibration. Runs
+# on a busy machine do not count, but a machine that is always busy stops measuring after MAX_TRIES.
 CALIBRATION_RUNS = 5
+MAX_TRIES = 20
 _MEASURED = {}  # (path, key) -> what this process measured: one process measures once
 
 
@@ -163,9 +165,9 @@ def calibration_measurement():
 def cpu_peak(path=None):
     """The CPU's fp32 matmul peak for this CPU, thread count and torch: the best of the first
     CALIBRATION_RUNS measurements on an idle machine (one per process, kept in `path`), then read
-    without measuring; never below what one thread measured. A run on a busy machine measures a
-    low peak (and MFU above 100%): it uses its one-thread figure and does not count. Deleting
-    the file starts a new calibration."""
+    without measuring; never below what one thread measured. A run on a busy machine would
+    measure a low peak (and MFU above 100%): it keeps its one-thread figure as a floor and does
+    not count. Deleting the file starts a new calibration."""
     path = path or cpu_peak_cache()
     key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
     try:
@@ -176,20 +178,16 @@ def cpu_peak(path=None):
     if not isinstance(cached, dict):
         cached = {}
     entry = cached.get(key)
-    fields_ok = isinstance(entry, dict) and all(
-        isinstance(entry.get(k), float) for k in ("flop_s", "one_thread_flop_s")
-    )
-    if not (fields_ok and isinstance(entry.get("runs"), int)):  # also an older entry, which had no floor
-        entry = {"flop_s": 0.0, "one_thread_flop_s": 0.0, "runs": 0}
+    counts, figures = ("runs", "tries"), ("flop_s", "one_thread_flop_s")
+    if not (isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in counts)
+            and all(isinstance(entry.get(k), float) for k in figures)):  # fmt: skip
+        entry = {"flop_s": 0.0, "one_thread_flop_s": 0.0, "runs": 0, "tries": 0}  # also an older entry: no floor
     here = _MEASURED.get((path, key))
-    if entry["runs"] >= CALIBRATION_RUNS or here is not None:
+    if entry["runs"] >= CALIBRATION_RUNS or entry["tries"] >= MAX_TRIES or here is not None:
         return max(entry["flop_s"], here or 0.0)  # calibrated, or measured already by this process
     one, together = calibration_measurement()
-    if together is None:
-        _MEASURED[(path, key)] = one
-        return max(entry["flop_s"], one)
-    entry = {"flop_s": max(together, entry["flop_s"]), "one_thread_flop_s": max(one, entry["one_thread_flop_s"]),
-             "runs": entry["runs"] + 1}  # fmt: skip
+    entry = {"flop_s": max(together or one, entry["flop_s"]), "one_thread_flop_s": max(one, entry["one_thread_flop_s"]),
+             "runs": entry["runs"] + (together is not None), "tries": entry["tries"] + 1}  # fmt: skip
     _MEASURED[(path, key)] = entry["flop_s"]
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
