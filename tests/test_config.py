@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 import pytest
-from conftest import run_here, run_script
+from conftest import ROOT, run_here, run_script
 
 from gptcraft.config import ConfigError, option, parse_config
 from gptcraft.system.hardware import resolve_compile
@@ -98,7 +98,7 @@ def test_help_lists_every_key_with_default():
 
 def test_min_lr_follows_the_learning_rate_unless_set():
     # README's finetuning line lowers the learning rate of a config that leaves min_lr unset.
-    finetune = ["configs/train_shakespeare_char.py", "--init_from=gpt2", "--learning_rate=3e-5"]
+    finetune = [str(ROOT / "configs" / "train_shakespeare_char.py"), "--init_from=gpt2", "--learning_rate=3e-5"]
     assert parse_config(TrainConfig, finetune).min_lr == pytest.approx(3e-6)
     assert parse_config(TrainConfig, [*finetune, "--min_lr=1e-6"]).min_lr == 1e-6
     assert parse_config(TrainConfig, ["--min_lr=auto"]).min_lr == pytest.approx(6e-5)

@@ -20,12 +20,13 @@ ENDLESS_EVAL = {"max_iters": 20, "eval_interval": 10, "eval_iters": 10**6, "log_
 def test_ctrl_c_during_an_evaluation_says_so_and_stops_at_the_next_batch(char_data_dir, tmp_path):
     out = tmp_path / "run"
     proc = start(tiny_train_args(char_data_dir, out, **ENDLESS_EVAL))
-    wait_for_line(proc, "device cpu")  # then the peak and the first evaluation
+    wait_for_line(proc, "evaluating 1000000 batches per split")  # printed as the evaluation begins
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     notice = "Ctrl-C: stopping after this step or evaluation batch, then saving; Ctrl-C again to stop now"
     assert rest.index(notice) < rest.index("stopped by SIGINT at iteration 0")
+    assert "Traceback" not in rest
     assert torch.load(out / "ckpt.pt", weights_only=True)["evaluated"] is False  # the resumed run evaluates
     assert not [r for r in read_log(out) if "val_loss" in r]
     # The same command continues: it evaluates at iteration 0 (now briefly) and trains on.
@@ -36,7 +37,7 @@ def test_ctrl_c_during_an_evaluation_says_so_and_stops_at_the_next_batch(char_da
 def test_sigterm_under_torchrun_stops_the_workers_in_the_middle_of_an_evaluation(char_data_dir, tmp_path):
     out = tmp_path / "run"
     launcher = start_torchrun(tiny_train_args(char_data_dir, out, backend="gloo", **ENDLESS_EVAL))
-    wait_for_line(launcher, "device cpu")
+    wait_for_line(launcher, "evaluating 1000000 batches per split")
     launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
     rest, _ = launcher.communicate(timeout=90)
     assert "stopped by SIGTERM at iteration 0" in rest, rest

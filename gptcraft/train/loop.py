@@ -32,7 +32,7 @@ from gptcraft.hf import from_pretrained, hub_name
 from gptcraft.model import GPT, GPTConfig
 from gptcraft.system import distributed, hardware
 from gptcraft.track.runlog import RunLog, TrackingError
-from gptcraft.train import checkpoint, outdir, state
+from gptcraft.train import checkpoint, outdir, pace, state
 from gptcraft.train.config import TrainConfig
 from gptcraft.train.optimizer import learning_rate, make_optimizer, set_learning_rate
 from gptcraft.train.parallelize import clip_grad_norm, grad_sync, parallelize
@@ -120,6 +120,7 @@ class Run:
     eval_at_start: bool
     redo_eval: bool
     hellaswag: tuple | None = None  # (tokenizer, examples) with hellaswag_file
+    forecast: pace.Forecast | None = None  # least times on a CPU (rank 0)
     t_last: float = 0.0  # when the pace was last measured
     t_saved: float = 0.0  # when the resume checkpoint was last saved (or the run started)
     minutes_up: bool = False  # checkpoint_minutes have passed on some rank (set by train_step)
@@ -218,6 +219,9 @@ def setup(cfg, d, device):
         log.guarded(os.path.join(cfg.out_dir, META), lambda: write_meta(cfg.out_dir, dataset.meta))
     check_writes(log, d)
     peak = hardware.peak_flops(device, dtype) if d.master else None  # on the CPU, maybe a timed matmul
+    forecast = pace.for_run(cfg, raw_model, accum, d.world_size, iter_num, peak) if device == "cpu" and peak else None
+    if forecast is not None and (note := pace.start_note(forecast, cfg.max_iters)):
+        log.print(note)
     if resume is not None:
         resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
     redo_eval = resume is not None and not cfg.eval_only and not resume.evaluated
@@ -226,7 +230,7 @@ def setup(cfg, d, device):
         optimizer=optimizer, scaler=scaler, samplers=samplers, dataset=dataset, log=log,
         guard=DivergenceGuard(cfg.max_nonfinite_steps, resume.nonfinite_in_a_row if resume else 0), accum=accum,
         tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"],
-        peak=peak,
+        peak=peak, forecast=forecast,
         iter_num=iter_num, best_val_loss=best_val_loss, start_iter=iter_num,
         eval_at_start=resume is None or cfg.eval_only or redo_eval, redo_eval=redo_eval,
         hellaswag=hellaswag_set, t_last=time.time(), t_saved=time.time(),
@@ -280,6 +284,8 @@ def evaluate_and_save(run, check=None):
     and save when the run has moved since its start; returns whether it saved. check: called
     before each batch, raises StopRequested to drop the evaluation."""
     cfg = run.cfg
+    if run.forecast is not None and (note := pace.eval_note(run.forecast, cfg.eval_iters)):
+        run.log.print(note)
     eval_samplers = {"train": run.samplers["eval_train"], "val": run.samplers["val"]}
     losses = estimate_loss(run.model, eval_samplers, cfg, run.device, run.dtype, run.d, check)
     row = {"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
