@@ -108,8 +108,15 @@ def _read_config_file(path):
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
 
 
+def command_name(script):
+    """What the user typed to start this command, for its usage line: `gptcraft NAME` when the
+    gptcraft command ran it (it sets sys.argv[0] so), else `python SCRIPT`."""
+    return sys.argv[0] if sys.argv[0].startswith("gptcraft ") else f"python {script}"
+
+
 def help_text(cls, prog):
-    command = f"python {prog}" if prog.endswith(".py") else prog  # a script, or a gptcraft subcommand
+    """prog: the root script (train.py), or the gptcraft subcommand for tools that have none."""
+    command = command_name(prog) if prog.endswith(".py") else prog
     lines = [f"usage: {command} [CONFIG.py ...] [--key=value ...]", "",
              "CONFIG.py files are Python and run as code: load only your own, or ones you have read", "",
              "keys, each --key=DEFAULT  what it sets:"]  # fmt: skip

@@ -30,7 +30,7 @@ class ExportConfig:
 
 
 def main(argv=None):
-    cfg = parse_config(ExportConfig, sys.argv[1:] if argv is None else argv, prog="export.py")
+    cfg = parse_config(ExportConfig, sys.argv[1:] if argv is None else argv, prog="gptcraft export")
     existing = [n for n in HF_FILES if os.path.exists(os.path.join(cfg.hf_dir, n))]
     if existing and not cfg.overwrite:
         raise ConfigError(f"{cfg.hf_dir} already holds a model ({', '.join(existing)}); choose another --hf_dir, "

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import tomllib
-from conftest import ROOT, run_script, tiny_train_args
+from conftest import ROOT, run_here, run_script, tiny_train_args
 
 # Packages that everything else builds on: they import nothing above them.
 LOW = ("gptcraft.errors", "gptcraft.files", "gptcraft.config", "gptcraft.system", "gptcraft.data")
@@ -128,3 +128,18 @@ def test_a_folder_holding_another_model_py_changes_nothing(tmp_path, char_data_d
     sample = run_script("-m", "gptcraft", "sample", f"--out_dir={out}", "--max_new_tokens=5", "--num_samples=1",
                         "--device=cpu", cwd=tmp_path)  # fmt: skip
     assert sample.stdout.strip()
+
+
+def test_every_usage_line_names_the_command_people_type():
+    from gptcraft.cli import COMMANDS, PREPARE
+
+    typed = {f"gptcraft {name}": ["-m", "gptcraft", name] for name in COMMANDS}
+    typed |= {f"gptcraft prepare {name}": ["-m", "gptcraft", "prepare", name] for name in PREPARE}
+    typed |= {f"python {script}": [script] for script in ("train.py", "sample.py", "bench.py")}
+    typed |= {f"python prepare/{name}.py": [f"prepare/{name}.py"] for name in PREPARE}
+    usage = [(command, run_here(*args, "--help").stdout.splitlines()[0]) for command, args in typed.items()]
+    # `python -m gptcraft.<module>` runs the same code: its usage names the same command.
+    root = {"train": "python train.py", "sample": "python sample.py", "bench": "python bench.py"}
+    usage += [(root.get(name, f"gptcraft {name}"), run_here("-m", module, "--help").stdout.splitlines()[0])
+              for name, (module, _) in COMMANDS.items() if name != "bench-prepare"]  # fmt: skip
+    assert [(c, line) for c, line in usage if not line.startswith(f"usage: {c} ")] == []

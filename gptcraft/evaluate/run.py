@@ -76,7 +76,7 @@ def first_tokens(pieces, n):
 
 
 def main(argv=None):
-    cfg = parse_config(EvaluateConfig, sys.argv[1:] if argv is None else argv, prog="evaluate.py")
+    cfg = parse_config(EvaluateConfig, sys.argv[1:] if argv is None else argv, prog="gptcraft eval")
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)

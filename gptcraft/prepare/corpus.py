@@ -28,6 +28,7 @@ import threading
 import numpy as np
 from tqdm import tqdm
 
+from gptcraft.config import command_name
 from gptcraft.data.shards import (
     META,
     SPLITS,
@@ -349,8 +350,8 @@ class Pipeline:
         return meta
 
 
-def parser(dataset=None, out_dir=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(dataset=None, out_dir=None, script="prepare/corpus.py"):
+    p = argparse.ArgumentParser(prog=command_name(script), description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=dataset is None)
     src.add_argument("--input", nargs="+", help="local .txt, .jsonl/.json or .parquet files, folders or globs")
     default_note = f" (default {dataset})" if dataset else ""
@@ -379,8 +380,8 @@ def run(args):
         sys.exit(f"error: {e}")
 
 
-def main(argv=None, dataset=None, out_dir=None):
-    run(parser(dataset, out_dir).parse_args(argv))
+def main(argv=None, dataset=None, out_dir=None, script="prepare/corpus.py"):
+    run(parser(dataset, out_dir, script).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import torch
 
-from gptcraft.config import ConfigError, option, parse_config
+from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
 from gptcraft.model import attention_weights, causal_mask
 from gptcraft.sample import encode_prompt, read_prompt
@@ -148,3 +148,7 @@ def main(argv=None):
     output = png.output_path(cfg.output, "attention.png", cfg.out_dir if cfg.init_from == "resume" else None)
     png.save(fig, output)
     print(f"wrote {output} ({len(layers)} layers x {len(heads)} heads, {len(ids)} tokens)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

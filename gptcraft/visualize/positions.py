@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import torch
 
-from gptcraft.config import ConfigError, option, parse_config
+from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.hf import HUB_MODELS, from_pretrained
 from gptcraft.init_from import check_init_from, load_run
 from gptcraft.model import apply_rope, rope_tables, sinusoidal_positions
@@ -129,3 +129,7 @@ def main(argv=None):
     output = png.output_path(cfg.output, "positions.png", cfg.out_dir if cfg.init_from == "resume" else None)
     png.save(fig, output)
     print(f"wrote {output} ({'; '.join(column[0] for column in columns)})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
