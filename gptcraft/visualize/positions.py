@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.hf import HUB_MODELS, from_pretrained
@@ -116,6 +117,8 @@ def draw(columns, title):
         image = bottom.imshow(similarity.numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
         bottom.set(title="cosine similarity of positions", xlabel="position n", ylabel="position m")
         fig.colorbar(image, ax=bottom, shrink=0.8)
+        for axis in (top.xaxis, top.yaxis, bottom.xaxis, bottom.yaxis):  # channels and positions are whole numbers
+            axis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     return fig
 
