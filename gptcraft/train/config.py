@@ -92,7 +92,9 @@ class TrainConfig(ModelSettings):
     def __post_init__(self):
         check_init_from(self.init_from, ("auto", "scratch", "resume"))
         if self.min_lr is None:  # follows a learning rate lowered for finetuning
-            self.min_lr = self.learning_rate / 10
+            # A tenth, written as a person would (6e-4 gives 6e-5, not 5.9999999999999995e-05): a run
+            # made with the value spelled out is the same run.
+            self.min_lr = float(f"{self.learning_rate / 10:.12g}")
         try:
             GPTConfig(**self.model_args())  # the model's own checks, on this run's values
         except ValueError as e:
