@@ -66,7 +66,9 @@ def train(cfg, d, device, stop):
         # The last step's flags are read before its weights are evaluated or saved. One process
         # needs no agreement with others: a signal stops it before its next step.
         alone_stopped = stop.requested is not None and not d.enabled
-        stopping = (settle(run) or alone_stopped) if due or at_end or checkpoint_due(run) or alone_stopped else False
+        stopping = False
+        if due or at_end or checkpoint_due(run) or alone_stopped:
+            stopping = settle(run) or alone_stopped
         if not stopping:
             evaluated = due and (run.iter_num > run.start_iter or run.eval_at_start)
             try:
@@ -120,7 +122,7 @@ class Run:
     eval_at_start: bool
     redo_eval: bool
     hellaswag: tuple | None = None  # (tokenizer, examples) with hellaswag_file
-    forecast: pace.Forecast | None = None  # least times on a CPU (rank 0)
+    forecast: pace.Forecast | None = None  # times at the CPU's peak (rank 0, on a CPU)
     t_last: float = 0.0  # when the pace was last measured
     t_saved: float = 0.0  # when the resume checkpoint was last saved (or the run started)
     minutes_up: bool = False  # checkpoint_minutes have passed on some rank (set by train_step)
