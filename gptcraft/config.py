@@ -40,18 +40,20 @@ def _type_name(tp):
     return getattr(tp, "__name__", str(tp))
 
 
-def _unless_auto(tp):
-    """X for a field typed `X | None`, whose None means "auto" (derived at run time), else None."""
+def _auto_type(tp):
+    """X for a field typed `X | None`, whose None means "auto" (worked out at run time); else None."""
     args = typing.get_args(tp)
-    return next((a for a in args if a is not type(None)), None) if type(None) in args and len(args) == 2 else None
+    if len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
 
 
 def _convert(key, raw, tp, choices, from_text):
     """Turn a command-line string (from_text) or a config-file value into the field's type."""
-    if _unless_auto(tp) is not None:
+    if _auto_type(tp) is not None:
         if raw is None or raw == "auto" or (from_text and raw.strip().lower() in ("auto", "none")):
             return None
-        tp = _unless_auto(tp)
+        tp = _auto_type(tp)
     if from_text and tp is not str:
         text = raw.strip()
         if tp is bool:
