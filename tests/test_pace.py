@@ -27,7 +27,7 @@ def test_the_baby_gpt_on_a_cpu_says_how_long_and_what_to_run_instead():
     assert f.eval_s == pytest.approx(per_token / 3 * 2 * 200 * tokens / PEAK)
     assert f.total_s == pytest.approx(5000 * f.step_s + 21 * f.eval_s)
     note = pace.start_note(f, cfg.max_iters)
-    assert note.startswith("note: this config is sized for a GPU") and "configs/train_shakespeare_char_cpu.py" in note
+    assert note.startswith("note: this run is sized for a GPU") and "configs/train_shakespeare_char_cpu.py" in note
     assert pace.eval_note(f, cfg.eval_iters).startswith("evaluating 200 batches per split (eval_iters): ")
 
 

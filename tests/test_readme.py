@@ -26,7 +26,7 @@ pytestmark = pytest.mark.readme
 SKIP = {
     "../nanoGPT": "a nanoGPT checkout the reader has",
     "pip install": "installs packages (network); the test runs in the installed environment",
-    "configs/train_shakespeare_char.py": "the baby GPT is sized for a GPU: minutes per step on a CPU",
+    "configs/train_shakespeare_char.py": "the baby GPT, sized for a GPU: many minutes an evaluation on a CPU",
     "--nproc_per_node=8": "8 GPUs",
     "configs/train_gpt2": "GPT-2 124M on OpenWebText or FineWeb: GPUs and a prepared corpus",
     "init_from=gpt2": "downloads GPT-2 from the Hugging Face hub",

@@ -46,7 +46,7 @@ def start_note(f, max_iters):
     """A line for a run that will take long on this CPU, else None."""
     if f.total_s < LONG_RUN_S:
         return None
-    return (f"note: this config is sized for a GPU. At this CPU's measured matmul peak ({f.peak / 1e9:.0f} "
+    return (f"note: this run is sized for a GPU. At this CPU's measured matmul peak ({f.peak / 1e9:.0f} "
             f"GFLOP/s) a step takes {f.step_s:.1f} s and an evaluation {format_duration(f.eval_s)}: "
             f"{format_duration(f.total_s)} to max_iters={max_iters}, and real steps are slower. For a CPU-sized "
             f"run use {CPU_SIZED}, or lower max_iters, eval_iters, batch_size or the model's size")  # fmt: skip
