@@ -22,6 +22,8 @@ def test_prepared_files_round_trip(char_data_dir, shakespeare_path):
     assert (len(train), len(val)) == (1_003_854, 111_540)  # the 90/10 split of 1,115,394 characters
     tok = CharTokenizer(meta["chars"])
     text = shakespeare_path.read_text()
+    # nanoGPT's vocabulary: the sorted characters, so that ids mean the same in both and whatever the hash seed
+    assert meta["chars"] == sorted(set(text))
     assert tok.decode(np.concatenate([train, val]).tolist()) == text
 
 
