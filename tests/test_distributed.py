@@ -214,6 +214,10 @@ def test_batch_settings_must_divide_across_ranks():
     with pytest.raises(GptcraftError, match=r"gradient_accumulation_steps \(3\) must be a multiple .* \(2\)"):
         distributed.local_accumulation(3, distributed.Dist(world_size=2))
     assert distributed.local_accumulation(8, distributed.Dist(world_size=4)) == 2
+    # README: fewer than the processes, each runs one micro-batch (the step holds world_size of them)
+    assert distributed.local_accumulation(1, distributed.Dist(world_size=2)) == 1
+    assert distributed.local_accumulation(3, distributed.Dist(world_size=4)) == 1
+    assert distributed.local_accumulation(2, distributed.Dist(world_size=2)) == 1
 
 
 def test_nccl_needs_cuda_and_fsdp_needs_torchrun():

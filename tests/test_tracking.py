@@ -174,6 +174,16 @@ def test_summary_skips_a_diverged_val_loss():
     assert summary["full_val_loss"] == 1.95 and summary["best_val_iter"] == 20
 
 
+def test_summary_means_are_over_the_rows_that_have_the_figure():
+    """A run resumed on a device of unknown peak logs mfu null from there on: the mean MFU is over
+    the rows that have one; the mean pace over every train row."""
+    rows = [{"iter": 10, "loss": 3.0, "tokens_per_s": 100.0, "mfu": 0.2},
+            {"iter": 20, "loss": 2.9, "tokens_per_s": 200.0, "mfu": 0.4},
+            {"iter": 30, "loss": 2.8, "tokens_per_s": 600.0, "mfu": None}]  # fmt: skip
+    summary = summarize(rows)
+    assert summary["mean_mfu"] == pytest.approx(0.3) and summary["mean_tokens_per_s"] == pytest.approx(300.0)
+
+
 def test_eta_from_the_wall_time_per_iteration(tmp_path, capsys):
     log = RunLog(str(tmp_path), True, start_iter=100, max_iters=400)
     # The first logged step of a session (a resumed one here) goes by its own pace: start-up,
