@@ -7,10 +7,14 @@ torchrun --standalone --nproc_per_node=8 -m gptcraft hellaswag --init_from=gpt2-
 Each example of the official jsonl has a context `ctx`, four `endings` and the `label` of the
 right one. Context and ending (after a space) are tokenized together, and each ending is scored
 by the model's cross-entropy over the ending's tokens only, as build-nanogpt and llm.c do
-("completion style"): acc picks the ending with the smallest sum, acc_norm the smallest mean per
-token. On the 10,042 validation examples build-nanogpt's hellaswag.py reports acc 0.2859,
-acc_norm 0.2955 for OpenAI's GPT-2 124M and 0.3842 / 0.4893 for GPT-2 1558M. Ranks take every
-world_size-th example and add up their counts.
+("completion style"). The pick is the ending with the smallest
+- acc: summed loss;
+- acc_norm: summed loss per character of the ending, as lm-evaluation-harness normalises the
+  acc_norm that papers and leaderboards quote (its prompt differs: see docs/hellaswag.md);
+- acc_norm_tokens: mean loss per token, what build-nanogpt and llm.c call acc_norm.
+On the 10,042 validation examples build-nanogpt's hellaswag.py reports acc 0.2859 and (per token)
+0.2955 for OpenAI's GPT-2 124M, 0.3842 / 0.4893 for GPT-2 1558M. Ranks take every world_size-th
+example and add up their counts.
 """
 
 import hashlib
@@ -109,25 +113,27 @@ def ending_losses(model, rows, lengths, device, dtype):
 
 
 def score(model, tok, examples, block_size, device, dtype, d, batch_size=8):
-    """{"acc", "acc_norm", "examples"} over `examples`, shared out across ranks. Every rank runs
-    the same number of forward passes (FSDP's are collective); repeated examples are not counted."""
+    """{"acc", "acc_norm", "acc_norm_tokens", "examples"} over `examples` (see the module docstring),
+    shared out across ranks. Every rank runs the same number of forward passes (FSDP's are
+    collective); repeated examples are not counted."""
     was_training = model.training
     model.eval()
     share = distributed.even_share(len(examples), d)
-    correct = torch.zeros(2, dtype=torch.float64)  # acc, acc_norm
+    correct = torch.zeros(3, dtype=torch.float64)  # acc, acc_norm, acc_norm_tokens
     for start in range(0, len(share), batch_size):
         batch = [(examples[i], counted) for i, counted in share[start : start + batch_size]]
         rendered = [render(example, tok, block_size) for example, _ in batch]
         rows = [row for rows, _ in rendered for row in rows]
         lengths = [n for _, ns in rendered for n in ns]
         sums, means = (t.view(len(batch), ENDINGS).cpu() for t in ending_losses(model, rows, lengths, device, dtype))
+        chars = torch.tensor([[len(ending) for ending in example[1]] for example, _ in batch])  # (B, 4)
         labels = torch.tensor([example[2] for example, _ in batch])
         counted = torch.tensor([c for _, c in batch])
-        correct += torch.stack([((sums.argmin(1) == labels) & counted).sum(),
-                                ((means.argmin(1) == labels) & counted).sum()]).double()  # fmt: skip
+        picks = (sums.argmin(1), (sums / chars).argmin(1), means.argmin(1))
+        correct += torch.stack([((pick == labels) & counted).sum() for pick in picks]).double()
     model.train(was_training)
-    total = [distributed.all_mean(c, d) * d.world_size for c in correct.tolist()]
-    return {"acc": total[0] / len(examples), "acc_norm": total[1] / len(examples), "examples": len(examples)}
+    total = [distributed.all_mean(c, d) * d.world_size / len(examples) for c in correct.tolist()]
+    return {"acc": total[0], "acc_norm": total[1], "acc_norm_tokens": total[2], "examples": len(examples)}
 
 
 @dataclass
@@ -171,8 +177,9 @@ def main(argv=None):
             examples = examples[: cfg.max_examples]
         result = score(model, tok, examples, model.config.block_size, device, dtype, d, cfg.batch_size)
         if d.master:
-            print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
-                  f"over {result['examples']:,} examples")  # fmt: skip
+            print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} (per character, as "
+                  f"lm-evaluation-harness), acc_norm_tokens {result['acc_norm_tokens']:.4f} (per token, as "
+                  f"build-nanogpt) over {result['examples']:,} examples")  # fmt: skip
         return result
     finally:
         distributed.shutdown()

@@ -85,8 +85,9 @@ class TrainConfig(ModelSettings):
     wandb_project: str = option("gptcraft", "Weights & Biases project")
     wandb_run_name: str = option("", "Weights & Biases run name; empty: the name of out_dir")
     plot_loss: bool = option(False, "redraw out_dir/loss.png after every evaluation")
-    hellaswag_file: str = option("", "HellaSwag jsonl (hellaswag_val.jsonl) to score at every evaluation, logged as "
-                                 "hellaswag_acc and hellaswag_acc_norm; empty: none")  # fmt: skip
+    hellaswag_file: str = option("", "HellaSwag jsonl (hellaswag_val.jsonl) to score at every evaluation, logged "
+                                 "as hellaswag_acc, hellaswag_acc_norm and hellaswag_acc_norm_tokens; "
+                                 "empty: none")  # fmt: skip
 
     def __post_init__(self):
         check_init_from(self.init_from, ("auto", "scratch", "resume"))

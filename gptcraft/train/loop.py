@@ -283,12 +283,19 @@ def evaluate_and_save(run):
     if run.hellaswag is not None:
         scores = hellaswag.score(run.model, *run.hellaswag, run.model_args["block_size"], run.device, run.dtype,
                                  run.d, cfg.batch_size)  # fmt: skip
-        row.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"])
+        row.update(
+            hellaswag_acc=scores["acc"],
+            hellaswag_acc_norm=scores["acc_norm"],
+            hellaswag_acc_norm_tokens=scores["acc_norm_tokens"],
+        )
     run.log.record(row)
     if "full_val_loss" in row:
         run.log.print(f"full val loss {row['full_val_loss']:.4f} (every val token)")
     if run.hellaswag is not None:
-        run.log.print(f"hellaswag acc {row['hellaswag_acc']:.4f}, acc_norm {row['hellaswag_acc_norm']:.4f}")
+        run.log.print(
+            f"hellaswag acc {row['hellaswag_acc']:.4f}, acc_norm {row['hellaswag_acc_norm']:.4f}, "
+            f"acc_norm_tokens {row['hellaswag_acc_norm_tokens']:.4f}"
+        )
     improved = losses["val"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses["val"])
     saving = (run.iter_num > run.start_iter or run.redo_eval) and (improved or cfg.always_save_checkpoint)
