@@ -236,8 +236,8 @@ def test_fewer_micro_batches_than_processes_run_one_each_and_mfu_is_per_process(
     result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
                         env={"OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cache)})  # fmt: skip
     assert "each does one micro-batch, 2 per step" in result.stdout
-    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss" in r]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
     assert [r["tokens_seen"] for r in steps] == [2 * 2 * 8 * 32, 4 * 2 * 8 * 32]  # 2 micro-batches of 8 x 32
     for r in steps:
         assert r["mfu"] == pytest.approx(TINY_FLOPS_PER_TOKEN * r["tokens_per_s"] / 2 / 1e9)
