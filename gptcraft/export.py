@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import write_meta
 from gptcraft.hf import HFFormatError, check_expressible, save_hf
-from gptcraft.init_from import load_run
+from gptcraft.load import RunFolder, load_run
 
 HF_FILES = ("config.json", "model.safetensors")
 
 
 @dataclass
-class ExportConfig:
-    out_dir: str = option("out", "run directory holding ckpt.pt (and meta.json)")
+class ExportConfig(RunFolder):
     hf_dir: str = option("", "folder to write config.json, model.safetensors and meta.json into")
     overwrite: bool = option(False, "replace a model that hf_dir already holds")
 
@@ -30,7 +29,7 @@ class ExportConfig:
 
 
 def main(argv=None):
-    cfg = parse_config(ExportConfig, sys.argv[1:] if argv is None else argv, prog="export.py")
+    cfg = parse_config(ExportConfig, sys.argv[1:] if argv is None else argv, prog="gptcraft export")
     existing = [n for n in HF_FILES if os.path.exists(os.path.join(cfg.hf_dir, n))]
     if existing and not cfg.overwrite:
         raise ConfigError(f"{cfg.hf_dir} already holds a model ({', '.join(existing)}); choose another --hf_dir, "

@@ -147,7 +147,7 @@ def tiny_run_dir(tmp_path, shakespeare_path):
 
     from gptcraft.data.shards import write_meta
     from gptcraft.data.tokenizer import CharTokenizer
-    from gptcraft.train.checkpoint import save_checkpoint
+    from gptcraft.runs.checkpoint import save_checkpoint
     from model import GPT, GPTConfig
 
     tok = CharTokenizer.from_text(shakespeare_path.read_text())

@@ -18,8 +18,9 @@ from test_resume import assert_same_run
 from test_tracking import TINY_FLOPS_PER_TOKEN
 
 from gptcraft.errors import GptcraftError
+from gptcraft.runs import checkpoint
 from gptcraft.system import distributed, hardware
-from gptcraft.train import checkpoint, loop
+from gptcraft.train import loop
 from gptcraft.train.parallelize import parallelize
 from model import GPT, GPTConfig
 

@@ -66,7 +66,7 @@ def test_ranks_draw_disjoint_batch_numbers_and_different_windows(tmp_path):
     """Under DDP each rank takes its own batch numbers of every step (2 ranks, 3 micro-batches
     each): together they draw each global batch once, and no two batches hold the same windows."""
     from gptcraft.system.distributed import Dist
-    from gptcraft.train.loop import Run
+    from gptcraft.train.setup import Job
 
     class Recorder:
         def batch(self, g):
@@ -76,7 +76,7 @@ def test_ranks_draw_disjoint_batch_numbers_and_different_windows(tmp_path):
     drawn = {}
     for rank in (0, 1):
         run = types.SimpleNamespace(d=Dist(rank=rank, world_size=2), accum=accum, samplers={"train": Recorder()})
-        drawn[rank] = [Run.next_batch(run, it, micro) for it in range(steps) for micro in range(accum)]
+        drawn[rank] = [Job.next_batch(run, it, micro) for it in range(steps) for micro in range(accum)]
     assert not set(drawn[0]) & set(drawn[1])
     assert sorted(drawn[0] + drawn[1]) == list(range(2 * accum * steps))
     sampler = WindowSampler(shards(tmp_path, [5000, 5000]), 32, 8, seed=1, stream=TRAIN_STREAM)

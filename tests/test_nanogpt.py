@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
-from gptcraft import export, init_from, sample
+from gptcraft import export, load, sample
 from gptcraft.data.nanogpt import MetaPickleError, read_meta_pkl
 from gptcraft.data.shards import open_dataset, read_meta
 from gptcraft.errors import GptcraftError
-from gptcraft.evaluate import run
+from gptcraft.evaluate import cli as run
 from gptcraft.prepare import index_shards
+from gptcraft.runs.resume import nanogpt_optimizer_state
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
-from gptcraft.train.state import nanogpt_optimizer_state
 from model import GPT, GPTConfig
 
 
@@ -175,6 +175,6 @@ def test_a_nanogpt_checkpoint_resumes_with_its_weights_and_adamw_state(nanogpt_d
 def test_a_gpt2_sized_nanogpt_run_without_meta_decodes_with_gpt2_bpe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/openwebtext/ here, as on a machine that only has out/
     ckpt = {"config": {"dataset": "openwebtext"}}
-    assert init_from.run_meta(str(tmp_path), ckpt, 50304)["tokenizer"] == "gpt2"
-    with pytest.raises(init_from.InitFromError, match="65-token vocabulary is not GPT-2's"):
-        init_from.run_meta(str(tmp_path), ckpt, 65)
+    assert load.run_meta(str(tmp_path), ckpt, 50304)["tokenizer"] == "gpt2"
+    with pytest.raises(load.InitFromError, match="65-token vocabulary is not GPT-2's"):
+        load.run_meta(str(tmp_path), ckpt, 65)

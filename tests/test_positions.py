@@ -8,7 +8,7 @@ from conftest import run_here
 from PIL import Image
 
 from gptcraft.config import ConfigError
-from gptcraft.train.checkpoint import load_checkpoint, save_checkpoint
+from gptcraft.runs.checkpoint import load_checkpoint, save_checkpoint
 from gptcraft.visualize import positions
 from model import sinusoidal_positions
 

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, ROOT, run_script
 
-from gptcraft.bench import prepare_speed
 from gptcraft.data.shards import open_dataset, open_shard
 from gptcraft.data.tokenizer import GPT2Tokenizer
 from gptcraft.prepare import corpus, fineweb
+from tools import bench_prepare
 
 EOT = 50256
 
 
 def documents(shakespeare_path, n):
-    """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind gptcraft bench-prepare measures on."""
-    return prepare_speed.documents(shakespeare_path, n, random.Random(0))
+    """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind tools/bench_prepare.py measures on."""
+    return bench_prepare.documents(shakespeare_path, n, random.Random(0))
 
 
 def write_jsonl(path, texts, key="text"):

@@ -10,7 +10,8 @@ from conftest import run_here, run_script, tiny_train_args
 
 from gptcraft.data.batches import WindowSampler
 from gptcraft.errors import GptcraftError
-from gptcraft.train import loop
+from gptcraft.system.distributed import Dist
+from gptcraft.train import loop, setup
 
 
 def read_log(out_dir):
@@ -74,7 +75,7 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_as_large(char_dat
 
 def test_the_step_applies_gradients_clipped_to_grad_clip(char_data_dir, tmp_path, monkeypatch):
     """The optimizer steps with the gradient scaled down to norm grad_clip; the log keeps the norm before."""
-    at_step, make_optimizer = [], loop.make_optimizer
+    at_step, make_optimizer = [], setup.make_optimizer
 
     def recording(model, cfg, device):
         optimizer = make_optimizer(model, cfg, device)
@@ -86,7 +87,7 @@ def test_the_step_applies_gradients_clipped_to_grad_clip(char_data_dir, tmp_path
         optimizer.register_step_pre_hook(record_norm)
         return optimizer
 
-    monkeypatch.setattr(loop, "make_optimizer", recording)
+    monkeypatch.setattr(setup, "make_optimizer", recording)
     out = tmp_path / "run"
     loop.main(tiny_train_args(char_data_dir, out, max_iters=3, eval_interval=3, eval_iters=1, log_interval=1,
                               grad_clip=0.05))  # fmt: skip
@@ -105,7 +106,7 @@ def test_missing_dataset_offline_names_the_prepare_command(tmp_path, monkeypatch
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     cfg = loop.TrainConfig(dataset="shakespeare_char", data_dir=str(tmp_path))
     try:
-        loop.ensure_dataset(cfg, loop.distributed.Dist())
+        setup.ensure_dataset(cfg, Dist())
     except GptcraftError as e:
         assert "--input" in str(e) and "prepare/shakespeare_char.py" in str(e)
     else:

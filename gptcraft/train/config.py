@@ -7,8 +7,7 @@ taken from model.py with their help and choices: they are defined there once and
 from dataclasses import dataclass, fields, make_dataclass
 
 from gptcraft.config import ConfigError, option, options_of
-from gptcraft.init_from import check_init_from
-from gptcraft.system import hardware
+from gptcraft.load import check_init_from, device_option, dtype_option
 from gptcraft.track.runlog import require_wandb
 from gptcraft.train.optimizer import OPTIMIZERS
 from model import GPTConfig
@@ -74,8 +73,8 @@ class TrainConfig(ModelSettings):
                           ("auto", "nccl", "gloo"))  # fmt: skip
     dist_timeout_s: int = option(1800, "seconds a rank waits for the others in a collective (rank 0 writing a "
                                  "large ckpt.pt takes long; torch's default is 600)")  # fmt: skip
-    device: str = hardware.device_option()
-    dtype: str = hardware.dtype_option()
+    device: str = device_option()
+    dtype: str = dtype_option()
     compile: bool = option(True, "torch.compile the model (pays off on GPUs, not on small CPU runs)")
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state across ranks (FSDP2) instead of DDP")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
