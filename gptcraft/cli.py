@@ -15,14 +15,13 @@ import sys
 COMMANDS = {
     "train": ("gptcraft.train.loop", "train a model (python train.py)"),
     "sample": ("gptcraft.sample", "sample text from a run or GPT-2 (python sample.py)"),
-    "eval": ("gptcraft.evaluate.run", "score a run or GPT-2 on a dataset split or a text file"),
+    "eval": ("gptcraft.evaluate.cli", "score a run or GPT-2 on a dataset split or a text file"),
     "hellaswag": ("gptcraft.evaluate.hellaswag", "HellaSwag acc and acc_norm of a run or GPT-2"),
     "export": ("gptcraft.export", "write a run as a Hugging Face GPT-2 folder"),
     "plot": ("gptcraft.track.plot", "draw the loss curves of one or more runs"),
     "attention": ("gptcraft.visualize.attention", "draw a prompt's attention weights, every layer and head"),
     "positions": ("gptcraft.visualize.positions", "draw sinusoidal, learned and rotary position encodings"),
     "bench": ("gptcraft.bench.speed", "time training and sampling (python bench.py)"),
-    "bench-prepare": ("gptcraft.bench.prepare_speed", "time corpus preparation against the reference"),
 }
 PREPARE = {
     "shakespeare_char": "tiny Shakespeare as characters",

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import write_meta
 from gptcraft.hf import HFFormatError, check_expressible, save_hf
-from gptcraft.init_from import load_run
+from gptcraft.load import RunFolder, load_run
 
 HF_FILES = ("config.json", "model.safetensors")
 
 
 @dataclass
-class ExportConfig:
-    out_dir: str = option("out", "run directory holding ckpt.pt (and meta.json)")
+class ExportConfig(RunFolder):
     hf_dir: str = option("", "folder to write config.json, model.safetensors and meta.json into")
     overwrite: bool = option(False, "replace a model that hf_dir already holds")
 

@@ -1,5 +1,5 @@
-"""Files gptcraft writes into run and data folders: atomic writes, hashes, opens that never
-follow a link.
+"""Files gptcraft writes into run and data folders: atomic writes, whole folders swapped in, hashes,
+opens that never follow a link.
 
 Every file is created fresh, never written through a symbolic link someone left in its place:
 a whole file is written to a temporary file (opened with O_EXCL | O_NOFOLLOW) and renamed over
@@ -9,11 +9,13 @@ only gptcraft makes, `.gptcraft-tmp-<name>-<pid>-<random>`, so that clearing the
 process left never touches a user's `results.tmp.csv`.
 """
 
+import contextlib
 import errno
 import glob
 import hashlib
 import os
 import secrets
+import shutil
 
 from gptcraft.errors import GptcraftError
 
@@ -82,6 +84,67 @@ def remove_stale_temps(folder):
     for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(TEMP_PREFIX) + "*")):
         if not os.path.isdir(path) or os.path.islink(path):
             os.remove(path)
+
+
+def swap_dir(new, final):
+    """Put directory `new` in the place of `final` by two renames (final -> final.old, new -> final),
+    then remove the old one. A crash between the renames leaves final.old complete. A link at
+    `final` (data/owt -> /big/disk/owt) is followed: the folder it points to is replaced."""
+    final = os.path.realpath(final)
+    old = final + ".old"
+    if os.path.exists(final):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(new, final)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def carry_over(old, new, ours):
+    """Give directory `new` what `old` holds besides the files named `ours(name)` (the user's own: an
+    input.txt, notes), hard-linked where the file system allows: the swap then loses none of them,
+    and a crash before it leaves `old` as it was."""
+    if not os.path.isdir(old):
+        return
+    for name in os.listdir(old):
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if ours(name) or os.path.lexists(dst):
+            continue
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+def staging_dir(final):
+    """The directory beside `final` (beside the folder a link there points to) that its
+    replacement is built in (see replaced_dir)."""
+    return os.path.realpath(final) + ".tmp"
+
+
+@contextlib.contextmanager
+def replaced_dir(final, ours):
+    """Yield a new, empty directory beside `final` to write into; when the block ends it replaces
+    `final` as a whole (swap_dir) with the files that are not `ours(name)` carried over, and when
+    the block fails it is removed and `final` is untouched."""
+    new = staging_dir(final)
+    if os.path.exists(new):
+        shutil.rmtree(new)  # left by a killed preparation
+    os.makedirs(new)
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    carry_over(final, new, ours)
+    swap_dir(new, final)
 
 
 def file_sha256(path):

@@ -18,14 +18,13 @@ import torch
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token
-from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.load import ModelOptions
+from gptcraft.prompt import encode_prompt, end_of_text, read_prompt
 from gptcraft.system import hardware
 
 
 @dataclass
-class SampleConfig:
-    init_from: str = option("resume", INIT_FROM_HELP)
-    out_dir: str = option("out", "run directory holding ckpt.pt and meta.json (init_from=resume)")
+class SampleConfig(ModelOptions):
     start: str = option("\n", "prompt text; FILE:path reads it from a file, - from stdin; empty starts "
                               "from end-of-text (BPE) or a newline (characters)")  # fmt: skip
     num_samples: int = option(10, "samples drawn together as one batch")
@@ -40,12 +39,9 @@ class SampleConfig:
     compile: bool = option(False, "torch.compile the decoding step (once, at the first step; on CUDA as a CUDA "
                                   "graph, mode=reduce-overhead); needs use_cache")  # fmt: skip
     stream: bool = option(True, "print a single sample token by token as it is generated")
-    device: str = hardware.device_option()
-    dtype: str = hardware.dtype_option()
-    tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
 
     def __post_init__(self):
-        check_init_from(self.init_from)
+        super().__post_init__()
         if self.num_samples <= 0 or self.max_new_tokens <= 0:
             raise ConfigError("num_samples and max_new_tokens must be positive")
         if not 0 <= self.temperature < math.inf:
@@ -86,36 +82,6 @@ def check_batch_memory(config, num_samples, device, element_size=4):
         )
 
 
-def read_prompt(start):
-    """The prompt text: --start itself, a file's content (FILE:path) or standard input (-)."""
-    if start == "-":
-        return sys.stdin.read()
-    if start.startswith("FILE:"):
-        path = start[len("FILE:") :]
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read prompt file {path}: {e.strerror}") from None
-    return start
-
-
-def end_of_text(tok):
-    """The tokenizer's end-of-text id (GPT-2 BPE: 50256), or None for a character vocabulary."""
-    return getattr(tok, "eot_token", None)
-
-
-def encode_prompt(tok, prompt):
-    """Token ids of the prompt; an empty prompt starts from end-of-text, or from a newline."""
-    eot = end_of_text(tok)
-    if not prompt and eot is not None:
-        return [eot]
-    try:
-        return tok.encode(prompt or "\n")
-    except ValueError as e:
-        raise ConfigError(f"prompt: {e}") from None
-
-
 class TextStream:
     """Text of token ids that arrive one at a time. A BPE token can end inside a multi-byte UTF-8
     character: the incremental decoder holds such bytes back until the character is complete."""
@@ -143,10 +109,8 @@ def until_eot(ids, eot):
 
 def main(argv=None):
     cfg = parse_config(SampleConfig, sys.argv[1:] if argv is None else argv, prog="sample.py")
-    device = hardware.resolve_device(cfg.device)
-    dtype = hardware.resolve_dtype(cfg.dtype, device)
     prompt = read_prompt(cfg.start)
-    model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
+    model, tok, device, dtype = cfg.load()
     block_size = model.config.block_size
     if cfg.window_keep > block_size:
         raise ConfigError(f"window_keep ({cfg.window_keep}) must not exceed the model's block_size ({block_size})")

@@ -16,9 +16,9 @@ from transformers import GPT2LMHeadModel
 from gptcraft.config import ConfigError
 from gptcraft.data.shards import write_meta
 from gptcraft.data.tokenizer import GPT2_META, CharTokenizer, GPT2Tokenizer
-from gptcraft.init_from import load_model
+from gptcraft.load import load_model
 from gptcraft.model import GPT, GPTConfig
-from gptcraft.train.checkpoint import save_checkpoint
+from gptcraft.runs.checkpoint import save_checkpoint
 from gptcraft.visualize import attention, png
 
 

@@ -9,7 +9,8 @@ from conftest import run_script, tiny_train_args
 from gptcraft.bench import speed
 from gptcraft.config import run_cli
 from gptcraft.errors import GptcraftError
-from gptcraft.evaluate import run as evaluate
+from gptcraft.evaluate import cli as evaluate
+from tools import time_nanogpt
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--vocab_size=65", "--compile=False", "--dtype=float32"]  # fmt: skip
@@ -72,8 +73,15 @@ def test_vocab_size_falls_back_to_known_datasets(tmp_path):
 )  # fmt: skip
 def test_bad_arguments_fail_fast(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: speed.main(args))
+        run_cli(lambda: speed.main(args, reference=time_nanogpt))  # as bench.py at the root runs it
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_nanogpt_side_by_side_needs_the_checkout_tools(tmp_path, capsys):
+    """tools/ is not installed: `gptcraft bench` says where --nanogpt_dir runs, before any work."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: speed.main([f"--nanogpt_dir={tmp_path}"]))
+    assert exit_info.value.code == 2 and "run python bench.py from a gptcraft checkout" in capsys.readouterr().err
 
 
 @pytest.mark.cuda
@@ -124,7 +132,10 @@ def test_nanogpt_is_timed_side_by_side_from_its_own_log_lines(tmp_path, monkeypa
         "    print(f'iter {i}: loss 4.1000, time {99.0 if i <= n // 2 else 7.0:.2f}ms, mfu -100.00%')\n"
     )
     monkeypatch.setattr(speed.hardware, "peak_flops", lambda device, dtype: 1e11)
-    r = speed.main([*TINY, "--bench_iters=2", "--sample_tokens=0", f"--nanogpt_dir={tmp_path}", "--repeats=3"])
+    r = speed.main(
+        [*TINY, "--bench_iters=2", "--sample_tokens=0", f"--nanogpt_dir={tmp_path}", "--repeats=3"],
+        reference=time_nanogpt,
+    )
     t = r["training"]
     assert t["nanogpt_ms_per_iter"] == [7.0, 7.0, 7.0] and len(t["runs_ms_per_iter"]) == 3
     assert t["ms_per_iter"] == sorted(t["runs_ms_per_iter"])[1]  # the median run

@@ -11,8 +11,9 @@ from conftest import tiny_train_args
 
 from gptcraft import model
 from gptcraft.errors import GptcraftError
-from gptcraft.train import checkpoint, loop
-from gptcraft.train.checkpoint import CheckpointError
+from gptcraft.runs import checkpoint
+from gptcraft.runs.checkpoint import CheckpointError
+from gptcraft.train import loop
 
 RUN = {"max_iters": 30, "eval_interval": 10, "log_interval": 5}
 
@@ -81,7 +82,7 @@ def test_a_torn_sharded_save_falls_back_to_the_complete_one(tmp_path):
     checkpoint.save_checkpoint(old / checkpoint.SHARDED_STATE, {"iter_num": 10})
     (tmp_path / "ckpt.dcp.tmp").mkdir()  # the new one, never finished
     assert checkpoint.latest_path(tmp_path, fsdp=True) == str(old)
-    checkpoint.remove_stale_temps(tmp_path)
+    checkpoint.clear_killed_saves(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp.old"]
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import run_script, tiny_train_args
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gptcraft.evaluate.loss import full_val_loss
+from gptcraft.evaluate.loss import split_loss
 from gptcraft.model import GPT, GPTConfig
 from gptcraft.system.distributed import Dist
 
@@ -45,7 +45,7 @@ def test_no_recompiles_after_warm_up():
             model.eval()
             with torch.no_grad():
                 model(idx, idx)
-        full_val_loss(model, tokens, 256, 4, "cuda", "bfloat16", Dist())
+        split_loss(model, [tokens], 256, 4, "cuda", "bfloat16", Dist())
 
     one_round()
     torch.compiler.set_stance("fail_on_recompile")

@@ -10,8 +10,8 @@ import torch
 from conftest import ROOT
 
 from gptcraft.errors import GptcraftError
-from gptcraft.evaluate import run
-from gptcraft.init_from import load_model
+from gptcraft.evaluate import cli as run
+from gptcraft.load import load_model
 
 
 def loss_window_by_window(model, ids, block_size=32):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_train_args
 
-from gptcraft.evaluate.loss import full_split_loss, full_val_loss
+from gptcraft.evaluate.loss import split_loss
 from gptcraft.model import GPT, GPTConfig
 from gptcraft.system.distributed import Dist
 from gptcraft.train import loop
@@ -29,7 +29,7 @@ def test_full_val_scores_every_token_once():
             scored += chunk.size(1) - 1
     assert scored == 42
     for batch_size in (1, 2, 4, 16):
-        got = full_val_loss(model, tokens, 8, batch_size, "cpu", "float32", Dist())
+        got = split_loss(model, [tokens], 8, batch_size, "cpu", "float32", Dist())
         assert abs(got - total / scored) < 1e-5, batch_size
     assert model.training  # the model is put back as it was
 
@@ -41,7 +41,7 @@ def test_full_val_batches_all_have_one_shape():
     shapes = []
     model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
     tokens = np.random.default_rng(0).integers(0, 20, size=43).astype(np.uint16)  # 6 windows, the last short
-    full_val_loss(model, tokens, 8, 4, "cpu", "float32", Dist())
+    split_loss(model, [tokens], 8, 4, "cpu", "float32", Dist())
     assert shapes == [(4, 8), (4, 8)]
 
 
@@ -60,7 +60,7 @@ def test_train_logs_full_val_on_last_eval_row(char_data_dir, tmp_path, capsys):
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     val = np.fromfile(char_data_dir / "shakespeare_char" / "val.bin", dtype="<u2")
-    expected = full_val_loss(model, val, 32, 8, "cpu", "float32", Dist())
+    expected = split_loss(model, [val], 32, 8, "cpu", "float32", Dist())
     assert evals[-1]["full_val_loss"] == pytest.approx(expected, rel=1e-5)
     assert expected < math.log(65) - 0.7
 
@@ -76,6 +76,6 @@ def test_split_in_several_files_is_scored_by_target_count():
     model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16))
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, 20, size=30).astype(np.uint16), rng.integers(0, 20, size=11).astype(np.uint16)
-    la, lb = (full_val_loss(model, p, 8, 4, "cpu", "float32", Dist()) for p in (a, b))
-    got = full_split_loss(model, [a, b, a[:1]], 8, 4, "cpu", "float32", Dist())  # a 1-token file adds nothing
+    la, lb = (split_loss(model, [p], 8, 4, "cpu", "float32", Dist()) for p in (a, b))
+    got = split_loss(model, [a, b, a[:1]], 8, 4, "cpu", "float32", Dist())  # a 1-token file adds nothing
     assert abs(got - (29 * la + 10 * lb) / 39) < 1e-6

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
+from gptcraft.runs.checkpoint import load_checkpoint
 from gptcraft.system import distributed, hardware
 from gptcraft.track.runlog import train_line
-from gptcraft.train.checkpoint import load_checkpoint
 from gptcraft.train.config import TrainConfig
 
 

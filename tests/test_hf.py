@@ -13,8 +13,8 @@ from gptcraft import export, sample
 from gptcraft.errors import GptcraftError
 from gptcraft.hf import from_pretrained
 from gptcraft.model import GPT, GPTConfig
+from gptcraft.runs.checkpoint import load_checkpoint, save_checkpoint
 from gptcraft.train import loop
-from gptcraft.train.checkpoint import load_checkpoint, save_checkpoint
 
 VOCAB = 65  # the size of the Shakespeare character vocabulary, so the finetuning test can use that data
 

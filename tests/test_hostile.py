@@ -19,12 +19,13 @@ from gptcraft.config import ConfigError
 from gptcraft.data.shards import TokenFileError, open_dataset, shard_meta, write_meta, write_shard, write_tokens
 from gptcraft.data.tokenizer import TokenizerError
 from gptcraft.hf import HFFormatError
-from gptcraft.init_from import check_init_from
+from gptcraft.load import check_init_from
 from gptcraft.prepare import corpus, shakespeare_char
+from gptcraft.runs import checkpoint
+from gptcraft.runs.checkpoint import CheckpointError
 from gptcraft.track import runlog
 from gptcraft.track.runlog import TrackingError
-from gptcraft.train import checkpoint, loop
-from gptcraft.train.checkpoint import CheckpointError
+from gptcraft.train import loop
 
 
 class WritesMarker:

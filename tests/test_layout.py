@@ -7,11 +7,18 @@ import sys
 import tomllib
 from conftest import ROOT, run_here, run_script, tiny_train_args
 
-# Packages that everything else builds on: they import nothing above them.
-LOW = ("gptcraft.errors", "gptcraft.files", "gptcraft.config", "gptcraft.system", "gptcraft.data")
-HIGH = ("gptcraft.train", "gptcraft.track", "gptcraft.evaluate", "gptcraft.prepare", "gptcraft.bench", "gptcraft.hf",
-        "gptcraft.generate", "gptcraft.sample", "gptcraft.init_from", "gptcraft.export", "gptcraft.visualize",
-        "gptcraft.cli")  # fmt: skip
+# The layers, from the bottom up: a module imports only from its own layer and those below it.
+LAYERS = (
+    ("model", "gptcraft.model"),  # gptcraft/model.py is a link to model.py
+    ("gptcraft.errors", "gptcraft.files", "gptcraft.config"),
+    ("gptcraft.system", "gptcraft.data"),
+    ("gptcraft.prepare", "gptcraft.hf", "gptcraft.track"),
+    ("gptcraft.runs",),  # run folders: checkpoints, resume, the lock, how a run starts
+    ("gptcraft.load", "gptcraft.evaluate", "gptcraft.generate", "gptcraft.prompt"),
+    ("gptcraft.train", "gptcraft.sample", "gptcraft.export", "gptcraft.visualize"),
+    ("gptcraft.bench",),
+    ("gptcraft.cli", "gptcraft.__main__"),
+)
 
 
 def module_name(path):
@@ -72,13 +79,28 @@ def test_no_import_circle():
             visit(m, [m])
 
 
-def test_low_layers_import_nothing_above_them():
+def layer_of(name):
+    return next(i for i, layer in enumerate(LAYERS) if within(name, layer))
+
+
+def test_every_module_has_a_layer_and_no_import_runs_upward():
     graph = project_imports()
-    upward = [(m, dep) for m, deps in graph.items() if within(m, LOW) for dep in deps if within(dep, HIGH)]
+    unplaced = [m for m in graph if m != "gptcraft" and not any(within(m, layer) for layer in LAYERS)]
+    assert unplaced == []
+    upward = [(m, dep) for m, deps in graph.items() if m != "gptcraft" for dep in deps - {"gptcraft"}
+              if layer_of(dep) > layer_of(m)]  # fmt: skip
     assert upward == []
     assert graph["gptcraft.errors"] == set()
     assert graph["gptcraft.files"] <= {"gptcraft.errors"}
     assert graph["gptcraft.config"] <= {"gptcraft.errors"}
+
+
+def test_inference_reads_runs_without_the_trainer():
+    """Sampling, evaluation, export and the pictures load a run through runs/ and load.py alone."""
+    graph = project_imports()
+    users = [m for m in graph if within(m, ("gptcraft.load", "gptcraft.sample", "gptcraft.evaluate",
+                                             "gptcraft.export", "gptcraft.visualize"))]  # fmt: skip
+    assert [(m, dep) for m in users for dep in graph[m] if within(dep, ("gptcraft.train",))] == []
 
 
 def test_only_gptcraft_is_an_installed_name(tmp_path):
@@ -141,5 +163,5 @@ def test_every_usage_line_names_the_command_people_type():
     # `python -m gptcraft.<module>` runs the same code: its usage names the same command.
     root = {"train": "python train.py", "sample": "python sample.py", "bench": "python bench.py"}
     usage += [(root.get(name, f"gptcraft {name}"), run_here("-m", module, "--help").stdout.splitlines()[0])
-              for name, (module, _) in COMMANDS.items() if name != "bench-prepare"]  # fmt: skip
+              for name, (module, _) in COMMANDS.items()]  # fmt: skip
     assert [(c, line) for c, line in usage if not line.startswith(f"usage: {c} ")] == []

@@ -10,16 +10,16 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
-from gptcraft import export, init_from, sample
-from gptcraft.data.nanogpt import MetaPickleError
+from gptcraft import export, load, sample
+from gptcraft.data.nanogpt import MetaPickleError, read_meta_pkl
 from gptcraft.data.shards import open_dataset, read_meta
 from gptcraft.errors import GptcraftError
-from gptcraft.evaluate import run
+from gptcraft.evaluate import cli as run
 from gptcraft.model import GPT, GPTConfig
 from gptcraft.prepare import index_shards
+from gptcraft.runs.resume import nanogpt_optimizer_state
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
-from gptcraft.train.state import nanogpt_optimizer_state
 
 
 def sha(path):
@@ -104,6 +104,13 @@ def test_a_meta_pkl_that_would_run_code_is_refused(tmp_path, shakespeare_path):
     assert result.stderr.count("\n") == 1 and "meta.pkl is refused" in result.stderr
 
 
+def test_meta_pkl_ids_keep_their_characters_in_any_order(tmp_path):
+    """Id i decodes to itos[i], whatever order the characters or the dict's keys are in."""
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 3, "itos": {2: "m", 0: "z", 1: "a"}, "stoi": {"z": 0, "a": 1, "m": 2}}, f)
+    assert read_meta_pkl(tmp_path / "meta.pkl") == {"tokenizer": "char", "vocab_size": 3, "chars": ["z", "a", "m"]}
+
+
 def nanogpt_checkpoint(out_dir, vocab_size, iter_num=10):
     """What nanoGPT's train.py saves: a compiled model's weights, with the causal-mask buffers
     of its non-flash attention, its AdamW (two groups) after a step, model_args and config."""
@@ -168,6 +175,6 @@ def test_a_nanogpt_checkpoint_resumes_with_its_weights_and_adamw_state(nanogpt_d
 def test_a_gpt2_sized_nanogpt_run_without_meta_decodes_with_gpt2_bpe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/openwebtext/ here, as on a machine that only has out/
     ckpt = {"config": {"dataset": "openwebtext"}}
-    assert init_from.run_meta(str(tmp_path), ckpt, 50304)["tokenizer"] == "gpt2"
-    with pytest.raises(init_from.InitFromError, match="65-token vocabulary is not GPT-2's"):
-        init_from.run_meta(str(tmp_path), ckpt, 65)
+    assert load.run_meta(str(tmp_path), ckpt, 50304)["tokenizer"] == "gpt2"
+    with pytest.raises(load.InitFromError, match="65-token vocabulary is not GPT-2's"):
+        load.run_meta(str(tmp_path), ckpt, 65)

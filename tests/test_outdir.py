@@ -14,11 +14,13 @@ from test_resume import start, wait_for_line
 
 from gptcraft import files
 from gptcraft.files import LinkError
+from gptcraft.runs import checkpoint, lock
+from gptcraft.runs.lock import OutDirError, RunLock
+from gptcraft.runs.start import decide_start
 from gptcraft.track import plot
 from gptcraft.track.runlog import RunLog
-from gptcraft.train import checkpoint, loop, outdir
+from gptcraft.train import loop
 from gptcraft.train.config import TrainConfig
-from gptcraft.train.outdir import OutDirError, RunLock
 
 SHORT = {"max_iters": 4, "eval_interval": 2, "eval_iters": 1, "log_interval": 1}
 
@@ -35,21 +37,30 @@ def snapshot(folder):
 
 
 def test_auto_starts_new_in_an_empty_out_dir_and_continues_only_the_same_run(tmp_path):
-    assert outdir.decide_start(config(tmp_path)) == "new"
+    assert decide_start(config(tmp_path)) == "new"
     checkpoint.save_checkpoint(tmp_path / "ckpt.pt", {"config": config(tmp_path)})
     # Keys that may change on resume may differ; model, data and seed may not.
-    assert outdir.decide_start(config(tmp_path, max_iters=9, eval_interval=7, dropout=0.1)) == "resume"
+    assert decide_start(config(tmp_path, max_iters=9, eval_interval=7, dropout=0.1)) == "resume"
     with pytest.raises(
         OutDirError,
         match=r"holds another run \(ckpt.pt\): seed=1337 \(this run: 5\), n_layer=12 "
         r"\(this run: 3\); continue it with --init_from=resume, .*--overwrite=True",
     ):
-        outdir.decide_start(config(tmp_path, n_layer=3, seed=5))
-    assert outdir.decide_start(config(tmp_path, seed=5, overwrite=True)) == "new"
+        decide_start(config(tmp_path, n_layer=3, seed=5))
+    assert decide_start(config(tmp_path, seed=5, overwrite=True)) == "new"
     with pytest.raises(OutDirError, match="holds ckpt.pt of an earlier run and init_from=scratch starts a new one"):
-        outdir.decide_start(config(tmp_path, init_from="scratch"))
+        decide_start(config(tmp_path, init_from="scratch"))
     with pytest.raises(OutDirError, match="cannot go with init_from=resume"):
-        outdir.decide_start(config(tmp_path, init_from="resume", overwrite=True))
+        decide_start(config(tmp_path, init_from="resume", overwrite=True))
+
+
+def test_auto_starts_new_beside_a_best_pt_of_this_run_without_a_resume_checkpoint(tmp_path):
+    """best.pt alone (the resume checkpoint deleted) holds no optimizer or loader state to resume
+    from: the same run starts afresh rather than resume, another run is still refused."""
+    checkpoint.save_checkpoint(tmp_path / "best.pt", {"config": config(tmp_path)})
+    assert decide_start(config(tmp_path)) == "new"
+    with pytest.raises(OutDirError, match=r"holds another run \(best.pt\): seed=1337 \(this run: 5\)"):
+        decide_start(config(tmp_path, seed=5))
 
 
 def test_a_new_run_into_a_used_out_dir_leaves_it_byte_identical(char_data_dir, tmp_path):
@@ -79,7 +90,7 @@ def dead_pid():
 
 
 def write_lock(out, pid, host, job=None):
-    (out / outdir.LOCK).write_text(json.dumps({"pid": pid, "host": host, "job": job, "since": 0}))
+    (out / lock.LOCK).write_text(json.dumps({"pid": pid, "host": host, "job": job, "since": 0}))
 
 
 def test_the_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monkeypatch):
@@ -89,10 +100,10 @@ def test_the_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
     with RunLock(tmp_path):
         with pytest.raises(OutDirError, match=rf"is in use by another run \(pid {os.getpid()} on {here}, since"):
             RunLock(tmp_path).__enter__()
-    assert not (tmp_path / outdir.LOCK).exists()  # released on exit
+    assert not (tmp_path / lock.LOCK).exists()  # released on exit
     write_lock(tmp_path, dead_pid(), here)
     with RunLock(tmp_path):
-        assert json.loads((tmp_path / outdir.LOCK).read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / lock.LOCK).read_text())["pid"] == os.getpid()
     # On another host a pid says nothing: refused, unless the lock is this very job's, before a requeue.
     write_lock(tmp_path, 1, "elsewhere", job="41")
     with pytest.raises(OutDirError, match=r"on elsewhere, .*; if that run is dead, delete .*\.gptcraft-lock"):
@@ -100,6 +111,23 @@ def test_the_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     with RunLock(tmp_path):
         pass
+
+
+@pytest.mark.parametrize("theirs, ours", [(None, None), (None, "41"), ("41", "42")])
+def test_a_lock_from_another_host_is_refused_unless_it_is_this_very_job(tmp_path, monkeypatch, theirs, ours):
+    """docs/cluster.md: only the same scheduler job (before a requeue or a torchrun restart on
+    another host) takes over a lock from another host; two runs without a job id are not one job."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    if ours is not None:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", ours)
+    write_lock(tmp_path, 1, "elsewhere", job=theirs)
+    with pytest.raises(OutDirError, match="is in use by another run"):
+        RunLock(tmp_path).__enter__()
+    write_lock(tmp_path, 1, "elsewhere", job="42")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "42")  # torchrun's id of this job, the same after a restart
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / lock.LOCK).read_text())["host"] == socket.gethostname()
 
 
 def test_a_second_run_into_a_busy_out_dir_is_refused_and_the_first_finishes(char_data_dir, tmp_path):
@@ -113,7 +141,7 @@ def test_a_second_run_into_a_busy_out_dir_is_refused_and_the_first_finishes(char
     rest, _ = first.communicate(timeout=120)
     assert first.returncode == 0, rest
     assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] >= 1
-    assert not (out / outdir.LOCK).exists()
+    assert not (out / lock.LOCK).exists()
 
 
 def test_only_gptcraft_temporaries_are_cleared(tmp_path):
@@ -122,7 +150,7 @@ def test_only_gptcraft_temporaries_are_cleared(tmp_path):
     open(mine, "w").close()
     for name in ("notes.tmp.txt", "results.tmp.csv", "ckpt.pt.tmp.123"):
         (tmp_path / name).write_text("the user's")
-    checkpoint.remove_stale_temps(tmp_path)
+    checkpoint.clear_killed_saves(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt.tmp.123", "notes.tmp.txt", "results.tmp.csv"]
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from gptcraft.config import ConfigError
 from gptcraft.model import sinusoidal_positions
-from gptcraft.train.checkpoint import load_checkpoint, save_checkpoint
+from gptcraft.runs.checkpoint import load_checkpoint, save_checkpoint
 from gptcraft.visualize import positions
 
 

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, ROOT, run_script
 
-from gptcraft.bench import prepare_speed
 from gptcraft.data.shards import open_dataset, open_shard
 from gptcraft.data.tokenizer import GPT2Tokenizer
 from gptcraft.prepare import corpus, fineweb
+from tools import bench_prepare
 
 EOT = 50256
 
 
 def documents(shakespeare_path, n):
-    """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind gptcraft bench-prepare measures on."""
-    return prepare_speed.documents(shakespeare_path, n, random.Random(0))
+    """n documents of 5 to 60 tiny-Shakespeare paragraphs, the kind tools/bench_prepare.py measures on."""
+    return bench_prepare.documents(shakespeare_path, n, random.Random(0))
 
 
 def write_jsonl(path, texts, key="text"):
@@ -121,26 +121,33 @@ def test_force_deletes_nothing_when_the_new_source_does_not_read(tmp_path, shake
     assert before == {p.name: p.read_bytes() for p in out.iterdir()}  # the old dataset is intact
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, monkeypatch):
+@pytest.mark.parametrize(
+    "val_fraction, stop_at, left_there",
+    [("0.05", ("train", 3), ["train_000000.bin", "train_000001.bin", "train_000002.bin"]),
+     # val goes on past what its finished shards hold
+     ("0.5", ("val", 2), ["train_000000.bin", "val_000000.bin", "val_000001.bin"])],
+)  # fmt: skip
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, monkeypatch, val_fraction, stop_at,
+                                                   left_there):  # fmt: skip
     monkeypatch.setattr(corpus, "CHUNK_CHARS", 50_000)
     source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 200))
-    settings = ("--num_proc", "1", "--shard_tokens", "60000", "--val_fraction", "0.05")
+    settings = ("--num_proc", "1", "--shard_tokens", "60000", "--val_fraction", val_fraction)
     run(source, tmp_path / "whole", *settings)
 
     on_shard = corpus.Pipeline.on_shard
     finished = []
 
-    def interrupt_after_three(self, writer):
+    def interrupt(self, writer):
         on_shard(self, writer)
         finished.append(writer.split)
-        if finished.count("train") == 3:
+        if finished.count(stop_at[0]) == stop_at[1]:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus.Pipeline, "on_shard", interrupt_after_three)
+    monkeypatch.setattr(corpus.Pipeline, "on_shard", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run(source, tmp_path / "cut", *settings)
     left = sorted(p.name for p in (tmp_path / "cut.tmp").iterdir())  # built beside --out_dir
-    assert left == ["progress.json", "train_000000.bin", "train_000001.bin", "train_000002.bin"]
+    assert left == ["progress.json", *left_there]
     assert not (tmp_path / "cut").exists()
     monkeypatch.setattr(corpus.Pipeline, "on_shard", on_shard)
     run(source, tmp_path / "cut", *settings)

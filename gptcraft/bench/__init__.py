@@ -1,1 +1,1 @@
-"""Speed benchmarks: training, sampling, the CPU speedrun, corpus preparation."""
+"""Speed benchmarks: training, sampling and the CPU speedrun (bench.py)."""

@@ -12,7 +12,7 @@ prefill of a prompt, then decoding with the KV cache and by full recomputation.
 Decoding is printed next to its bounds: the weights read once per step at the memory bandwidth
 measured here (a large copy), the matmul peak, and the rate of the model's matmuls alone.
 --nanogpt_dir=PATH also times nanoGPT's own train.py on the same recipe after each of --repeats
-training runs (gptcraft/bench/nanogpt.py).
+training runs (tools/time_nanogpt.py, from bench.py at the repository's root).
 --speedrun=N instead runs the whole training N times, each in a fresh process, and reports the
 seconds from process start to the last training step and the whole-val loss (their medians).
 """
@@ -31,13 +31,13 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from gptcraft.bench import nanogpt
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import read_meta, write_meta, write_tokens
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token, prefill
 from gptcraft.model import GPT, GPTConfig
+from gptcraft.runs.lock import check_writable
 from gptcraft.system import hardware
-from gptcraft.train import loop, outdir
+from gptcraft.train import loop
 from gptcraft.train.config import TrainConfig
 
 KNOWN_VOCAB_SIZES = {"shakespeare_char": 65}  # used when the dataset is not prepared here
@@ -62,10 +62,8 @@ class BenchConfig(TrainConfig):
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if self.sample_batch <= 0 or self.repeats <= 0:
             raise ConfigError(f"sample_batch and repeats must be positive, got {self.sample_batch}, {self.repeats}")
-        if self.nanogpt_dir:
-            if not self.bench_iters or self.speedrun:
-                raise ConfigError("--nanogpt_dir times training steps: it needs bench_iters > 0 and no --speedrun")
-            nanogpt.check_checkout(self.nanogpt_dir)
+        if self.nanogpt_dir and (not self.bench_iters or self.speedrun):
+            raise ConfigError("--nanogpt_dir times training steps: it needs bench_iters > 0 and no --speedrun")
         if self.speedrun and self.max_iters % self.log_interval:
             raise ConfigError(f"--speedrun reads the log line of the last step: log_interval ({self.log_interval}) "
                               f"must divide max_iters ({self.max_iters})")  # fmt: skip
@@ -173,19 +171,19 @@ def bench_training(cfg, device, vocab, flops_per_token, peak):
             "tokens_per_s": timed["tokens_per_s"], "mfu": mfu, "peak_memory_bytes": memory}  # fmt: skip
 
 
-def side_by_side(cfg, device, vocab, flops_per_token, peak):
+def side_by_side(cfg, device, vocab, flops_per_token, peak, reference):
     """bench_training cfg.repeats times, each followed by nanoGPT's train.py on the same recipe when
-    cfg.nanogpt_dir is set: the figures of the run with the median ms/iter, each run's ms/iter and
-    nanoGPT's, and the ratio of the medians."""
-    runs, reference = [], []
+    cfg.nanogpt_dir is set (timed by `reference`, tools/time_nanogpt.py): the figures of the run with the
+    median ms/iter, each run's ms/iter and nanoGPT's, and the ratio of the medians."""
+    runs, timings = [], []
     for _ in range(cfg.repeats):
         runs.append(bench_training(cfg, device, vocab, flops_per_token, peak))
         if cfg.nanogpt_dir:
-            reference.append(nanogpt.time_steps(cfg.nanogpt_dir, cfg, vocab, cfg.bench_iters))
+            timings.append(reference.time_steps(cfg.nanogpt_dir, cfg, vocab, cfg.bench_iters))
     ms = [r["ms_per_iter"] for r in runs]
     result = dict(sorted(runs, key=lambda r: r["ms_per_iter"])[len(runs) // 2], runs_ms_per_iter=ms)
-    if reference:
-        result |= {"nanogpt_ms_per_iter": reference, "speedup_vs_nanogpt": statistics.median(reference) /
+    if timings:
+        result |= {"nanogpt_ms_per_iter": timings, "speedup_vs_nanogpt": statistics.median(timings) /
                    statistics.median(ms)}  # fmt: skip
     return result
 
@@ -313,12 +311,19 @@ def table(results):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv=None, reference=None):
+    """reference: the module that times a nanoGPT checkout (tools/time_nanogpt.py, which is not installed:
+    bench.py at the repository's root passes it)."""
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    if cfg.nanogpt_dir:
+        if reference is None:
+            raise ConfigError("--nanogpt_dir is a developer tool (tools/time_nanogpt.py): run python bench.py from a "
+                              "gptcraft checkout")  # fmt: skip
+        reference.check_checkout(cfg.nanogpt_dir)
     device = hardware.resolve_device(cfg.device)
     dtype = hardware.resolve_dtype(cfg.dtype, device)
     if cfg.json:
-        outdir.check_writable(os.path.dirname(os.path.abspath(cfg.json)))  # fail now, not after the run
+        check_writable(os.path.dirname(os.path.abspath(cfg.json)))  # fail now, not after the run
     if cfg.speedrun and not os.path.exists(os.path.join(cfg.data_dir, cfg.dataset, "meta.json")):
         raise ConfigError(f"dataset {cfg.dataset} is not prepared in {cfg.data_dir}: prepare it first (not timed)")
     vocab = vocab_size(cfg)
@@ -331,7 +336,9 @@ def main(argv=None):
     if cfg.speedrun:
         results["speedrun"] = bench_speedrun(cfg)
     elif cfg.bench_iters:
-        results["training"] = side_by_side(cfg, device, vocab, results["flops_per_token"], results["peak_flops"])
+        results["training"] = side_by_side(
+            cfg, device, vocab, results["flops_per_token"], results["peak_flops"], reference
+        )
     if cfg.sample_tokens and not cfg.speedrun:
         results["sampling"] = bench_sampling(cfg, device, dtype, vocab, results["peak_flops"])
     print(table(results))

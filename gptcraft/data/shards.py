@@ -13,18 +13,16 @@ shards) beside its token files. Two layouts are read:
 Files are read through numpy memmap, so a corpus never has to fit in memory.
 """
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
 
 from gptcraft.data.nanogpt import is_nanogpt_folder, nanogpt_meta
 from gptcraft.errors import GptcraftError
-from gptcraft.files import file_sha256, fsync_dir, open_new, write_atomic
+from gptcraft.files import file_sha256, open_new, write_atomic
 
 META = "meta.json"
 MAGIC = 20240520
@@ -38,70 +36,9 @@ class TokenFileError(GptcraftError, ValueError):
     """A token file or dataset directory is damaged or of the wrong kind; the message names it."""
 
 
-def swap_dir(new, final):
-    """Put directory `new` in the place of `final` by two renames (final -> final.old, new -> final),
-    then remove the old one. A crash between the renames leaves final.old complete. A link at
-    `final` (data/owt -> /big/disk/owt) is followed: the folder it points to is replaced."""
-    final = os.path.realpath(final)
-    old = final + ".old"
-    if os.path.exists(final):
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(new, final)
-    fsync_dir(os.path.dirname(os.path.abspath(final)))
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-
 def is_dataset_file(name):
     """A name that a preparation writes into a dataset directory: token files, meta.json, progress.json."""
     return name in (META, "progress.json") or name.endswith((".bin", ".bin.tmp"))
-
-
-def carry_over(old, new):
-    """Give directory `new` what `old` holds besides dataset files (the user's own: an input.txt,
-    notes), hard-linked where the file system allows: the swap then loses none of them, and a crash
-    before it leaves `old` as it was."""
-    if not os.path.isdir(old):
-        return
-    for name in os.listdir(old):
-        src, dst = os.path.join(old, name), os.path.join(new, name)
-        if is_dataset_file(name) or os.path.lexists(dst):
-            continue
-        if os.path.islink(src):
-            os.symlink(os.readlink(src), dst)
-        elif os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=True)
-        else:
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-
-
-def staging_dir(final):
-    """The directory beside `final` (beside the folder a link there points to) that its
-    replacement is built in (see replaced_dir)."""
-    return os.path.realpath(final) + ".tmp"
-
-
-@contextlib.contextmanager
-def replaced_dir(final):
-    """Yield a new, empty directory beside `final` to write into; when the block ends it replaces
-    `final` as a whole (swap_dir) with the user's files carried over, and when the block fails it
-    is removed and `final` is untouched."""
-    new = staging_dir(final)
-    if os.path.exists(new):
-        shutil.rmtree(new)  # left by a killed preparation
-    os.makedirs(new)
-    try:
-        yield new
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    carry_over(final, new)
-    swap_dir(new, final)
 
 
 # ----------------------------------------------------------------------------- token files

@@ -7,10 +7,14 @@ torchrun --standalone --nproc_per_node=8 -m gptcraft hellaswag --init_from=gpt2-
 Each example of the official jsonl has a context `ctx`, four `endings` and the `label` of the
 right one. Context and ending (after a space) are tokenized together, and each ending is scored
 by the model's cross-entropy over the ending's tokens only, as build-nanogpt and llm.c do
-("completion style"): acc picks the ending with the smallest sum, acc_norm the smallest mean per
-token. On the 10,042 validation examples build-nanogpt's hellaswag.py reports acc 0.2859,
-acc_norm 0.2955 for OpenAI's GPT-2 124M and 0.3842 / 0.4893 for GPT-2 1558M. Ranks take every
-world_size-th example and add up their counts.
+("completion style"). The pick is the ending with the smallest
+- acc: summed loss;
+- acc_norm: summed loss per character of the ending, as lm-evaluation-harness normalises the
+  acc_norm that papers and leaderboards quote (its prompt differs: see docs/hellaswag.md);
+- acc_norm_tokens: mean loss per token, what build-nanogpt and llm.c call acc_norm.
+On the 10,042 validation examples build-nanogpt's hellaswag.py reports acc 0.2859 and (per token)
+0.2955 for OpenAI's GPT-2 124M, 0.3842 / 0.4893 for GPT-2 1558M. Ranks take every world_size-th
+batch of examples and add up their counts.
 """
 
 import hashlib
@@ -25,8 +29,9 @@ import torch.nn.functional as F
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.errors import GptcraftError
+from gptcraft.evaluate.loss import sum_over_batches
 from gptcraft.files import write_atomic
-from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.load import ModelOptions, load_model
 from gptcraft.system import distributed, hardware
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -91,8 +96,7 @@ def render(example, tok, block_size):
     return rows, lengths
 
 
-@torch.no_grad()
-def ending_losses(model, rows, lengths, device, dtype):
+def ending_losses(model, rows, lengths, device):
     """(sum, mean) of each row's cross-entropy over its last lengths[i] tokens, each of shape (R,)."""
     width = max(len(r) for r in rows)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
@@ -101,50 +105,42 @@ def ending_losses(model, rows, lengths, device, dtype):
         tokens[i, : len(row)] = torch.tensor(row)
         targets[i, len(row) - 1 - n : len(row) - 1] = tokens[i, len(row) - n : len(row)]
     x, y = tokens[:, :-1].to(device), targets.to(device)  # (R, L), right-padded
-    with hardware.autocast(device, dtype):
-        logits, _ = model(x, y)  # (R, L, V)
+    logits, _ = model(x, y)  # (R, L, V)
     losses = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (R, L)
     sums = losses.sum(dim=1)
-    return sums, sums / (y != -1).sum(dim=1)
+    return sums, sums / torch.tensor(lengths, device=device)
 
 
 def score(model, tok, examples, block_size, device, dtype, d, batch_size=8):
-    """{"acc", "acc_norm", "examples"} over `examples`, shared out across ranks. Every rank runs
-    the same number of forward passes (FSDP's are collective); repeated examples are not counted."""
-    was_training = model.training
-    model.eval()
-    share = distributed.even_share(len(examples), d)
-    correct = torch.zeros(2, dtype=torch.float64)  # acc, acc_norm
-    for start in range(0, len(share), batch_size):
-        batch = [(examples[i], counted) for i, counted in share[start : start + batch_size]]
-        rendered = [render(example, tok, block_size) for example, _ in batch]
+    """{"acc", "acc_norm", "acc_norm_tokens", "examples"} over `examples` (see the module docstring),
+    scored batch_size at a time and shared out across ranks (evaluate/loss.py)."""
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+
+    def correct(i):
+        rendered = [render(example, tok, block_size) for example in batches[i]]
         rows = [row for rows, _ in rendered for row in rows]
         lengths = [n for _, ns in rendered for n in ns]
-        sums, means = (t.view(len(batch), ENDINGS).cpu() for t in ending_losses(model, rows, lengths, device, dtype))
-        labels = torch.tensor([example[2] for example, _ in batch])
-        counted = torch.tensor([c for _, c in batch])
-        correct += torch.stack([((sums.argmin(1) == labels) & counted).sum(),
-                                ((means.argmin(1) == labels) & counted).sum()]).double()  # fmt: skip
-    model.train(was_training)
-    total = [distributed.all_mean(c, d) * d.world_size for c in correct.tolist()]
-    return {"acc": total[0] / len(examples), "acc_norm": total[1] / len(examples), "examples": len(examples)}
+        sums, means = (t.view(-1, ENDINGS) for t in ending_losses(model, rows, lengths, device))
+        chars = torch.tensor([[len(ending) for ending in example[1]] for example in batches[i]], device=sums.device)
+        labels = torch.tensor([example[2] for example in batches[i]], device=sums.device)
+        picks = (sums.argmin(1), (sums / chars).argmin(1), means.argmin(1))  # acc, acc_norm, acc_norm_tokens
+        return torch.stack([(pick == labels).sum() for pick in picks])
+
+    acc, acc_norm, acc_norm_tokens = sum_over_batches(model, len(batches), correct, device, dtype, d, width=3)
+    n = len(examples)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "acc_norm_tokens": acc_norm_tokens / n, "examples": n}
 
 
 @dataclass
-class HellaSwagConfig:
-    init_from: str = option("resume", INIT_FROM_HELP)
-    out_dir: str = option("out", "run directory holding ckpt.pt and meta.json (init_from=resume)")
+class HellaSwagConfig(ModelOptions):
     file: str = option("", "the official hellaswag_val.jsonl (or any file in its format); empty: download it")
     cache_dir: str = option(os.path.join("data", "hellaswag"), "where the downloaded hellaswag_val.jsonl is kept")
     max_examples: int = option(0, "score only the first this many examples; 0 scores all")
     batch_size: int = option(8, "examples per forward pass (4 endings each)")
-    tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
     backend: str = option("auto", "torch.distributed backend under torchrun", ("auto", "nccl", "gloo"))
-    device: str = hardware.device_option()
-    dtype: str = hardware.dtype_option()
 
     def __post_init__(self):
-        check_init_from(self.init_from)
+        super().__post_init__()
         if self.max_examples < 0 or self.batch_size <= 0:
             raise ConfigError("max_examples must be >= 0 and batch_size positive")
 
@@ -171,8 +167,9 @@ def main(argv=None):
             examples = examples[: cfg.max_examples]
         result = score(model, tok, examples, model.config.block_size, device, dtype, d, cfg.batch_size)
         if d.master:
-            print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
-                  f"over {result['examples']:,} examples")  # fmt: skip
+            print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} (per character, as "
+                  f"lm-evaluation-harness), acc_norm_tokens {result['acc_norm_tokens']:.4f} (per token, as "
+                  f"build-nanogpt) over {result['examples']:,} examples")  # fmt: skip
         return result
     finally:
         distributed.shutdown()

@@ -34,18 +34,15 @@ from gptcraft.data.shards import (
     SPLITS,
     ShardWriter,
     TokenFileError,
-    carry_over,
     is_dataset_file,
     read_meta,
     shard_meta,
     shard_version,
-    staging_dir,
-    swap_dir,
     write_meta,
 )
 from gptcraft.data.tokenizer import GPT2Tokenizer, TokenizerError
 from gptcraft.errors import GptcraftError
-from gptcraft.files import write_atomic
+from gptcraft.files import carry_over, staging_dir, swap_dir, write_atomic
 
 CHUNK_CHARS = 1 << 20  # documents per task: about a million characters, whatever --num_proc
 PROGRESS = "progress.json"
@@ -343,7 +340,7 @@ class Pipeline:
         for name in our_files(self.dir):
             if name == PROGRESS or name.endswith(".tmp"):
                 os.remove(os.path.join(self.dir, name))
-        carry_over(args.out_dir, self.dir)
+        carry_over(args.out_dir, self.dir, is_dataset_file)
         swap_dir(self.dir, args.out_dir)
         counts = ", ".join(f"{s} {meta['splits'][s]['tokens']:,} tokens in {len(shards[s])} shard(s)" for s in SPLITS)
         print(f"{args.out_dir}: {counts}")

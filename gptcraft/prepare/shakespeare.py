@@ -8,10 +8,10 @@ import os
 import sys
 
 from gptcraft.config import command_name
-from gptcraft.data.shards import replaced_dir, shard_meta, shard_version, write_meta, write_shard
+from gptcraft.data.shards import is_dataset_file, shard_meta, shard_version, write_meta, write_shard
 from gptcraft.data.sources import SourceError, tiny_shakespeare
 from gptcraft.data.tokenizer import GPT2Tokenizer, TokenizerError
-from gptcraft.files import file_sha256
+from gptcraft.files import file_sha256, replaced_dir
 
 
 def prepare(out_dir, input_path=None, tokenizer_file=None):
@@ -20,7 +20,7 @@ def prepare(out_dir, input_path=None, tokenizer_file=None):
     n = int(0.9 * len(text))
     splits = {}
     # Written beside out_dir and swapped in whole: a failure leaves the old dataset as it was.
-    with replaced_dir(out_dir) as new:
+    with replaced_dir(out_dir, is_dataset_file) as new:
         for split, part in (("train", text[:n]), ("val", text[n:])):
             ids = tok.encode_array(part)
             name = f"{split}_000000.bin"

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 
 from gptcraft.config import command_name
-from gptcraft.data.shards import replaced_dir, write_meta, write_tokens
+from gptcraft.data.shards import is_dataset_file, write_meta, write_tokens
 from gptcraft.data.sources import SourceError, tiny_shakespeare
 from gptcraft.data.tokenizer import CharTokenizer, TokenizerError
+from gptcraft.files import replaced_dir
 
 TOKENS_MAX = 1 << 16  # ids a uint16 token file holds
 
@@ -28,7 +29,7 @@ def prepare(out_dir, input_path=None):
     ids = np.array(tok.encode(text), dtype=np.uint16)
     n_train = int(0.9 * len(ids))
     # Written beside out_dir and swapped in whole: a failure leaves the old dataset as it was.
-    with replaced_dir(out_dir) as new:
+    with replaced_dir(out_dir, is_dataset_file) as new:
         write_tokens(os.path.join(new, "train.bin"), ids[:n_train])
         write_tokens(os.path.join(new, "val.bin"), ids[n_train:])
         write_meta(new, tok.meta())

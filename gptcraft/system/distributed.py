@@ -103,13 +103,18 @@ def _on_backend_device(t):
     return t.cuda() if dist.get_backend() == "nccl" else t.cpu()
 
 
+def all_sum(values, d):
+    """Element-wise sum of a list of floats over all ranks (the values themselves in a single process)."""
+    if not d.enabled:
+        return list(values)
+    t = _on_backend_device(torch.tensor(values, dtype=torch.float64))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def all_mean(value, d):
     """Mean of a float over all ranks (the value itself in a single process)."""
-    if not d.enabled:
-        return value
-    t = _on_backend_device(torch.tensor([value], dtype=torch.float64))
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / d.world_size
+    return all_sum([value], d)[0] / d.world_size
 
 
 def any_rank_on_device(flags, d):
@@ -125,6 +130,11 @@ def any_rank_on_device(flags, d):
 def any_rank(flags, d):
     """Element-wise OR of a 1-D tensor of flags over all ranks, as a list of bools (a host sync)."""
     return [bool(f) for f in any_rank_on_device(flags, d).tolist()]
+
+
+def any_rank_says(flag, d):
+    """Whether `flag` (a bool) is True on any rank (a host sync)."""
+    return any_rank(torch.tensor([flag]), d)[0]
 
 
 def all_gather(obj, d):

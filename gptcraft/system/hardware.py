@@ -9,7 +9,6 @@ import time
 
 import torch
 
-from gptcraft.config import option
 from gptcraft.errors import GptcraftError
 from gptcraft.files import write_atomic
 
@@ -39,17 +38,6 @@ GPU_PEAKS = {
     "V100": (125e12, 15.7e12),  # fp16; no bf16 and no TF32
     "T4": (65e12, 8.1e12),  # fp16; no bf16 and no TF32
 }
-
-
-def device_option():
-    """The `device` key that every script shares."""
-    return option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-
-
-def dtype_option():
-    """The `dtype` key that every script shares."""
-    return option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
-                  ("auto", *DTYPES))  # fmt: skip
 
 
 def resolve_device(name):
@@ -137,8 +125,7 @@ def synchronize(device):
 
 
 def cpu_peak_cache():
-    """The file that keeps the CPU peak's calibration on this kind of machine (not cpu_peak.json,
-    whose plain figures earlier versions read and would fail on this format)."""
+    """The file that keeps the CPU peak's calibration, one entry per CPU model, thread count and torch."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "gptcraft", "cpu_peak_calibration.json")
 

@@ -32,7 +32,7 @@ def run_names(out_dirs):
     return [n if names.count(n) == 1 else os.path.normpath(d) for n, d in zip(names, out_dirs, strict=True)]
 
 
-def load_run(out_dir, quiet=False):
+def run_rows(out_dir, quiet=False):
     """A run's train and eval rows; PlotError where out_dir has no log.jsonl."""
     if not os.path.isfile(os.path.join(out_dir, "log.jsonl")):
         what = "directory" if os.path.isdir(out_dir) else "path"
@@ -63,7 +63,7 @@ def draw(out_dirs, path, x="iter", quiet=False):
     quiet: no warning for broken lines in a log."""
     runs = []
     for out_dir, name in zip(out_dirs, run_names(out_dirs), strict=True):
-        rows = load_run(out_dir, quiet)
+        rows = run_rows(out_dir, quiet)
         if not any("loss" in r or "val_loss" in r for r in rows):
             warn(f"{out_dir}: log.jsonl has no loss rows yet (the run logged no step); left out")
             continue

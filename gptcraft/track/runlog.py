@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from gptcraft.errors import GptcraftError
 from gptcraft.files import LinkError, open_append, open_new
+from gptcraft.system import distributed
 from gptcraft.system.hardware import cpu_peak_cache
 from gptcraft.track.logfile import ends_a_line, read_log, read_rows, summarize
 
@@ -222,6 +223,15 @@ class RunLog:
             self.bar.write(line)
         else:
             print(line, flush=True)
+
+    def stop_on_failure(self, d, failed=None):
+        """Collective: stop every rank together, with rank 0's one line, once rank 0 could not write
+        into out_dir (self.failure). failed: the flag, already reduced over the ranks."""
+        if failed is None:
+            failed = distributed.any_rank_says(self.failure is not None, d)
+        if failed:
+            self.close()
+            raise self.failure or TrackingError("rank 0 could not write into out_dir")
 
     def step(self, n=1):
         if self.bar is not None:

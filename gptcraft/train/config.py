@@ -7,9 +7,8 @@ taken from model.py with their help and choices: they are defined there once and
 from dataclasses import dataclass, fields, make_dataclass
 
 from gptcraft.config import ConfigError, option, options_of
-from gptcraft.init_from import check_init_from
+from gptcraft.load import check_init_from, device_option, dtype_option
 from gptcraft.model import GPTConfig
-from gptcraft.system import hardware
 from gptcraft.track.runlog import require_wandb
 from gptcraft.train.optimizer import OPTIMIZERS
 
@@ -74,8 +73,8 @@ class TrainConfig(ModelSettings):
                           ("auto", "nccl", "gloo"))  # fmt: skip
     dist_timeout_s: int = option(1800, "seconds a rank waits for the others in a collective (rank 0 writing a "
                                  "large ckpt.pt takes long; torch's default is 600)")  # fmt: skip
-    device: str = hardware.device_option()
-    dtype: str = hardware.dtype_option()
+    device: str = device_option()
+    dtype: str = dtype_option()
     compile: bool | None = option(None, "torch.compile the model; auto: on CUDA only (on the CPU compiling "
                                   "took longer than it saved)")  # fmt: skip
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state across ranks (FSDP2) instead of DDP")
@@ -86,8 +85,9 @@ class TrainConfig(ModelSettings):
     wandb_project: str = option("gptcraft", "Weights & Biases project")
     wandb_run_name: str = option("", "Weights & Biases run name; empty: the name of out_dir")
     plot_loss: bool = option(False, "redraw out_dir/loss.png after every evaluation")
-    hellaswag_file: str = option("", "HellaSwag jsonl (hellaswag_val.jsonl) to score at every evaluation, logged as "
-                                 "hellaswag_acc and hellaswag_acc_norm; empty: none")  # fmt: skip
+    hellaswag_file: str = option("", "HellaSwag jsonl (hellaswag_val.jsonl) to score at every evaluation, logged "
+                                 "as hellaswag_acc, hellaswag_acc_norm and hellaswag_acc_norm_tokens; "
+                                 "empty: none")  # fmt: skip
 
     def __post_init__(self):
         check_init_from(self.init_from, ("auto", "scratch", "resume"))

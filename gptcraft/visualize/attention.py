@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt
 import torch
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
-from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
+from gptcraft.load import ModelOptions
 from gptcraft.model import attention_weights, causal_mask
-from gptcraft.sample import encode_prompt, read_prompt
+from gptcraft.prompt import encode_prompt, read_prompt
 from gptcraft.system import hardware
 from gptcraft.visualize import png
 
@@ -29,18 +29,14 @@ VISIBLE = {" ": "␣", "\n": "↵", "\t": "→", "$": r"\$"}  # whitespace made 
 
 
 @dataclass
-class AttentionConfig:
-    init_from: str = option("resume", INIT_FROM_HELP)
-    out_dir: str = option("out", "run directory holding ckpt.pt and meta.json (init_from=resume)")
+class AttentionConfig(ModelOptions):
     start: str = option("ROMEO:\nBut soft, what light", "prompt text; FILE:path reads it from a file, - from stdin")
     layers: str = option("all", "layers to draw: all, or indices counted from 0 separated by commas, e.g. 0,3")
     heads: str = option("all", "heads to draw in each layer: all, or indices counted from 0, e.g. 0,1")
     output: str = option("", "PNG file to write; empty: attention.png in out_dir (init_from=resume), else here")
-    device: str = hardware.device_option()
-    tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
 
     def __post_init__(self):
-        check_init_from(self.init_from)
+        super().__post_init__()
         parse_indices(self.layers, None, "layers")  # the syntax now, the range once the model is loaded
         parse_indices(self.heads, None, "heads")
         png.check_png_name(self.output)
@@ -132,9 +128,8 @@ def draw(maps, labels, layers, heads, title):
 
 def main(argv=None):
     cfg = parse_config(AttentionConfig, sys.argv[1:] if argv is None else argv, prog="gptcraft attention")
-    device = hardware.resolve_device(cfg.device)
     prompt = read_prompt(cfg.start)
-    model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
+    model, tok, device, dtype = cfg.load()
     ids = encode_prompt(tok, prompt)
     limit = min(MAX_TOKENS, model.config.block_size)
     if len(ids) > limit:
@@ -150,7 +145,8 @@ def main(argv=None):
             f"{len(layers)} layers x {len(heads)} heads of {len(ids)} tokens would be a "
             f"{width} x {height} pixel image; pick fewer with --layers and --heads, or shorten --start"
         )
-    maps = attention_maps(model, torch.tensor([ids], device=device)).float().cpu()
+    with hardware.autocast(device, dtype):
+        maps = attention_maps(model, torch.tensor([ids], device=device)).float().cpu()
     fig = draw(maps, token_labels(tok, ids), layers, heads, title)
     output = png.output_path(cfg.output, "attention.png", cfg.out_dir if cfg.init_from == "resume" else None)
     png.save(fig, output)

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.hf import HUB_MODELS, from_pretrained
-from gptcraft.init_from import check_init_from, load_run
+from gptcraft.load import RunFolder, check_init_from, load_run
 from gptcraft.model import apply_rope, rope_tables, sinusoidal_positions
 from gptcraft.visualize import png
 
@@ -30,11 +30,10 @@ DEFAULT_SIZES = dict(block_size=64, n_embd=128, n_head=4)  # configs/train_shake
 
 
 @dataclass
-class PositionsConfig:
+class PositionsConfig(RunFolder):
     init_from: str = option("", "the model whose learned table to draw: resume (the run in out_dir), "
                                 f"{', '.join(HUB_MODELS)} or a Hugging Face GPT-2 folder; "
                                 "empty: only the fixed tables")  # fmt: skip
-    out_dir: str = option("out", "run directory holding ckpt.pt (init_from=resume)")
     block_size: int = option(0, "positions drawn; 0: the model's block_size, or 64 without a model")
     n_embd: int = option(0, "channels of the sinusoidal table; 0: the model's n_embd, or 128 without a model")
     n_head: int = option(0, "heads: rope rotates n_embd / n_head channels; 0: the model's n_head, or 4")

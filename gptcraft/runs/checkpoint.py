@@ -23,9 +23,8 @@ import sys
 import torch
 
 from gptcraft import files
-from gptcraft.data.shards import swap_dir
 from gptcraft.errors import GptcraftError
-from gptcraft.files import fsync_dir, write_atomic
+from gptcraft.files import fsync_dir, swap_dir, write_atomic
 
 LATEST = "ckpt.pt"
 SHARDED = "ckpt.dcp"
@@ -190,8 +189,8 @@ def remove_file(path):
         fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def remove_stale_temps(out_dir):
-    """Delete temporary files that a killed save left behind (rank 0, before training starts)."""
+def clear_killed_saves(out_dir):
+    """Delete the temporary files and folder that a killed save left behind (rank 0, holding the lock)."""
     files.remove_stale_temps(out_dir)
     tmp = os.path.join(out_dir, SHARDED + ".tmp")
     if os.path.exists(tmp):

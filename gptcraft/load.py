@@ -1,15 +1,20 @@
-"""The model to sample from, evaluate or export, with its tokenizer: a training run's checkpoint
-(init_from=resume; ours or nanoGPT's) or GPT-2 weights (a hub name or a Hugging Face folder, see hf.py)."""
+"""The model a command runs, with its tokenizer: a training run's checkpoint (init_from=resume; ours
+or nanoGPT's) or GPT-2 weights (a hub name or a Hugging Face folder, see hf.py); and the options
+that every such command takes to say which, where and in what precision."""
 
 import os
+from dataclasses import dataclass
 
+from gptcraft.config import option
 from gptcraft.data.nanogpt import META_PKL, read_meta_pkl
 from gptcraft.data.shards import META, read_meta
 from gptcraft.data.tokenizer import GPT2_META, load_tokenizer
 from gptcraft.errors import GptcraftError
 from gptcraft.hf import HUB_MODELS, from_pretrained, hub_name
 from gptcraft.model import GPT, GPTConfig
-from gptcraft.train.checkpoint import load_checkpoint, sampling_path
+from gptcraft.runs.checkpoint import load_checkpoint, sampling_path
+from gptcraft.system import hardware
+from gptcraft.system.hardware import DTYPES
 
 INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl (or hub:gpt2, ...): "
                   "OpenAI's weights from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format "
@@ -26,6 +31,42 @@ def check_init_from(init_from, allowed=("resume",)):
         return
     names = ", ".join((*allowed, *HUB_MODELS))
     raise InitFromError(f"init_from={init_from!r} is none of {names} and not a folder holding a Hugging Face GPT-2")
+
+
+def device_option():
+    """The `device` key that every command running a model shares."""
+    return option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+
+
+def dtype_option():
+    """The `dtype` key that every command running a model shares."""
+    return option("auto", "auto: bfloat16 on CUDA where supported, else float16; float32 on CPU",
+                  ("auto", *DTYPES))  # fmt: skip
+
+
+@dataclass
+class RunFolder:
+    out_dir: str = option("out", "run directory holding ckpt.pt and meta.json (init_from=resume)")
+
+
+@dataclass
+class ModelOptions(RunFolder):
+    """What sample, eval, hellaswag and attention share: which model, on which device, in what precision."""
+
+    init_from: str = option("resume", INIT_FROM_HELP)
+    device: str = device_option()
+    dtype: str = dtype_option()
+    tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
+
+    def __post_init__(self):
+        check_init_from(self.init_from)
+
+    def load(self):
+        """(model in eval mode, tokenizer, device, dtype) that these options name."""
+        device = hardware.resolve_device(self.device)
+        dtype = hardware.resolve_dtype(self.dtype, device)
+        model, tokenizer = load_model(self.init_from, self.out_dir, device, self.tokenizer_file)
+        return model, tokenizer, device, dtype
 
 
 def run_meta(out_dir, ckpt, vocab_size):

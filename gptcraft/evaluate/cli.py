@@ -5,7 +5,7 @@ gptcraft eval --init_from=gpt2 --text=some.txt
 gptcraft eval --init_from=gpt2 --dataset=openwebtext --max_tokens=1000000
 
 Every token is scored once: the tokens are cut into non-overlapping windows of block_size
-(full_val.py). Perplexity is exp(mean cross-entropy per token), in the model's own tokens.
+(evaluate/loss.py). Perplexity is exp(mean cross-entropy per token), in the model's own tokens.
 """
 
 import math
@@ -17,28 +17,22 @@ import numpy as np
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import TokenFileError, open_dataset
-from gptcraft.evaluate.loss import full_split_loss
-from gptcraft.init_from import INIT_FROM_HELP, check_init_from, load_model
-from gptcraft.system import hardware
+from gptcraft.evaluate.loss import split_loss
+from gptcraft.load import ModelOptions
 from gptcraft.system.distributed import Dist
 
 
 @dataclass
-class EvaluateConfig:
-    init_from: str = option("resume", INIT_FROM_HELP)
-    out_dir: str = option("out", "run directory holding ckpt.pt and meta.json (init_from=resume)")
+class EvaluateConfig(ModelOptions):
     dataset: str = option("", "prepared dataset to score, read from data_dir/dataset/")
     data_dir: str = option("data", "directory that holds the prepared datasets")
     split: str = option("val", "which split of the dataset", ("train", "val"))
     text: str = option("", "a plain text file to score instead of a dataset (tokenized with the model's tokenizer)")
     max_tokens: int = option(0, "score only the first this many tokens; 0 scores all")
     batch_size: int = option(8, "windows per forward pass")
-    tokenizer_file: str = option("", "local GPT-2 .tiktoken file for offline use (or set GPTCRAFT_TIKTOKEN_FILE)")
-    device: str = hardware.device_option()
-    dtype: str = hardware.dtype_option()
 
     def __post_init__(self):
-        check_init_from(self.init_from)
+        super().__post_init__()
         if bool(self.dataset) == bool(self.text):
             raise ConfigError("give exactly one of --dataset=NAME (a prepared dataset) or --text=FILE")
         if self.max_tokens < 0 or self.batch_size <= 0:
@@ -77,9 +71,7 @@ def first_tokens(pieces, n):
 
 def main(argv=None):
     cfg = parse_config(EvaluateConfig, sys.argv[1:] if argv is None else argv, prog="gptcraft eval")
-    device = hardware.resolve_device(cfg.device)
-    dtype = hardware.resolve_dtype(cfg.dtype, device)
-    model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
+    model, tok, device, dtype = cfg.load()
     pieces, name = read_tokens(cfg, tok)
     if cfg.max_tokens:
         pieces = first_tokens(pieces, cfg.max_tokens)
@@ -91,7 +83,7 @@ def main(argv=None):
         raise ConfigError(f"{name} holds token id {top}, beyond the model's vocabulary "
                           f"of {model.config.vocab_size}: it was tokenized for another model")  # fmt: skip
     # Each shard is scored on its own (windows do not cross files); the mean is over all targets.
-    loss = full_split_loss(model, pieces, model.config.block_size, cfg.batch_size, device, dtype, Dist())
+    loss = split_loss(model, pieces, model.config.block_size, cfg.batch_size, device, dtype, Dist())
     n_targets = sum(len(p) - 1 for p in pieces)
     print(f"{name}: loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {n_targets:,} tokens")
     return loss

@@ -1,7 +1,7 @@
 """Benchmark corpus preparation: prepare/corpus.py against the common reference approach.
 
-gptcraft bench-prepare                   # a 100 MB corpus, both pipelines, 2 workers each
-gptcraft bench-prepare --size_mb 1000 --skip_reference
+python tools/bench_prepare.py         # a 100 MB corpus, both pipelines, 2 workers each
+python tools/bench_prepare.py --size_mb 1000 --skip_reference
 
 The corpus is a jsonl of documents of 5 to 60 random tiny-Shakespeare paragraphs, shuffled
 and repeated until it holds --size_mb (in whole rounds of about 10 MB). The reference

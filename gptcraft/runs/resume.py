@@ -5,15 +5,15 @@ A nanoGPT checkpoint resumes too: its weights, its AdamW state, its counters."""
 
 import os
 import random
-from dataclasses import fields
 
 import numpy as np
 import torch
 
 from gptcraft.model import GPT, GPTConfig
+from gptcraft.runs import checkpoint
+from gptcraft.runs.checkpoint import CheckpointError
+from gptcraft.runs.start import MAY_CHANGE
 from gptcraft.system import distributed
-from gptcraft.train import checkpoint
-from gptcraft.train.checkpoint import CheckpointError
 
 
 def state_dicts():
@@ -27,10 +27,6 @@ def state_dicts():
 def full(cpu_offload=False):
     """Options for whole (unsharded) state dicts; cpu_offload: gathered into CPU memory, for saving."""
     return state_dicts().StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
-
-
-# Model settings a resumed run may change: they leave the function the weights compute unchanged.
-FREE_SETTINGS = tuple(f.name for f in fields(GPTConfig) if f.metadata.get("free"))
 
 
 def rng_state(device):
@@ -74,7 +70,7 @@ class Resume:
             self.state = checkpoint.load_checkpoint(path)
             shapes = {k: tuple(v.shape) for k, v in self.state["model"].items()}
         # The checkpoint's model, with this run's choice of the settings that may change.
-        free = {k: model_keys[k] for k in FREE_SETTINGS if k in model_keys}
+        free = {k: v for k, v in model_keys.items() if k in MAY_CHANGE}
         self.model_args = {**self.state["model_args"], **free}
         self.iter_num = self.state["iter_num"]
         self.best_val_loss = self.state["best_val_loss"]
@@ -96,7 +92,7 @@ class Resume:
     def check_settings(self, model_keys):
         """The run's model settings must be those the checkpoint was trained with."""
         saved = self.state.get("config", {})
-        differ = {k: v for k, v in model_keys.items() if k in saved and saved[k] != v and k not in FREE_SETTINGS}
+        differ = {k: v for k, v in model_keys.items() if k in saved and saved[k] != v and k not in MAY_CHANGE}
         if not differ:
             return
         if differ.get("block_size", 0) > saved["block_size"]:
@@ -195,11 +191,11 @@ def save_latest(out_dir, model, optimizer, scaler, model_args, progress, d, devi
         optim = sd.get_optimizer_state_dict(model, optimizer)
         state["param_groups"] = optim["param_groups"]
         tensors = {"model": sd.get_model_state_dict(model), "optim": {"state": optim["state"]}}
-        agree(lambda: checkpoint.save_sharded(out_dir, tensors, state, d.master), d)
+        collective_write(lambda: checkpoint.save_sharded(out_dir, tensors, state, d.master), d)
         return
     state["model"] = sd.get_model_state_dict(model, options=full(cpu_offload=True))
     state["optimizer"] = sd.get_optimizer_state_dict(model, optimizer, options=full(cpu_offload=True))
-    agree(lambda: d.master and checkpoint.save_full(out_dir, state), d)
+    collective_write(lambda: d.master and checkpoint.save_full(out_dir, state), d)
 
 
 def save_best(out_dir, model, model_args, progress, d):
@@ -207,7 +203,7 @@ def save_best(out_dir, model, model_args, progress, d):
     reshard(model)
     weights = state_dicts().get_model_state_dict(model, options=full(cpu_offload=True))
     state = {**progress, "model": weights, "model_args": model_args}
-    agree(lambda: d.master and checkpoint.save_checkpoint(os.path.join(out_dir, checkpoint.BEST), state), d)
+    collective_write(lambda: d.master and checkpoint.save_checkpoint(os.path.join(out_dir, checkpoint.BEST), state), d)
 
 
 def reshard(model):
@@ -217,7 +213,7 @@ def reshard(model):
         model.reshard()
 
 
-def agree(write, d):
+def collective_write(write, d):
     """Run `write`; if it fails on any rank, raise CheckpointError on every rank, so that no rank
     is left waiting for the others in the next collective."""
     error = None
@@ -225,5 +221,5 @@ def agree(write, d):
         write()
     except checkpoint.CheckpointError as e:
         error = e
-    if distributed.any_rank(torch.tensor([error is not None]), d)[0]:
+    if distributed.any_rank_says(error is not None, d):
         raise error or checkpoint.CheckpointError("saving the checkpoint failed on another rank")
