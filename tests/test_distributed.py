@@ -229,7 +229,8 @@ def test_fewer_micro_batches_than_processes_run_one_each_and_mfu_is_per_process(
     cache = tmp_path / "cache"
     (cache / "gptcraft").mkdir(parents=True)
     key = f"{hardware.cpu_model()} | 1 threads | torch {torch.__version__}"  # OMP_NUM_THREADS=1 below
-    calibrated = {key: {"flop_s": 1e9, "runs": hardware.CALIBRATION_RUNS}}
+    runs = hardware.CALIBRATION_RUNS
+    calibrated = {key: {"flop_s": 1e9, "one_thread_flop_s": 1e9, "runs": runs, "tries": runs}}
     (cache / "gptcraft" / "cpu_peak_calibration.json").write_text(json.dumps(calibrated))
     out = tmp_path / "run"
     args = tiny_train_args(char_data_dir, out, backend="gloo", max_iters=4, eval_interval=4, eval_iters=1,
