@@ -10,6 +10,7 @@ import time
 import torch
 
 from gptcraft.errors import GptcraftError
+from gptcraft.files import write_atomic
 
 
 class DeviceError(GptcraftError):
@@ -146,10 +147,8 @@ def cpu_peak(path=None):
     _MEASURED[(path, key)] = entry["flop_s"]
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({**cached, key: entry}, f, indent=1)
-        os.replace(tmp, path)
+        text = json.dumps({**cached, key: entry}, indent=1).encode()
+        write_atomic(path, lambda f: f.write(text))
     except OSError:
         pass  # a read-only home: the figure of this run alone
     return entry["flop_s"]
