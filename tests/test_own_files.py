@@ -4,6 +4,7 @@ reproductions, each in a tmp_path, with tiny data and in-process where the comma
 import errno
 import json
 import os
+import signal
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -197,14 +198,21 @@ def test_a_fifo_in_place_of_a_token_file_is_refused_without_opening_it(tmp_path)
     write_meta(data, shard_meta({"tokenizer": "char", "vocab_size": 7, "chars": list("abcdefg")}, splits))
     (data / "val_000000.bin").unlink()
     os.mkfifo(data / "val_000000.bin")
-    with pytest.raises(TokenFileError, match=r"val_000000.bin is not a regular file \(a FIFO"):
-        open_dataset(data)  # a bug here blocks forever: the test is run under a timeout when planted
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    write_meta(legacy, {"tokenizer": "char", "vocab_size": 7, "chars": list("abcdefg")})
-    os.mkfifo(legacy / "train.bin")
-    with pytest.raises(TokenFileError, match=r"train.bin is not a regular file"):
-        open_dataset(legacy)
+    # Opening a FIFO blocks until a writer comes: an alarm turns that bug into a failure.
+    previous = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blocked opening a FIFO"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(TokenFileError, match=r"val_000000.bin is not a regular file \(a FIFO"):
+            open_dataset(data)
+        legacy = tmp_path / "legacy"
+        legacy.mkdir()
+        write_meta(legacy, {"tokenizer": "char", "vocab_size": 7, "chars": list("abcdefg")})
+        os.mkfifo(legacy / "train.bin")
+        with pytest.raises(TokenFileError, match=r"train.bin is not a regular file"):
+            open_dataset(legacy)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_export_swaps_a_whole_folder_in_and_refuses_files_and_read_only_folders(tmp_path, tiny_run_dir, monkeypatch):
