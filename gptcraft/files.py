@@ -102,8 +102,13 @@ MARKER_TEXT = b"gptcraft made this folder and may replace it as a whole; it keep
 
 
 def make_dir(path):
-    """Create the directory `path` (not there yet) with gptcraft's marker in it."""
-    os.mkdir(path)
+    """Create the directory `path` with gptcraft's marker in it. It may exist as an empty folder (a
+    torch.distributed.checkpoint rank makes it as it starts a save), never as a link or a file."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if os.path.islink(path) or not os.path.isdir(path):
+            raise
     write_atomic(os.path.join(path, MARKER), lambda f: f.write(MARKER_TEXT))
 
 
