@@ -70,6 +70,7 @@ def test_pictures_replace_a_link_never_write_through_it(tmp_path):
     assert precious.read_text() == "precious" and not (tmp_path / "nowhere.txt").exists()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_sharded_save_never_follows_or_deletes_a_link(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
