@@ -121,7 +121,8 @@ def test_a_missing_shard_of_a_sharded_checkpoint_is_named(fsdp_at_10, char_data_
     model = GPT(GPTConfig(**checkpoint.load_sharded_state(out / "ckpt.dcp")["model_args"]))
     with pytest.raises(GptcraftError, match=r"ckpt.dcp could not be read \(.*No such file.*__1_0.distcp"):
         checkpoint.load_sharded(out / "ckpt.dcp", {"model": model.state_dict()})
-    assert sorted(os.listdir(out / "ckpt.dcp")) == [".metadata", "__0_0.distcp", "train_state.pt"]  # left as it was
+    left = sorted(os.listdir(out / "ckpt.dcp"))
+    assert left == [".gptcraft-folder", ".metadata", "__0_0.distcp", "train_state.pt"]  # left as it was
 
 
 def start_torchrun(args):
