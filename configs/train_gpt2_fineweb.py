@@ -4,7 +4,7 @@
 #   torchrun --standalone --nproc_per_node=8 train.py configs/train_gpt2_fineweb.py
 # 64 sequences x 1024 tokens x 8 micro-batches = 524,288 tokens (2^19, about 0.5M) per step; with
 # 8 processes each runs one micro-batch per step. 19,073 steps x 524,288 = 10.0B tokens, one epoch.
-# Targets the anchors publish: HellaSwag acc_norm 0.2955 for OpenAI's GPT-2 124M (acc 0.2859;
+# Targets the anchors publish: HellaSwag acc_norm_tokens 0.2955 for OpenAI's GPT-2 124M (acc 0.2859;
 # build-nanogpt's hellaswag.py, 10,042 examples, the scoring of gptcraft hellaswag); on plain
 # FineWeb (--source fineweb, dataset = "fineweb10B") llm.c's trainer reaches val loss 3.2847
 # after 10B tokens (modded-nanogpt's first README), the NanoGPT speedrun's target is 3.28.

@@ -11,11 +11,11 @@ from gptcraft.data.shards import META, read_meta
 from gptcraft.data.tokenizer import GPT2_META, load_tokenizer
 from gptcraft.errors import GptcraftError
 from gptcraft.hf import HUB_MODELS, from_pretrained, hub_name
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.quantize import check_scheme, for_inference, quantize_option
 from gptcraft.runs.checkpoint import load_checkpoint, sampling_path
 from gptcraft.system import hardware
 from gptcraft.system.hardware import DTYPES
-from model import GPT, GPTConfig
 
 INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl (or hub:gpt2, ...): "
                   "OpenAI's weights from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format "

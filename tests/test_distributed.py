@@ -15,13 +15,14 @@ import pytest
 import torch
 from conftest import ROOT, run_script, tiny_train_args
 from test_resume import assert_same_run
+from test_tracking import TINY_FLOPS_PER_TOKEN
 
 from gptcraft.errors import GptcraftError
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs import checkpoint
-from gptcraft.system import distributed
+from gptcraft.system import distributed, hardware
 from gptcraft.train import loop
 from gptcraft.train.parallelize import parallelize
-from model import GPT, GPTConfig
 
 # gradient_accumulation_steps is global: 2 micro-batches per step, one on each of 2 ranks. At a
 # learning rate of 1e-2 AdamW grows FSDP's float32 rounding differences past 1e-3 by iteration 20.
@@ -120,7 +121,8 @@ def test_a_missing_shard_of_a_sharded_checkpoint_is_named(fsdp_at_10, char_data_
     model = GPT(GPTConfig(**checkpoint.load_sharded_state(out / "ckpt.dcp")["model_args"]))
     with pytest.raises(GptcraftError, match=r"ckpt.dcp could not be read \(.*No such file.*__1_0.distcp"):
         checkpoint.load_sharded(out / "ckpt.dcp", {"model": model.state_dict()})
-    assert sorted(os.listdir(out / "ckpt.dcp")) == [".metadata", "__0_0.distcp", "train_state.pt"]  # left as it was
+    left = sorted(os.listdir(out / "ckpt.dcp"))
+    assert left == [".gptcraft-folder", ".metadata", "__0_0.distcp", "train_state.pt"]  # left as it was
 
 
 def start_torchrun(args):
@@ -215,6 +217,33 @@ def test_batch_settings_must_divide_across_ranks():
     with pytest.raises(GptcraftError, match=r"gradient_accumulation_steps \(3\) must be a multiple .* \(2\)"):
         distributed.local_accumulation(3, distributed.Dist(world_size=2))
     assert distributed.local_accumulation(8, distributed.Dist(world_size=4)) == 2
+    # README: fewer than the processes, each runs one micro-batch (the step holds world_size of them)
+    assert distributed.local_accumulation(1, distributed.Dist(world_size=2)) == 1
+    assert distributed.local_accumulation(3, distributed.Dist(world_size=4)) == 1
+    assert distributed.local_accumulation(2, distributed.Dist(world_size=2)) == 1
+
+
+def test_fewer_micro_batches_than_processes_run_one_each_and_mfu_is_per_process(char_data_dir, tmp_path):
+    """README: with gradient_accumulation_steps below the number of processes each runs one micro-batch,
+    so a step holds world_size of them. The logged MFU is one process's: the run's pace over the
+    number of processes, against one device's peak (fixed here through the calibration file)."""
+    cache = tmp_path / "cache"
+    (cache / "gptcraft").mkdir(parents=True)
+    key = f"{hardware.cpu_model()} | 1 threads | torch {torch.__version__}"  # OMP_NUM_THREADS=1 below
+    runs = hardware.CALIBRATION_RUNS
+    calibrated = {key: {"flop_s": 1e9, "one_thread_flop_s": 1e9, "runs": runs, "tries": runs}}
+    (cache / "gptcraft" / "cpu_peak_calibration.json").write_text(json.dumps(calibrated))
+    out = tmp_path / "run"
+    args = tiny_train_args(char_data_dir, out, backend="gloo", max_iters=4, eval_interval=4, eval_iters=1,
+                           log_interval=2, gradient_accumulation_steps=1)  # fmt: skip
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+                        env={"OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cache)})  # fmt: skip
+    assert "each does one micro-batch, 2 per step" in result.stdout
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["tokens_seen"] for r in steps] == [2 * 2 * 8 * 32, 4 * 2 * 8 * 32]  # 2 micro-batches of 8 x 32
+    for r in steps:
+        assert r["mfu"] == pytest.approx(TINY_FLOPS_PER_TOKEN * r["tokens_per_s"] / 2 / 1e9)
 
 
 def test_nccl_needs_cuda_and_fsdp_needs_torchrun():

@@ -15,7 +15,7 @@ from gptcraft.generate import (
     prefill,
     sample,
 )
-from model import GPT, GPTConfig
+from gptcraft.model import GPT, GPTConfig
 
 BLOCK = 16
 

@@ -3,6 +3,7 @@ endings scores 1.0, batched scores equal a direct one-ending-at-a-time computati
 torchrun processes count what one does."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,11 +13,11 @@ from conftest import run_script, tiny_train_args
 from gptcraft.data.shards import write_meta
 from gptcraft.data.tokenizer import CharTokenizer
 from gptcraft.evaluate import hellaswag
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs.checkpoint import save_checkpoint
 from gptcraft.system.distributed import Dist
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
-from model import GPT, GPTConfig
 
 SCENES = [
     ("A man is sitting on a roof. he", ["starts pulling up roofing.", "eats a cake.", "flies away.", "sings loud."], 0),
@@ -63,7 +64,7 @@ def test_a_model_trained_on_the_right_endings_scores_one(tok, tmp_path):
         optimizer.step()
     examples = hellaswag.read_examples(write_fixture(tmp_path / "val.jsonl"))
     result = hellaswag.score(model, tok, examples, 64, "cpu", "float32", Dist())
-    assert result == {"acc": 1.0, "acc_norm": 1.0, "examples": 5}
+    assert result == {"acc": 1.0, "acc_norm": 1.0, "acc_norm_tokens": 1.0, "examples": 5}
 
 
 def test_batched_scores_equal_a_direct_computation(tok, tmp_path):
@@ -71,7 +72,7 @@ def test_batched_scores_equal_a_direct_computation(tok, tmp_path):
     examples = hellaswag.read_examples(write_fixture(tmp_path / "val.jsonl"))
     picks = []
     for ctx, endings, label in examples:
-        sums, means = [], []
+        sums, means, per_char = [], [], []
         for ending in endings:  # one ending at a time, no padding
             ctx_ids, end_ids = tok.encode(ctx), tok.encode(" " + ending)
             ids = torch.tensor(ctx_ids + end_ids)
@@ -79,14 +80,53 @@ def test_batched_scores_equal_a_direct_computation(tok, tmp_path):
             token_losses = F.cross_entropy(logits[0], ids[1:], reduction="none")[-len(end_ids) :]
             sums.append(token_losses.sum().item())
             means.append(token_losses.mean().item())
+            per_char.append(token_losses.sum().item() / len(ending))
         rows, lengths = hellaswag.render((ctx, endings, label), tok, 64)
         batched_sums, batched_means = hellaswag.ending_losses(model, rows, lengths, "cpu")
         assert batched_sums.tolist() == pytest.approx(sums, rel=1e-5)
         assert batched_means.tolist() == pytest.approx(means, rel=1e-5)
-        picks.append((min(range(4), key=sums.__getitem__) == label, min(range(4), key=means.__getitem__) == label))
+        picks.append([min(range(4), key=scores.__getitem__) == label for scores in (sums, per_char, means)])
     for batch_size in (1, 3):  # a last batch shorter than the others
         result = hellaswag.score(model, tok, examples, 64, "cpu", "float32", Dist(), batch_size)
-        assert result["acc"] == sum(p[0] for p in picks) / 5 and result["acc_norm"] == sum(p[1] for p in picks) / 5
+        expected = [sum(p[i] for p in picks) / 5 for i in range(3)]
+        assert [result["acc"], result["acc_norm"], result["acc_norm_tokens"]] == expected
+
+
+class Unigram(torch.nn.Module):
+    """A model that gives every next token the same fixed probabilities, whatever came before:
+    each token's loss is -log p(token), so an ending's scores can be worked out by hand."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(probs).log())
+
+    def forward(self, idx, targets=None):
+        return self.logits.expand(*idx.shape, -1), None  # (B, T, V)
+
+
+def test_the_three_normalisations_by_hand(tmp_path):
+    """Characters " ", a, b, c with probabilities 1/2, 1/4, 1/8, 1/8 cost 1, 2, 3, 3 units of ln 2.
+    An ending is scored over " " + ending: its tokens number len(ending) + 1 here, its characters
+    len(ending) (lm-evaluation-harness counts the ending without the space before it).
+
+        ending    sum  per token  per character
+        a          3   1.5        3               example 1, label 0: acc and acc_norm_tokens
+        aa         5   1.67       2.5             pick "a", acc_norm "aaaa"
+        aaaa       9   1.8        2.25
+        b          4   2          4
+        b          4   2          4               example 2, label 1: acc picks "b",
+        aaa        7   1.75       2.33            acc_norm_tokens "aaa", acc_norm "aaaaaaaa"
+        aaaaaaaa  17   1.89       2.125
+        cccccc    19   2.71       3.17
+    """
+    scenes = [("c", ["a", "aa", "aaaa", "b"], 0), ("c", ["b", "aaa", "aaaaaaaa", "cccccc"], 1)]
+    examples = hellaswag.read_examples(write_fixture(tmp_path / "two.jsonl", scenes))
+    tok, model = CharTokenizer([" ", "a", "b", "c"]), Unigram([1 / 2, 1 / 4, 1 / 8, 1 / 8])
+    sums, means = hellaswag.ending_losses(model, *hellaswag.render(examples[0], tok, 64), "cpu")
+    assert sums.tolist() == pytest.approx([3 * math.log(2), 5 * math.log(2), 9 * math.log(2), 4 * math.log(2)])
+    assert means.tolist() == pytest.approx([1.5 * math.log(2), 5 / 3 * math.log(2), 1.8 * math.log(2), 2 * math.log(2)])
+    result = hellaswag.score(model, tok, examples, 64, "cpu", "float32", Dist())
+    assert result == {"acc": 0.5, "acc_norm": 0.0, "acc_norm_tokens": 1.0, "examples": 2}
 
 
 def test_a_long_context_is_cut_from_the_left(tok):
@@ -122,11 +162,14 @@ def test_the_command_in_one_and_two_processes(run_dir, tmp_path, capsys):
     fixture = write_fixture(tmp_path / "val.jsonl")
     args = [f"--out_dir={run_dir}", f"--file={fixture}", "--device=cpu", "--batch_size=2"]
     one = hellaswag.main(args)
-    assert f"acc {one['acc']:.4f}, acc_norm {one['acc_norm']:.4f} over 5 examples" in capsys.readouterr().out
+    printed = (f"acc {one['acc']:.4f}, acc_norm {one['acc_norm']:.4f} (per character, as "
+               f"lm-evaluation-harness), acc_norm_tokens {one['acc_norm_tokens']:.4f} (per token, as "
+               f"build-nanogpt) over 5 examples")  # fmt: skip
+    assert printed in capsys.readouterr().out
     two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptcraft",
                      "hellaswag", *args, env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     assert two.stdout.count("hellaswag: acc") == 1  # printed by rank 0
-    assert f"acc {one['acc']:.4f}, acc_norm {one['acc_norm']:.4f} over 5 examples" in two.stdout
+    assert printed in two.stdout
 
 
 def test_a_missing_file_is_one_line(run_dir, tmp_path):
@@ -145,7 +188,8 @@ def test_training_scores_hellaswag_at_each_evaluation(char_data_dir, tmp_path, c
     model.load_state_dict(ckpt["model"])
     char_tok = CharTokenizer(json.loads((out / "meta.json").read_text())["chars"])
     direct = hellaswag.score(model, char_tok, hellaswag.read_examples(fixture), 32, "cpu", "float32", Dist())
-    assert (rows[-1]["hellaswag_acc"], rows[-1]["hellaswag_acc_norm"]) == (direct["acc"], direct["acc_norm"])
+    logged = [rows[-1][f"hellaswag_{key}"] for key in ("acc", "acc_norm", "acc_norm_tokens")]
+    assert logged == [direct["acc"], direct["acc_norm"], direct["acc_norm_tokens"]]
     assert "hellaswag acc " in capsys.readouterr().out
     (tmp_path / "bad.jsonl").write_text("{}\n")
     with pytest.raises(hellaswag.HellaSwagError, match="bad.jsonl, line 1"):

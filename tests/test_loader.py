@@ -35,6 +35,15 @@ def test_windows_are_consecutive_tokens_of_one_shard_and_cover_every_shard(tmp_p
     assert seen == {0, 2}
 
 
+def test_every_start_is_drawn_up_to_the_last_whole_window(tmp_path):
+    """A file of block_size + 1 tokens holds exactly one window, one of block_size + 2 two."""
+    (tmp_path / "exact").mkdir()
+    exact = WindowSampler(shards(tmp_path / "exact", [33]), block_size=32, batch_size=4, seed=0, stream=TRAIN_STREAM)
+    assert (exact.windows(0) == np.arange(33)).all()
+    two = WindowSampler(shards(tmp_path, [34]), block_size=32, batch_size=8, seed=0, stream=TRAIN_STREAM)
+    assert {int(w[0]) for g in range(4) for w in two.windows(g)} == {0, 1}
+
+
 def test_batches_are_a_pure_function_of_seed_and_index(tmp_path):
     files = shards(tmp_path, [5000, 5000])
     a = WindowSampler(files, 32, 8, seed=1, stream=TRAIN_STREAM, fingerprint="f")

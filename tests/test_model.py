@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptcraft.generate import generate
-from model import GPT, GPTConfig, explicit_attention, sinusoidal_positions
+from gptcraft.model import GPT, GPTConfig, explicit_attention, sinusoidal_positions
 
 SMALL = dict(block_size=16, vocab_size=50, n_layer=2, n_head=4, n_embd=32)
 
@@ -152,10 +152,16 @@ def test_a_small_model_overfits_one_batch():
 
 
 def test_flops_per_token_follows_6n_plus_attention():
+    """6N + 12 L C T, N counted by hand for SMALL (C=32, L=2, T=16, V=50, biases, tied lm_head)."""
+    c = 32
+    # ln_1, c_attn (q, k, v), attention's c_proj, ln_2, c_fc, the MLP's c_proj: weights and biases
+    block = 2 * c + (3 * c * c + 3 * c) + (c * c + c) + 2 * c + (4 * c * c + 4 * c) + (4 * c * c + c)
+    assert block == 12_704
+    n = 2 * block + 2 * c + 50 * c  # blocks, ln_f, the token embedding (also lm_head); not the position table
+    assert n == 27_072
     model = small_model()
-    n = model.num_params()
-    assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 16
-    assert model.estimate_mfu(tokens_per_s=1000, peak_flops=model.flops_per_token() * 2000) == pytest.approx(0.5)
+    assert model.flops_per_token() == 6 * 27_072 + 12 * 2 * 32 * 16 == 174_720
+    assert model.estimate_mfu(tokens_per_s=1000, peak_flops=174_720 * 2000) == pytest.approx(0.5)
 
 
 def test_generate_extends_past_block_size_with_tokens_in_vocab():

@@ -11,15 +11,15 @@ import torch
 from conftest import run_script, tiny_train_args
 
 from gptcraft import export, load, sample
-from gptcraft.data.nanogpt import MetaPickleError
+from gptcraft.data.nanogpt import MetaPickleError, read_meta_pkl
 from gptcraft.data.shards import open_dataset, read_meta
 from gptcraft.errors import GptcraftError
 from gptcraft.evaluate import cli as run
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.prepare import index_shards
 from gptcraft.runs.resume import nanogpt_optimizer_state
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
-from model import GPT, GPTConfig
 
 
 def sha(path):
@@ -102,6 +102,13 @@ def test_a_meta_pkl_that_would_run_code_is_refused(tmp_path, shakespeare_path):
                         check=False)  # fmt: skip
     assert result.returncode == 2 and not marker.exists()
     assert result.stderr.count("\n") == 1 and "meta.pkl is refused" in result.stderr
+
+
+def test_meta_pkl_ids_keep_their_characters_in_any_order(tmp_path):
+    """Id i decodes to itos[i], whatever order the characters or the dict's keys are in."""
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 3, "itos": {2: "m", 0: "z", 1: "a"}, "stoi": {"z": 0, "a": 1, "m": 2}}, f)
+    assert read_meta_pkl(tmp_path / "meta.pkl") == {"tokenizer": "char", "vocab_size": 3, "chars": ["z", "a", "m"]}
 
 
 def nanogpt_checkpoint(out_dir, vocab_size, iter_num=10):

@@ -54,6 +54,15 @@ def test_auto_starts_new_in_an_empty_out_dir_and_continues_only_the_same_run(tmp
         decide_start(config(tmp_path, init_from="resume", overwrite=True))
 
 
+def test_auto_starts_new_beside_a_best_pt_of_this_run_without_a_resume_checkpoint(tmp_path):
+    """best.pt alone (the resume checkpoint deleted) holds no optimizer or loader state to resume
+    from: the same run starts afresh rather than resume, another run is still refused."""
+    checkpoint.save_checkpoint(tmp_path / "best.pt", {"config": config(tmp_path)})
+    assert decide_start(config(tmp_path)) == "new"
+    with pytest.raises(OutDirError, match=r"holds another run \(best.pt\): seed=1337 \(this run: 5\)"):
+        decide_start(config(tmp_path, seed=5))
+
+
 def test_a_new_run_into_a_used_out_dir_leaves_it_byte_identical(char_data_dir, tmp_path):
     out = tmp_path / "out"
     loop.main(tiny_train_args(char_data_dir, out, **SHORT))
@@ -102,6 +111,23 @@ def test_the_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     with RunLock(tmp_path):
         pass
+
+
+@pytest.mark.parametrize("theirs, ours", [(None, None), (None, "41"), ("41", "42")])
+def test_a_lock_from_another_host_is_refused_unless_it_is_this_very_job(tmp_path, monkeypatch, theirs, ours):
+    """docs/cluster.md: only the same scheduler job (before a requeue or a torchrun restart on
+    another host) takes over a lock from another host; two runs without a job id are not one job."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    if ours is not None:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", ours)
+    write_lock(tmp_path, 1, "elsewhere", job=theirs)
+    with pytest.raises(OutDirError, match="is in use by another run"):
+        RunLock(tmp_path).__enter__()
+    write_lock(tmp_path, 1, "elsewhere", job="42")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "42")  # torchrun's id of this job, the same after a restart
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / lock.LOCK).read_text())["host"] == socket.gethostname()
 
 
 def test_a_second_run_into_a_busy_out_dir_is_refused_and_the_first_finishes(char_data_dir, tmp_path):

@@ -46,12 +46,38 @@ def test_one_run(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"wrote {out}"
 
 
+@pytest.fixture
+def lines_drawn(monkeypatch):
+    """{label: (xs, ys)} of the lines on the figures plot draws, kept when it closes them."""
+    figures, close = [], plot.plt.close
+    monkeypatch.setattr(plot.plt, "close", figures.append)
+    yield lambda: {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                   for fig in figures for line in fig.axes[0].get_lines()}  # fmt: skip
+    for fig in figures:
+        close(fig)
+
+
+# x of the point logged at iteration `it` (train row; an eval row is 0.1 s later), as write_log writes them
+X_OF = {"iter": lambda it, val: it, "time": lambda it, val: it * 0.5 + (0.1 if val else 0.0),
+        "tokens": lambda it, val: it * 256}  # fmt: skip
+
+
 @pytest.mark.parametrize("x", ["iter", "time", "tokens"])
-def test_several_runs(tmp_path, x):
+def test_several_runs(tmp_path, x, lines_drawn):
     runs = [write_log(tmp_path / "a", start=4.0), write_log(tmp_path / "b" / "run", iters=200, start=3.0)]
     out = tmp_path / f"compare_{x}.png"
     plot.main([*map(str, runs), "--x", x, "-o", str(out)])
     check_png(out)
+    lines = lines_drawn()
+    assert sorted(lines) == ["a train", "a val", "run train", "run val"]
+    for name, start, iters in (("a", 4.0, 100), ("run", 3.0, 200)):
+        train = range(10, iters + 1, 10)
+        xs, ys = lines[f"{name} train"]
+        assert xs == pytest.approx([X_OF[x](it, False) for it in train])  # seconds: the longest run is 100 s
+        assert ys == pytest.approx([start * math.exp(-it / 80) + 1.5 for it in train])
+        xs, ys = lines[f"{name} val"]
+        assert xs == pytest.approx([X_OF[x](it, True) for it in range(0, iters + 1, 50)])
+        assert ys == pytest.approx([start * math.exp(-it / 80) + 1.6 for it in range(0, iters + 1, 50)])
 
 
 def test_legend_names_runs_apart(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, ROOT, run_script
 
+from gptcraft import files
 from gptcraft.data.shards import open_dataset, open_shard
 from gptcraft.data.tokenizer import GPT2Tokenizer
 from gptcraft.prepare import corpus, fineweb
@@ -121,26 +122,33 @@ def test_force_deletes_nothing_when_the_new_source_does_not_read(tmp_path, shake
     assert before == {p.name: p.read_bytes() for p in out.iterdir()}  # the old dataset is intact
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, monkeypatch):
+@pytest.mark.parametrize(
+    "val_fraction, stop_at, left_there",
+    [("0.05", ("train", 3), ["train_000000.bin", "train_000001.bin", "train_000002.bin"]),
+     # val goes on past what its finished shards hold
+     ("0.5", ("val", 2), ["train_000000.bin", "val_000000.bin", "val_000001.bin"])],
+)  # fmt: skip
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, monkeypatch, val_fraction, stop_at,
+                                                   left_there):  # fmt: skip
     monkeypatch.setattr(corpus, "CHUNK_CHARS", 50_000)
     source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 200))
-    settings = ("--num_proc", "1", "--shard_tokens", "60000", "--val_fraction", "0.05")
+    settings = ("--num_proc", "1", "--shard_tokens", "60000", "--val_fraction", val_fraction)
     run(source, tmp_path / "whole", *settings)
 
     on_shard = corpus.Pipeline.on_shard
     finished = []
 
-    def interrupt_after_three(self, writer):
+    def interrupt(self, writer):
         on_shard(self, writer)
         finished.append(writer.split)
-        if finished.count("train") == 3:
+        if finished.count(stop_at[0]) == stop_at[1]:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus.Pipeline, "on_shard", interrupt_after_three)
+    monkeypatch.setattr(corpus.Pipeline, "on_shard", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run(source, tmp_path / "cut", *settings)
     left = sorted(p.name for p in (tmp_path / "cut.tmp").iterdir())  # built beside --out_dir
-    assert left == ["progress.json", "train_000000.bin", "train_000001.bin", "train_000002.bin"]
+    assert left == [".gptcraft-folder", "progress.json", *left_there]
     assert not (tmp_path / "cut").exists()
     monkeypatch.setattr(corpus.Pipeline, "on_shard", on_shard)
     run(source, tmp_path / "cut", *settings)
@@ -172,7 +180,7 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path, shakespear
     assert not out.exists()  # a run writes beside it, in out.tmp, until the dataset is complete
     out.mkdir()
     (out / "train_000000.bin").write_bytes(b"someone else's")
-    with pytest.raises(corpus.CorpusError, match="holds token files of an unknown dataset"):
+    with pytest.raises(files.FolderError, match=r"holds files gptcraft did not write \(train_000000.bin\)"):
         run(write_jsonl(tmp_path / "ok.jsonl", ["a", "b"]), out, "--num_proc", "1")
 
 

@@ -6,6 +6,7 @@ import torch
 from conftest import run_script, tiny_train_args
 
 from gptcraft.evaluate import cli as evaluate
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.quantize import (
     GROUP_SIZE,
     KERNEL_ROWS,
@@ -17,7 +18,6 @@ from gptcraft.quantize import (
     weight_bytes,
 )
 from gptcraft.system import hardware
-from model import GPT, GPTConfig
 
 
 def flags(monkeypatch, bf16):

@@ -135,15 +135,20 @@ def test_sigterm_finishes_the_step_saves_and_exits_0_then_resumes_exactly(char_d
 
 def test_a_second_ctrl_c_stops_at_once():
     """The first SIGINT only asks the loop to stop; the second raises KeyboardInterrupt there and then."""
-    previous = signal.getsignal(signal.SIGINT)
-    with GracefulStop() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)  # the handler runs in the main thread between bytecodes
-        assert stop.requested == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own Ctrl-C handler, set explicitly: pytest started with SIGINT ignored (a background
+    # job of a non-interactive shell) would hand the run an ignored SIGINT, and nothing would stop it.
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with GracefulStop() as stop:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is previous
+            time.sleep(0.01)  # the handler runs in the main thread between bytecodes
+            assert stop.requested == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, original)
 
 
 def test_a_stop_at_the_last_step_leaves_the_final_evaluation_to_the_resumed_run(char_data_dir, tmp_path, monkeypatch):

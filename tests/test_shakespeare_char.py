@@ -7,6 +7,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from conftest import run_here
 
 from gptcraft.data.sources import SourceError
 from gptcraft.data.tokenizer import CharTokenizer
@@ -22,7 +23,23 @@ def test_prepared_files_round_trip(char_data_dir, shakespeare_path):
     assert (len(train), len(val)) == (1_003_854, 111_540)  # the 90/10 split of 1,115,394 characters
     tok = CharTokenizer(meta["chars"])
     text = shakespeare_path.read_text()
+    # nanoGPT's vocabulary: the sorted characters, so that ids mean the same in both and whatever the hash seed
+    assert meta["chars"] == sorted(set(text))
     assert tok.decode(np.concatenate([train, val]).tolist()) == text
+
+
+def test_gptcraft_prepare_name_runs_that_recipe(char_data_dir, shakespeare_path, tmp_path):
+    """`gptcraft prepare shakespeare_char ARGS` is prepare/shakespeare_char.py ARGS: the same files."""
+    out = tmp_path / "shakespeare_char"
+    result = run_here("-m", "gptcraft", "prepare", "shakespeare_char", "--input", shakespeare_path, "--out_dir", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{out}: vocab 65, train 1,003,854 tokens")
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (out / name).read_bytes() == (char_data_dir / "shakespeare_char" / name).read_bytes(), name
+    unknown = run_here("-m", "gptcraft", "prepare", "shakespeare_words")
+    assert unknown.returncode == 1 and unknown.stderr.startswith(
+        "error: gptcraft prepare takes one of shakespeare_char"
+    )
 
 
 def test_offline_download_names_the_input_flag(tmp_path, monkeypatch):

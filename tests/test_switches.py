@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
-from gptcraft.train import loop
+from gptcraft.model import GPT, GPTConfig, apply_rope, rope_tables
+from gptcraft.train import loop, optimizer
 from gptcraft.train.loop import TrainConfig, learning_rate
 from gptcraft.train.optimizer import Optimizers, make_optimizer
-from model import GPT, GPTConfig, apply_rope, rope_tables
 
 
 def tiny(**kw):
@@ -176,8 +176,6 @@ def test_warmdown_schedule():
 
 
 def test_our_muon_is_torchs_with_newton_schulz_in_the_dtype_asked_for(monkeypatch):
-    from gptcraft.train import optimizer
-
     torch.manual_seed(0)
     params = [torch.randn(64, 32), torch.randn(32, 96)]  # tall and wide
     grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
@@ -204,6 +202,35 @@ def test_our_muon_is_torchs_with_newton_schulz_in_the_dtype_asked_for(monkeypatc
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
     cpu = make_optimizer(tiny(), TrainConfig(optimizer="muon"), "cpu")
     assert cpu.optimizers[0].ns_dtype == torch.float32  # no native bf16 on most CPUs
+
+
+def newton_schulz_float64(g, steps=5, a=3.4445, b=-4.7750, c=2.0315):
+    """Muon's quintic iteration written out in float64, on the wide orientation: X <- aX + bAX + cA^2X."""
+    x = g.double().T if g.size(0) > g.size(1) else g.double()
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+def test_muon_runs_newton_schulz_in_float32_on_the_cpu():
+    """docs/testing.md: on the CPU Muon's update is the float32 one. Against a float64 reference
+    its error is about 1e-6; bfloat16's is about 1e-2, so atol 1e-4 tells them apart."""
+    torch.manual_seed(0)
+    p0, grad = torch.randn(64, 32), torch.randn(64, 32)  # tall: the step is scaled by sqrt(rows / cols)
+    muon = make_optimizer(torch.nn.Linear(32, 64, bias=False), TrainConfig(optimizer="muon"), "cpu").optimizers[0]
+    p = torch.nn.Parameter(p0.clone())
+    opt = optimizer.Muon([p], lr=1.0, weight_decay=0.0, ns_dtype=muon.ns_dtype)
+    p.grad = grad.clone()
+    opt.step()
+    # The first step's momentum buffer is a positive multiple of the gradient, and the iteration
+    # normalises its input: the update is the iteration of the gradient itself.
+    update = (p0.double() - p.detach().double()) / math.sqrt(2)
+    reference = newton_schulz_float64(grad)
+    torch.testing.assert_close(update, reference, rtol=0, atol=1e-4)
+    in_bf16 = optimizer.orthogonalize(grad, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.bfloat16)
+    assert (in_bf16.double() - reference).abs().max() > 1e-3  # the tolerance separates the two
 
 
 def test_muon_run_resumes_exactly(char_data_dir, tmp_path):

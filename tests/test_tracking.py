@@ -16,6 +16,7 @@ from gptcraft.errors import GptcraftError
 from gptcraft.files import TEMP_PREFIX
 from gptcraft.track.logfile import metric_rows, read_log, read_rows, summarize
 from gptcraft.track.runlog import RunLog
+from gptcraft.train.stops import GracefulStop
 
 TOKENS_PER_ITER = 8 * 32  # tiny_train_args: batch_size 8, block_size 32, one micro-step
 TRAIN_KEYS = {"loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "tokens_seen"}
@@ -174,6 +175,16 @@ def test_summary_skips_a_diverged_val_loss():
     assert summary["full_val_loss"] == 1.95 and summary["best_val_iter"] == 20
 
 
+def test_summary_means_are_over_the_rows_that_have_the_figure():
+    """A run resumed on a device of unknown peak logs mfu null from there on: the mean MFU is over
+    the rows that have one; the mean pace over every train row."""
+    rows = [{"iter": 10, "loss": 3.0, "tokens_per_s": 100.0, "mfu": 0.2},
+            {"iter": 20, "loss": 2.9, "tokens_per_s": 200.0, "mfu": 0.4},
+            {"iter": 30, "loss": 2.8, "tokens_per_s": 600.0, "mfu": None}]  # fmt: skip
+    summary = summarize(rows)
+    assert summary["mean_mfu"] == pytest.approx(0.3) and summary["mean_tokens_per_s"] == pytest.approx(300.0)
+
+
 def test_eta_from_the_wall_time_per_iteration(tmp_path, capsys):
     log = RunLog(str(tmp_path), True, start_iter=100, max_iters=400)
     # The first logged step of a session (a resumed one here) goes by its own pace: start-up,
@@ -265,6 +276,25 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     assert [r["wandb_id"] for r in lines(tmp_path) if r.get("event") == "start"] == ["run1", "run1"]
 
 
+# Training FLOPs per token of tiny_train_args' model, no biases (test_model.py counts SMALL's the
+# same way): 6N with N = 2 blocks of 12 * 32^2 + 2 * 32 (LayerNorm gains) = 12,352, ln_f 32 and the
+# 65 x 32 token embedding = 26,816, plus 12 L C T for attention.
+TINY_FLOPS_PER_TOKEN = 6 * 26_816 + 12 * 2 * 32 * 32
+
+
+def test_logged_mfu_is_the_models_flops_at_the_logged_pace_over_the_peak(char_data_dir, tmp_path, monkeypatch):
+    from gptcraft.train import loop
+
+    monkeypatch.setattr(loop.hardware, "peak_flops", lambda device, dtype: 1e9)
+    loop.main(tiny_train_args(char_data_dir, tmp_path, max_iters=4, eval_interval=4, log_interval=2, eval_iters=1))
+    *rows, summary = lines(tmp_path)
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["mfu"] == pytest.approx(TINY_FLOPS_PER_TOKEN * r["tokens_per_s"] / 1e9)
+    assert summary["mean_mfu"] == pytest.approx(sum(r["mfu"] for r in steps) / 2)
+
+
 def test_mfu_is_null_where_the_peak_is_unknown(char_data_dir, tmp_path, monkeypatch, capsys):
     from gptcraft.train import loop
 
@@ -310,10 +340,11 @@ def test_an_evaluation_only_run_hides_no_rows(tmp_path):
     assert [r["iter"] for r in read_log(str(tmp_path))] == [10, 20, 10]
 
 
-class StopAfter:
-    """A GracefulStop whose signal arrives while the trainer asks for the n-th time."""
+class StopAfter(GracefulStop):
+    """A GracefulStop whose signal arrives while the trainer asks for the n-th time (twice a
+    step, once before each evaluation batch)."""
 
-    def __init__(self, n):
+    def __init__(self, n):  # no handlers: the loop only reads `requested`
         self.asked, self.n = 0, n
 
     @property
@@ -329,7 +360,7 @@ def test_summary_of_a_stopped_run_counts_every_step_done(char_data_dir, tmp_path
     from gptcraft.train.config import TrainConfig
 
     cfg = parse_config(TrainConfig, tiny_train_args(char_data_dir, tmp_path, max_iters=100, eval_interval=1000))
-    loop.train(cfg, Dist(), "cpu", StopAfter(13))
+    loop.train(cfg, Dist(), "cpu", StopAfter(37))  # after the first evaluation's 10 batches, about 13 steps
     rows = read_rows(str(tmp_path / "log.jsonl"))
     stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"]
     assert stopped_at % 10 and [r["iter"] for r in rows if "loss" in r][-1] == stopped_at // 10 * 10

@@ -73,6 +73,29 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_as_large(char_dat
         torch.testing.assert_close(four_weights[name], tensor, rtol=0, atol=1e-5)
 
 
+def test_the_step_applies_gradients_clipped_to_grad_clip(char_data_dir, tmp_path, monkeypatch):
+    """The optimizer steps with the gradient scaled down to norm grad_clip; the log keeps the norm before."""
+    at_step, make_optimizer = [], setup.make_optimizer
+
+    def recording(model, cfg, device):
+        optimizer = make_optimizer(model, cfg, device)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def record_norm(*_):
+            at_step.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
+
+        optimizer.register_step_pre_hook(record_norm)
+        return optimizer
+
+    monkeypatch.setattr(setup, "make_optimizer", recording)
+    out = tmp_path / "run"
+    loop.main(tiny_train_args(char_data_dir, out, max_iters=3, eval_interval=3, eval_iters=1, log_interval=1,
+                              grad_clip=0.05))  # fmt: skip
+    logged = [r["grad_norm"] for r in read_log(out) if "loss" in r]
+    assert len(logged) == len(at_step) == 3 and min(logged) > 0.05  # every step is clipped
+    assert at_step == pytest.approx([0.05] * 3, rel=1e-4)
+
+
 def test_missing_dataset_offline_names_the_prepare_command(tmp_path, monkeypatch):
     import urllib.error
     import urllib.request

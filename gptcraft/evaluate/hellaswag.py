@@ -7,10 +7,14 @@ torchrun --standalone --nproc_per_node=8 -m gptcraft hellaswag --init_from=gpt2-
 Each example of the official jsonl has a context `ctx`, four `endings` and the `label` of the
 right one. Context and ending (after a space) are tokenized together, and each ending is scored
 by the model's cross-entropy over the ending's tokens only, as build-nanogpt and llm.c do
-("completion style"): acc picks the ending with the smallest sum, acc_norm the smallest mean per
-token. On the 10,042 validation examples build-nanogpt's hellaswag.py reports acc 0.2859,
-acc_norm 0.2955 for OpenAI's GPT-2 124M and 0.3842 / 0.4893 for GPT-2 1558M. Ranks take every
-world_size-th batch of examples and add up their counts.
+("completion style"). The pick is the ending with the smallest
+- acc: summed loss;
+- acc_norm: summed loss per character of the ending, as lm-evaluation-harness normalises the
+  acc_norm that papers and leaderboards quote (its prompt differs: see docs/hellaswag.md);
+- acc_norm_tokens: mean loss per token, what build-nanogpt and llm.c call acc_norm.
+On the 10,042 validation examples build-nanogpt's hellaswag.py reports acc 0.2859 and (per token)
+0.2955 for OpenAI's GPT-2 124M, 0.3842 / 0.4893 for GPT-2 1558M. Ranks take every world_size-th
+batch of examples and add up their counts.
 """
 
 import hashlib
@@ -109,8 +113,8 @@ def ending_losses(model, rows, lengths, device):
 
 
 def score(model, tok, examples, block_size, device, dtype, d, batch_size=8):
-    """{"acc", "acc_norm", "examples"} over `examples`, scored batch_size at a time and shared out
-    across ranks (evaluate/loss.py)."""
+    """{"acc", "acc_norm", "acc_norm_tokens", "examples"} over `examples` (see the module docstring),
+    scored batch_size at a time and shared out across ranks (evaluate/loss.py)."""
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
 
     def correct(i):
@@ -118,11 +122,14 @@ def score(model, tok, examples, block_size, device, dtype, d, batch_size=8):
         rows = [row for rows, _ in rendered for row in rows]
         lengths = [n for _, ns in rendered for n in ns]
         sums, means = (t.view(-1, ENDINGS) for t in ending_losses(model, rows, lengths, device))
+        chars = torch.tensor([[len(ending) for ending in example[1]] for example in batches[i]], device=sums.device)
         labels = torch.tensor([example[2] for example in batches[i]], device=sums.device)
-        return torch.stack([(sums.argmin(1) == labels).sum(), (means.argmin(1) == labels).sum()])
+        picks = (sums.argmin(1), (sums / chars).argmin(1), means.argmin(1))  # acc, acc_norm, acc_norm_tokens
+        return torch.stack([(pick == labels).sum() for pick in picks])
 
-    acc, acc_norm = sum_over_batches(model, len(batches), correct, device, dtype, d, width=2)
-    return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples), "examples": len(examples)}
+    acc, acc_norm, acc_norm_tokens = sum_over_batches(model, len(batches), correct, device, dtype, d, width=3)
+    n = len(examples)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "acc_norm_tokens": acc_norm_tokens / n, "examples": n}
 
 
 @dataclass
@@ -162,8 +169,9 @@ def main(argv=None):
             examples = examples[: cfg.max_examples]
         result = score(model, tok, examples, model.config.block_size, device, None, d, cfg.batch_size)
         if d.master:
-            print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} "
-                  f"over {result['examples']:,} examples")  # fmt: skip
+            print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} (per character, as "
+                  f"lm-evaluation-harness), acc_norm_tokens {result['acc_norm_tokens']:.4f} (per token, as "
+                  f"build-nanogpt) over {result['examples']:,} examples")  # fmt: skip
         return result
     finally:
         distributed.shutdown()
