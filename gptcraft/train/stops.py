@@ -14,7 +14,7 @@ import signal
 import torch
 
 from gptcraft.errors import GptcraftError
-from gptcraft.system.distributed import any_rank, is_dtensor
+from gptcraft.system.distributed import any_rank_says, is_dtensor
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 NOTICE = {"SIGINT": "Ctrl-C: stopping after this step or evaluation batch, then saving; Ctrl-C again to stop now",
@@ -42,7 +42,7 @@ class GracefulStop:
     def check(self, d):
         """Collective under torchrun, called by every rank before each evaluation batch: raise
         StopRequested once a signal has reached any rank."""
-        if any_rank(torch.tensor([self.requested is not None]), d)[0]:
+        if any_rank_says(self.requested is not None, d):
             raise StopRequested
 
     def __enter__(self):
