@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptcraft.config import ConfigError, option, parse_config, run_cli
+from gptcraft.config import ConfigError, check_seed, option, parse_config, refuse, run_cli
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token
 from gptcraft.load import ModelOptions
 from gptcraft.prompt import encode_prompt, end_of_text, read_prompt
@@ -54,6 +54,7 @@ class SampleConfig(ModelOptions):
             raise ConfigError("compile=True compiles the KV-cache decoding step: it needs use_cache=True")
         if self.window_keep < 0:
             raise ConfigError(f"window_keep must be >= 0 (0 means block_size // 2), got {self.window_keep}")
+        refuse(check_seed(self.seed))
 
 
 def free_memory(device):
