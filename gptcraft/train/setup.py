@@ -62,6 +62,9 @@ class Job:
     dataset: object
     log: RunLog
     accum: int  # micro-steps per optimizer step on this rank
+    first_batch: int  # global micro-batch number of iteration 0: nonzero where a resumed run draws more or
+    # fewer micro-batches per step than its checkpoint's (gradient_accumulation_steps below the number of
+    # processes, which changed), so that it goes on from the checkpoint's next batch
     tokens_per_iter: int
     peak: float | None  # FLOP/s that MFU is measured against (rank 0)
     hellaswag: tuple | None  # (tokenizer, examples) with hellaswag_file
@@ -69,7 +72,16 @@ class Job:
 
     def next_batch(self, it, micro):
         # Global micro-batch number: ranks take consecutive slices of each step's batches.
-        return self.samplers["train"].batch((it * self.d.world_size + self.d.rank) * self.accum + micro)
+        return self.samplers["train"].batch(
+            self.first_batch + (it * self.d.world_size + self.d.rank) * self.accum + micro
+        )
+
+    def batches_drawn(self, it):
+        """Global micro-batches drawn before iteration `it`."""
+        return self.first_batch + it * self.d.world_size * self.accum
+
+    def tokens_seen(self, it):
+        return self.batches_drawn(it) * self.tokens_per_iter // (self.d.world_size * self.accum)
 
 
 def setup(cfg, d, device):
@@ -114,8 +126,9 @@ def setup(cfg, d, device):
             for name, split, stream in (("train", "train", TRAIN_STREAM), ("val", "val", VAL_STREAM),
                                         ("eval_train", "train", TRAIN_EVAL_STREAM))
         }  # fmt: skip
+        first_batch = 0
         if resume is not None and not resume.nanogpt:
-            samplers["train"].check_state(resume.loader, resume.iter_num * global_accum)
+            first_batch = samplers["train"].check_state(resume.loader) - resume.iter_num * global_accum
     except (TokenFileError, LoaderStateError, WindowError) as e:
         raise type(e)(f"dataset {cfg.dataset}: {e}") from None
     if d.master:
@@ -165,7 +178,7 @@ def setup(cfg, d, device):
     return Job(
         cfg=cfg, d=d, device=device, dtype=dtype, raw_model=raw_model, model=model, model_args=model_args,
         optimizer=optimizer, scaler=scaler, samplers=samplers, dataset=dataset, log=log, accum=accum,
-        tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"], peak=peak,
+        first_batch=first_batch, tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"], peak=peak,
         hellaswag=hellaswag_set, start=begin,
     )  # fmt: skip
 
