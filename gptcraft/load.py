@@ -17,8 +17,8 @@ from gptcraft.system.hardware import DTYPES
 from model import GPT, GPTConfig
 
 INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl (or hub:gpt2, ...): "
-                  "OpenAI's weights from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format "
-                  "(./gpt2 where the names meet)")  # fmt: skip
+                  "OpenAI's weights from the Hugging Face hub, at a pinned revision (hub:gpt2@REV: another); "
+                  "or a local folder in Hugging Face's GPT-2 format (./gpt2 where the names meet)")  # fmt: skip
 
 
 class InitFromError(GptcraftError):

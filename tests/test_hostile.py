@@ -223,6 +223,35 @@ def test_a_local_folder_named_like_a_hub_model_must_be_said_which(tmp_path, monk
         check_init_from("hub:gpt3")
 
 
+def test_hub_models_and_datasets_are_fetched_at_a_pinned_revision_the_user_can_override(tmp_path, monkeypatch):
+    """docs/gpt2.md, docs/data.md: what a name means cannot change upstream; @REVISION and
+    --revision ask for another."""
+    import datasets
+    import huggingface_hub
+
+    asked = []
+
+    def offline(*args, **kwargs):
+        asked.append(kwargs["revision"])
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HFFormatError, match=r"at revision 607a30d7\w+ .*another revision: --init_from=hub:gpt2@"):
+        hf.fetch("gpt2")
+    for name in ("hub:gpt2-xl", "hub:gpt2@main", "hub:gpt2@"):
+        with pytest.raises(HFFormatError):
+            hf.fetch(name)
+    assert asked == [hf.HUB_REVISIONS["gpt2"], hf.HUB_REVISIONS["gpt2-xl"], "main", hf.HUB_REVISIONS["gpt2"]]
+    asked.clear()
+    for extra in ([], ["--revision=v1"], ["--dataset=someone/corpus"]):
+        args = corpus.parser(dataset="openwebtext", out_dir=str(tmp_path / "owt")).parse_args(extra)
+        with pytest.raises(corpus.CorpusError, match="cannot open dataset .* at revision"):
+            corpus.open_corpus(args, [], None)
+    assert asked == [corpus.DATASET_REVISIONS["openwebtext"], "v1", "main"]
+
+
 def snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.errors import GptcraftError
 from gptcraft.evaluate.loss import sum_over_batches
-from gptcraft.files import write_atomic
+from gptcraft.files import file_sha256, write_atomic
 from gptcraft.load import ModelOptions, load_model
 from gptcraft.system import distributed, hardware
 
@@ -66,8 +66,27 @@ def read_examples(path):
     return examples
 
 
+def recorded_sha256(path):
+    """The sha256 recorded beside the cached file at its first download (`path.sha256`, in
+    sha256sum's format). No public record of the official file's hash was found to pin here."""
+    try:
+        with open(path + ".sha256") as f:
+            return f.read().split()[0]
+    except (OSError, ValueError, IndexError):
+        raise HellaSwagError(f"{path} has no readable {path}.sha256 recorded at its download: delete {path} to "
+                             f"download it again, or pass --sha256=HASH of a copy you trust") from None  # fmt: skip
+
+
+def check_sha256(path, expected, whose):
+    actual = file_sha256(path)
+    if actual != expected.lower():
+        raise HellaSwagError(f"{path} has sha256 {actual}, not {expected} ({whose}): it changed; delete it to "
+                             f"download it again, or pass --file=PATH to a copy you trust")  # fmt: skip
+
+
 def download_val(path):
-    """Fetch the official validation file to `path`; keep it only when it holds all 10,042 examples."""
+    """Fetch the official validation file to `path`; keep it only when it holds all 10,042 examples,
+    and record its sha256 beside it."""
     try:
         with urllib.request.urlopen(VAL_URL, timeout=60) as response:
             data = response.read()
@@ -79,7 +98,9 @@ def download_val(path):
     if count != VAL_EXAMPLES:
         os.remove(path)
         raise HellaSwagError(f"{VAL_URL} holds {count} examples, not {VAL_EXAMPLES}; pass --file=PATH to a good copy")
-    print(f"downloaded {path} ({len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()})")
+    digest = hashlib.sha256(data).hexdigest()
+    write_atomic(path + ".sha256", lambda f: f.write(f"{digest}  {os.path.basename(path)}\n".encode()))
+    print(f"downloaded {path} ({len(data):,} bytes, sha256 {digest}, recorded in {path}.sha256)")
 
 
 def render(example, tok, block_size):
@@ -135,6 +156,7 @@ def score(model, tok, examples, block_size, device, dtype, d, batch_size=8):
 class HellaSwagConfig(ModelOptions):
     file: str = option("", "the official hellaswag_val.jsonl (or any file in its format); empty: download it")
     cache_dir: str = option(os.path.join("data", "hellaswag"), "where the downloaded hellaswag_val.jsonl is kept")
+    sha256: str = option("", "the file's expected sha256; empty: the one recorded at its download (none for --file)")
     max_examples: int = option(0, "score only the first this many examples; 0 scores all")
     batch_size: int = option(8, "examples per forward pass (4 endings each)")
     backend: str = option("auto", "torch.distributed backend under torchrun", ("auto", "nccl", "gloo"))
@@ -147,12 +169,15 @@ class HellaSwagConfig(ModelOptions):
 
 def examples_file(cfg, d):
     """--file, else the cached official file, downloaded by rank 0 when it is missing."""
-    if cfg.file:
-        return cfg.file
-    path = os.path.join(cfg.cache_dir, "hellaswag_val.jsonl")
-    if d.master and not os.path.exists(path):
-        download_val(path)
-    distributed.barrier(d)
+    path = cfg.file or os.path.join(cfg.cache_dir, "hellaswag_val.jsonl")
+    if not cfg.file:
+        if d.master and not os.path.exists(path):
+            download_val(path)
+        distributed.barrier(d)
+    if cfg.sha256:
+        check_sha256(path, cfg.sha256, "--sha256")
+    elif not cfg.file:
+        check_sha256(path, recorded_sha256(path), f"recorded in {path}.sha256 at its download")
     return path
 
 
