@@ -86,10 +86,12 @@ def _unknown_key_error(key, known):
 def _read_config_file(path):
     """Run a config file and return the names it assigns (modules and _private names left out)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             source = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     namespace = {}
     try:
         exec(compile(source, path, "exec"), namespace)  # config files are Python, as in nanoGPT

@@ -73,6 +73,13 @@ def test_a_config_file_that_fails_names_its_line(tmp_path, source, message):
         parse_config(Toy, [str(path)])
 
 
+def test_a_config_file_that_is_not_text_is_one_line(tmp_path):
+    (tmp_path / "c.py").write_bytes(b"batch_size = 8\n\xff\xfe\n")
+    result = run_here("train.py", str(tmp_path / "c.py"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: config file {tmp_path / 'c.py'} is not UTF-8 text (byte 15)\n"
+
+
 def test_train_config_checks_values():
     with pytest.raises(ConfigError, match="n_embd .* divisible by n_head"):
         parse_config(TrainConfig, ["--n_embd=100", "--n_head=3"])
