@@ -208,13 +208,37 @@ def check_out_dir(out_dir, source, force):
         if found:
             refuse(out_dir, f"token files of an unknown dataset ({', '.join(sorted(found)[:3])})")
         if os.path.exists(os.path.join(staging, PROGRESS)):
-            with open(os.path.join(staging, PROGRESS)) as f:
-                progress = json.load(f)
+            progress = read_progress(os.path.join(staging, PROGRESS))
             if progress["source"] != source:
                 refuse(staging, "an unfinished run with other input or settings")
     if progress is None and os.path.exists(staging):
         shutil.rmtree(staging)
     os.makedirs(staging, exist_ok=True)
+    return progress
+
+
+def read_progress(path):
+    """An unfinished run's progress.json (written by Pipeline.on_shard), checked field by field."""
+
+    def count(v):
+        return type(v) is int and v >= 0
+
+    def shard(entry):  # a finished shard: a plain file name in the staging folder, and its tokens
+        name = entry["file"]
+        plain = isinstance(name, str) and name == os.path.basename(name) not in ("", ".", "..")
+        return plain and count(entry["tokens"])
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            progress = json.load(f)
+        shards, resume, max_token = progress["shards"], progress["resume"], progress["max_token"]
+        ok = (isinstance(progress["source"], dict) and isinstance(resume, list) and len(resume) == 2
+              and all(map(count, resume)) and all(count(max_token[s]) for s in SPLITS)
+              and all(shard(e) for s in SPLITS for e in shards.get(s, ())))  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # UnicodeDecodeError is a ValueError
+        ok = False
+    if not ok:
+        raise CorpusError(f"{path} is damaged; pass --force to prepare afresh (the unfinished run is discarded)")
     return progress
 
 
