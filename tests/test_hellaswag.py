@@ -222,3 +222,16 @@ def test_the_download_is_pinned_by_the_sha256_recorded_at_first_download(run_dir
     (cache / "hellaswag_val.jsonl.sha256").unlink()
     with pytest.raises(hellaswag.HellaSwagError, match="no readable .*sha256 recorded at its download: delete"):
         hellaswag.main(args)
+
+
+def test_text_outside_a_character_vocabulary_is_one_line_before_any_compute(run_dir, char_data_dir, tmp_path):
+    """A character model knows only its training text's characters: HellaSwag text with others
+    (here a tab, which neither vocabulary holds) is refused up front, by the
+    command and by a training run, which then writes nothing."""
+    fixture = write_fixture(tmp_path / "val.jsonl", [(SCENES[0][0] + "\t", SCENES[0][1], 0), *SCENES[1:]])
+    with pytest.raises(hellaswag.HellaSwagError, match=r"val.jsonl: characters not in the vocabulary: '\\t'"):
+        hellaswag.main([f"--out_dir={run_dir}", f"--file={fixture}", "--device=cpu"])
+    out = tmp_path / "out"
+    with pytest.raises(hellaswag.HellaSwagError, match=r"val.jsonl: characters not in the vocabulary: '\\t'"):
+        loop.main(tiny_train_args(char_data_dir, out, max_iters=2, hellaswag_file=fixture))
+    assert not out.exists() or not list(out.iterdir())

@@ -103,6 +103,16 @@ def download_val(path):
     print(f"downloaded {path} ({len(data):,} bytes, sha256 {digest}, recorded in {path}.sha256)")
 
 
+def check_encodable(examples, tok, path):
+    """Refuse, before any compute, examples that the tokenizer cannot encode: a character
+    vocabulary lacking some of their characters (GPT-2 BPE encodes any text)."""
+    chars = {c for ctx, endings, _ in examples for text in (ctx, " ", *endings) for c in text}
+    try:
+        tok.encode("".join(sorted(chars)))
+    except ValueError as e:
+        raise HellaSwagError(f"{path}: {e}") from None
+
+
 def render(example, tok, block_size):
     """(rows, ending lengths): for each ending the tokens of context + " " + ending, cut from the
     left to block_size + 1 tokens (block_size inputs), and how many of them are the ending's."""
@@ -186,10 +196,12 @@ def main(argv=None):
     d, device = distributed.init(hardware.resolve_device(cfg.device), cfg.backend)
     try:
         dtype = hardware.resolve_dtype(cfg.dtype, device)
-        examples = read_examples(examples_file(cfg, d))
+        path = examples_file(cfg, d)
+        examples = read_examples(path)
         model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
         if cfg.max_examples:
             examples = examples[: cfg.max_examples]
+        check_encodable(examples, tok, path)
         result = score(model, tok, examples, model.config.block_size, device, dtype, d, cfg.batch_size)
         if d.master:
             print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} (per character, as "

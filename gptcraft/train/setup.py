@@ -109,7 +109,9 @@ def setup(cfg, d, device):
     model_args["vocab_size"] = dataset.meta.get("vocab_size", 50304)
     hellaswag_set = None
     if cfg.hellaswag_file:  # read now: a bad file stops the run before any compute
-        hellaswag_set = (load_tokenizer(dataset.meta), hellaswag.read_examples(cfg.hellaswag_file))
+        tok, examples = load_tokenizer(dataset.meta), hellaswag.read_examples(cfg.hellaswag_file)
+        hellaswag.check_encodable(examples, tok, cfg.hellaswag_file)
+        hellaswag_set = (tok, examples)
     if resume is not None:
         model_args = resume.model_args
     pretrained = None
