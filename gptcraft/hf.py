@@ -105,6 +105,18 @@ def read_config(folder):
     return hf
 
 
+def check_size(args, where):
+    """Refuse GPTConfig arguments whose float32 weights would not fit this machine's memory (an
+    absurd n_layer=10**9 in a config.json or a checkpoint's model_args), before building anything."""
+    d, per_block = args["n_embd"], 12 * args["n_embd"] ** 2 + 13 * args["n_embd"]  # attention 4d^2, MLP 8d^2
+    params = args["n_layer"] * per_block + (2 * args["vocab_size"] + args["block_size"]) * d  # + embeddings, head
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 4 * params > memory:
+        raise HFFormatError(f"{where}: its sizes make a model of about {params:.3g} parameters, "
+                            f"{4 * params / 2**30:,.0f} GiB in float32, more than this machine's "
+                            f"{memory / 2**30:,.0f} GiB of memory")  # fmt: skip
+
+
 def config_from_hf(hf):
     """GPTConfig arguments for a Hugging Face GPT2Config (as its config.json dict); anything our
     GPT would compute differently is refused."""
@@ -163,6 +175,7 @@ def from_pretrained(name_or_path, block_size=None, dropout=0.0):
     smaller than the checkpoint's, keeps only the first block_size position embeddings."""
     folder = fetch(name_or_path)
     args = config_from_hf(read_config(folder))
+    check_size(args, os.path.join(folder, "config.json"))  # before reading any weights
     sd = from_hf_state_dict(read_weights(folder), args["tie_embeddings"])
     if block_size is not None:
         if block_size > args["block_size"]:

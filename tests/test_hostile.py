@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN, ROOT, run_script, tiny_train_args
+from conftest import GPT2_TIKTOKEN, ROOT, run_here, run_script, tiny_train_args
 from safetensors.torch import save_file
 
 from gptcraft import generate, hf, sample
@@ -210,6 +210,27 @@ def test_a_bad_config_json_or_truncated_safetensors_is_named_in_one_line(tmp_pat
     with pytest.raises(HFFormatError, match=r"model.safetensors is truncated, corrupt or not plain tensors") as e:
         hf.from_pretrained(str(folder))
     assert "\n" not in str(e.value)
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 10**9}))
+    with pytest.raises(HFFormatError, match=r"config.json: its sizes make a model of about 2.44e\+11 parameters, 909 GiB"):
+        hf.from_pretrained(str(folder))  # refused before building, at once
+
+
+def test_a_checkpoint_with_absurd_sizes_or_wrong_shaped_weights_is_one_line(tiny_run_dir):
+    ckpt = torch.load(tiny_run_dir / "ckpt.pt", weights_only=True)
+    args = [f"--out_dir={tiny_run_dir}", "--device=cpu", "--max_new_tokens=2"]
+    checkpoint.save_checkpoint(
+        tiny_run_dir / "ckpt.pt", {**ckpt, "model_args": {**ckpt["model_args"], "n_layer": 10**9}}
+    )
+    result = run_here("sample.py", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "ckpt.pt: its sizes make a model of about 1.27e+13 parameters, 47,326 GiB" in result.stderr
+    wte = ckpt["model"]["transformer.wte.weight"]
+    checkpoint.save_checkpoint(
+        tiny_run_dir / "ckpt.pt", {**ckpt, "model": {**ckpt["model"], "transformer.wte.weight": wte.t()}}
+    )
+    result = run_here("sample.py", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "ckpt.pt: the weights do not fit its model_args (size mismatch for transformer.wte.weight" in result.stderr
 
 
 def test_a_local_folder_named_like_a_hub_model_must_be_said_which(tmp_path, monkeypatch):
