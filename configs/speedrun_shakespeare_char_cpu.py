@@ -1,7 +1,7 @@
 # CPU speedrun: whole-val loss <= 1.88 on tiny Shakespeare characters, fast, on a 2-core CPU.
 #   python prepare/shakespeare_char.py                                       (once, not timed)
 #   python bench.py configs/speedrun_shakespeare_char_cpu.py --speedrun=3    (timed, median of 3)
-# or simply python train.py configs/speedrun_shakespeare_char_cpu.py. README, "CPU speedrun",
+# or simply python train.py configs/speedrun_shakespeare_char_cpu.py. docs/speed.md, "CPU speedrun",
 # says what each choice below bought, measured against the common CPU recipe
 # (configs/train_shakespeare_char_cpu.py: 4 layers, AdamW, 2000 iters, 1.898 whole-val).
 out_dir = "out-speedrun-shakespeare-char-cpu"

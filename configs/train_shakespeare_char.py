@@ -15,9 +15,8 @@ n_head = 6
 n_embd = 384
 dropout = 0.2
 
-learning_rate = 1e-3  # small networks can take a larger rate
+learning_rate = 1e-3  # small networks can take a larger rate; min_lr follows at a tenth
 max_iters = 5000
 lr_decay_iters = 5000
-min_lr = 1e-4
 beta2 = 0.99  # more tokens per step than the default: less smoothing needed
 warmup_iters = 100

@@ -53,7 +53,7 @@ def main(argv=None):
         if not rest or rest[0] not in PREPARE:
             given = repr(rest[0]) if rest else "nothing"
             sys.exit(f"error: gptcraft prepare takes one of {', '.join(PREPARE)}; got {given}")
-        module, rest = f"gptcraft.prepare.{rest[0]}", rest[1:]
+        module, name, rest = f"gptcraft.prepare.{rest[0]}", f"prepare {rest[0]}", rest[1:]
     elif name in COMMANDS:
         module = COMMANDS[name][0]
     else:

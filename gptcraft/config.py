@@ -41,8 +41,20 @@ def _type_name(tp):
     return getattr(tp, "__name__", str(tp))
 
 
+def _auto_type(tp):
+    """X for a field typed `X | None`, whose None means "auto" (worked out at run time); else None."""
+    args = typing.get_args(tp)
+    if len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _convert(key, raw, tp, choices, from_text):
     """Turn a command-line string (from_text) or a config-file value into the field's type."""
+    if _auto_type(tp) is not None:
+        if raw is None or raw == "auto" or (from_text and raw.strip().lower() in ("auto", "none")):
+            return None
+        tp = _auto_type(tp)
     if from_text and tp is not str:
         text = raw.strip()
         if tp is bool:
@@ -103,15 +115,23 @@ def _read_config_file(path):
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
 
 
+def command_name(script):
+    """What the user typed to start this command, for its usage line: `gptcraft NAME` when the
+    gptcraft command ran it (it sets sys.argv[0] so), else `python SCRIPT`."""
+    return sys.argv[0] if sys.argv[0].startswith("gptcraft ") else f"python {script}"
+
+
 def help_text(cls, prog):
-    command = f"python {prog}" if prog.endswith(".py") else prog  # a script, or a gptcraft subcommand
+    """prog: the root script (train.py), or the gptcraft subcommand for tools that have none."""
+    command = command_name(prog) if prog.endswith(".py") else prog
     lines = [f"usage: {command} [CONFIG.py ...] [--key=value ...]", "",
              "CONFIG.py files are Python and run as code: load only your own, or ones you have read", "",
-             "keys (default: help):"]  # fmt: skip
+             "keys, each --key=DEFAULT  what it sets:"]  # fmt: skip
     for f in fields(cls):
         choices = f.metadata.get("choices")
         extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
-        lines.append(f"  --{f.name}={f.default!r}{extra}  {f.metadata.get('help', '')}")
+        default = "auto" if f.default is None else repr(f.default)
+        lines.append(f"  --{f.name}={default}{extra}  {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -172,8 +192,9 @@ def check_seed(seed):
 
 
 def run_cli(main):
-    """Call main(), turning any GptcraftError into a one-line message (one per mistake) and exit status 2. Under
-    torchrun every rank meets the same error: only rank 0 prints it."""
+    """Call main(), turning any GptcraftError into a one-line message (one per mistake) and exit
+    status 2, and Ctrl-C (the second, in train.py) into one line and status 130. Under torchrun
+    every rank meets the same error: only rank 0 prints it."""
     try:
         return main()
     except GptcraftError as e:
@@ -181,3 +202,7 @@ def run_cli(main):
             for line in str(e).splitlines() or [""]:  # a config with several mistakes: one line each
                 print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted by Ctrl-C: stopped at once", file=sys.stderr)
+        sys.exit(130)

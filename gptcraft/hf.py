@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 from gptcraft.data.tokenizer import GPT2_EOT
 from gptcraft.errors import GptcraftError
 from gptcraft.files import write_atomic
-from model import GPT, GPTConfig
+from gptcraft.model import GPT, GPTConfig
 
 # OpenAI's GPT-2 checkpoints on the Hugging Face hub: 124M, 350M, 774M and 1558M parameters.
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}

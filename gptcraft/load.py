@@ -11,10 +11,10 @@ from gptcraft.data.shards import META, read_meta
 from gptcraft.data.tokenizer import GPT2_META, load_tokenizer
 from gptcraft.errors import GptcraftError
 from gptcraft.hf import HUB_MODELS, check_size, from_pretrained, hub_name
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs.checkpoint import load_checkpoint, sampling_path
 from gptcraft.system import hardware
 from gptcraft.system.hardware import DTYPES
-from model import GPT, GPTConfig
 
 INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl (or hub:gpt2, ...): "
                   "OpenAI's weights from the Hugging Face hub, at a pinned revision (hub:gpt2@REV: another); "

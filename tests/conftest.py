@@ -147,8 +147,8 @@ def tiny_run_dir(tmp_path, shakespeare_path):
 
     from gptcraft.data.shards import write_meta
     from gptcraft.data.tokenizer import CharTokenizer
+    from gptcraft.model import GPT, GPTConfig
     from gptcraft.runs.checkpoint import save_checkpoint
-    from model import GPT, GPTConfig
 
     tok = CharTokenizer.from_text(shakespeare_path.read_text())
     model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, dropout=0.0,

@@ -17,9 +17,9 @@ from gptcraft.config import ConfigError
 from gptcraft.data.shards import write_meta
 from gptcraft.data.tokenizer import GPT2_META, CharTokenizer, GPT2Tokenizer
 from gptcraft.load import load_model
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs.checkpoint import save_checkpoint
 from gptcraft.visualize import attention, png
-from model import GPT, GPTConfig
 
 
 def write_run(out_dir, meta, **model_args):
@@ -97,7 +97,7 @@ def test_char_run_png_size_labels_and_white_upper_triangle(tmp_path, char_meta, 
     attention.main([f"--out_dir={tmp_path / 'run'}", "--start=ROMEO: hi", "--layers=1", "--heads=0,1",
                     f"--output={out}", "--device=cpu"])  # fmt: skip
     assert capsys.readouterr().out.strip() == f"wrote {out} (1 layers x 2 heads, 9 tokens)"
-    width, height = attention.figure_inches(1, 2, 9)
+    width, height = attention.figure_inches(1, 2, 9, attention.figure_title(tmp_path / "run"))
     with Image.open(out) as image:
         assert image.size == (round(width * png.DPI), round(height * png.DPI))
 
@@ -173,3 +173,12 @@ def test_a_grid_too_large_to_draw_asks_for_fewer_layers_or_heads(tmp_path, char_
     write_run(tmp_path / "run", char_meta, n_layer=12, n_head=8, n_embd=32, block_size=128)
     with pytest.raises(ConfigError, match="pixel image; pick fewer with --layers and --heads"):
         attention.main([f"--out_dir={tmp_path / 'run'}", "--start=" + "a" * 100, f"--output={tmp_path / 'm.png'}"])
+
+
+def test_a_single_map_keeps_its_whole_title(char_meta):
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=16, vocab_size=65)).eval()
+    maps = attention.attention_maps(model, torch.tensor([[1, 2, 3, 4, 5, 6]]))
+    fig = attention.draw(maps, list("ROMEO:"), [0], [0], attention.figure_title("out-shakespeare-char-cpu-long-name"))
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width

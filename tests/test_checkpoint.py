@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_train_args
 
-import model
+from gptcraft import model
 from gptcraft.errors import GptcraftError
 from gptcraft.runs import checkpoint
 from gptcraft.runs.checkpoint import CheckpointError

@@ -3,13 +3,14 @@
 from dataclasses import dataclass
 
 import pytest
-from conftest import run_here, run_script
+from conftest import ROOT, run_here, run_script
 
 from gptcraft.bench.speed import BenchConfig
 from gptcraft.config import ConfigError, option, parse_config
 from gptcraft.evaluate.cli import EvaluateConfig
 from gptcraft.evaluate.hellaswag import HellaSwagConfig
 from gptcraft.sample import SampleConfig
+from gptcraft.system.hardware import resolve_compile
 from gptcraft.train.loop import TrainConfig
 
 
@@ -149,3 +150,22 @@ def test_help_lists_every_key_with_default():
     for key in ("out_dir", "eval_interval", "gradient_accumulation_steps", "pos_embedding", "compile", "seed"):
         assert f"--{key}=" in result.stdout
     assert "--batch_size=12" in result.stdout and "sequences per micro-batch" in result.stdout
+
+
+def test_min_lr_follows_the_learning_rate_unless_set():
+    # README's finetuning line lowers the learning rate of a config that leaves min_lr unset.
+    finetune = [str(ROOT / "configs" / "train_shakespeare_char.py"), "--init_from=gpt2", "--learning_rate=3e-5"]
+    assert parse_config(TrainConfig, finetune).min_lr == 3e-6
+    assert parse_config(TrainConfig, [*finetune, "--min_lr=1e-6"]).min_lr == 1e-6
+    assert parse_config(TrainConfig, ["--min_lr=auto"]).min_lr == 6e-5  # the value it had as a fixed default
+    with pytest.raises(ConfigError, match="min_lr .* must not exceed"):
+        parse_config(TrainConfig, ["--learning_rate=1e-4", "--min_lr=1e-3"])
+
+
+def test_compile_is_auto_on_for_cuda_only():
+    assert parse_config(TrainConfig, []).compile is None
+    assert parse_config(TrainConfig, ["--compile=auto"]).compile is None
+    assert parse_config(TrainConfig, ["--compile=True"]).compile is True
+    assert [resolve_compile(None, d) for d in ("cpu", "cuda", "cuda:1", "mps")] == [False, True, True, False]
+    assert resolve_compile(True, "cpu") and not resolve_compile(False, "cuda")
+    assert "--compile=auto  torch.compile" in run_here("train.py", "--help").stdout

@@ -8,8 +8,8 @@ from conftest import run_script, tiny_train_args
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptcraft.evaluate.loss import split_loss
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.system.distributed import Dist
-from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.cuda
 

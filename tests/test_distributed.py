@@ -18,11 +18,11 @@ from test_resume import assert_same_run
 from test_tracking import TINY_FLOPS_PER_TOKEN
 
 from gptcraft.errors import GptcraftError
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs import checkpoint
 from gptcraft.system import distributed, hardware
 from gptcraft.train import loop
 from gptcraft.train.parallelize import parallelize
-from model import GPT, GPTConfig
 
 # gradient_accumulation_steps is global: 2 micro-batches per step, one on each of 2 ranks. At a
 # learning rate of 1e-2 AdamW grows FSDP's float32 rounding differences past 1e-3 by iteration 20.
@@ -137,7 +137,8 @@ def test_a_missing_shard_of_a_sharded_checkpoint_is_named(fsdp_at_10, char_data_
     model = GPT(GPTConfig(**checkpoint.load_sharded_state(out / "ckpt.dcp")["model_args"]))
     with pytest.raises(GptcraftError, match=r"ckpt.dcp could not be read \(.*No such file.*__1_0.distcp"):
         checkpoint.load_sharded(out / "ckpt.dcp", {"model": model.state_dict()})
-    assert sorted(os.listdir(out / "ckpt.dcp")) == [".metadata", "__0_0.distcp", "train_state.pt"]  # left as it was
+    left = sorted(os.listdir(out / "ckpt.dcp"))
+    assert left == [".gptcraft-folder", ".metadata", "__0_0.distcp", "train_state.pt"]  # left as it was
 
 
 def start_torchrun(args):
@@ -245,7 +246,8 @@ def test_fewer_micro_batches_than_processes_run_one_each_and_mfu_is_per_process(
     cache = tmp_path / "cache"
     (cache / "gptcraft").mkdir(parents=True)
     key = f"{hardware.cpu_model()} | 1 threads | torch {torch.__version__}"  # OMP_NUM_THREADS=1 below
-    calibrated = {key: {"flop_s": 1e9, "runs": hardware.CALIBRATION_RUNS}}
+    runs = hardware.CALIBRATION_RUNS
+    calibrated = {key: {"flop_s": 1e9, "one_thread_flop_s": 1e9, "runs": runs, "tries": runs}}
     (cache / "gptcraft" / "cpu_peak_calibration.json").write_text(json.dumps(calibrated))
     out = tmp_path / "run"
     args = tiny_train_args(char_data_dir, out, backend="gloo", max_iters=4, eval_interval=4, eval_iters=1,

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from conftest import tiny_train_args
 
 from gptcraft.evaluate.loss import split_loss
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.system.distributed import Dist
 from gptcraft.train import loop
-from model import GPT, GPTConfig
 
 
 def test_full_val_scores_every_token_once():

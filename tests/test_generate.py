@@ -12,7 +12,7 @@ from gptcraft.generate import (
     prefill,
     sample,
 )
-from model import GPT, GPTConfig
+from gptcraft.model import GPT, GPTConfig
 
 BLOCK = 16
 

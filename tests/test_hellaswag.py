@@ -13,11 +13,11 @@ from conftest import run_script, tiny_train_args
 from gptcraft.data.shards import write_meta
 from gptcraft.data.tokenizer import CharTokenizer
 from gptcraft.evaluate import hellaswag
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs.checkpoint import save_checkpoint
 from gptcraft.system.distributed import Dist
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
-from model import GPT, GPTConfig
 
 SCENES = [
     ("A man is sitting on a roof. he", ["starts pulling up roofing.", "eats a cake.", "flies away.", "sings loud."], 0),

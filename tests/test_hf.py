@@ -12,9 +12,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from gptcraft import export, sample
 from gptcraft.errors import GptcraftError
 from gptcraft.hf import from_pretrained
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs.checkpoint import load_checkpoint, save_checkpoint
 from gptcraft.train import loop
-from model import GPT, GPTConfig
 
 VOCAB = 65  # the size of the Shakespeare character vocabulary, so the finetuning test can use that data
 
@@ -97,7 +97,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, tiny_run_di
     model = write_run(tiny_run_dir, tiny_run_dir, bias=bias, tie_embeddings=tie)
     hf_dir = tmp_path / "hf"
     export.main([f"--out_dir={tiny_run_dir}", f"--hf_dir={hf_dir}"])
-    assert sorted(os.listdir(hf_dir)) == ["config.json", "meta.json", "model.safetensors"]
+    assert sorted(os.listdir(hf_dir)) == [".gptcraft-folder", "config.json", "meta.json", "model.safetensors"]
     assert_same_logits(GPT2LMHeadModel.from_pretrained(hf_dir), model)
     # Our own sampler reads the folder back, tokenizer included, and continues the same way.
     common = ["--device=cpu", "--num_samples=1", "--max_new_tokens=20", "--temperature=0", "--start=ROMEO:"]

@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import tomllib
-from conftest import ROOT
+from conftest import ROOT, run_here, run_script, tiny_train_args
 
 # The layers, from the bottom up: a module imports only from its own layer and those below it.
 LAYERS = (
-    ("model",),
+    ("model", "gptcraft.model"),  # gptcraft/model.py is a link to model.py
     ("gptcraft.errors", "gptcraft.files", "gptcraft.config", "gptcraft.terminal"),
     ("gptcraft.system", "gptcraft.data"),
     ("gptcraft.prepare", "gptcraft.hf", "gptcraft.track"),
@@ -51,6 +51,14 @@ def within(name, packages):
 
 def test_model_imports_nothing_from_the_project():
     assert project_imports()["model"] == set()
+
+
+def test_the_package_imports_its_model_under_its_own_name():
+    # A top-level `model` would be whichever model.py comes first on sys.path: the current
+    # folder's under `python -m`, e.g. nanoGPT's in a nanoGPT checkout.
+    assert (ROOT / "gptcraft" / "model.py").resolve() == (ROOT / "model.py").resolve()
+    importers = [m for m, deps in project_imports().items() if "model" in deps]
+    assert importers == []
 
 
 def test_no_import_circle():
@@ -95,9 +103,9 @@ def test_inference_reads_runs_without_the_trainer():
     assert [(m, dep) for m in users for dep in graph[m] if within(dep, ("gptcraft.train",))] == []
 
 
-def test_only_gptcraft_and_model_are_installed_names(tmp_path):
+def test_only_gptcraft_is_an_installed_name(tmp_path):
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert setuptools["py-modules"] == ["model"]
+    assert "py-modules" not in setuptools
     assert setuptools["packages"]["find"]["include"] == ["gptcraft*"]
     # From another directory, names that used to be ours resolve to nothing of this repository.
     names = ["config", "evaluate", "distributed", "tokens", "loader", "loading", "tracking", "checkpoint", "plot"]
@@ -130,3 +138,30 @@ def test_gptcraft_help_lists_the_subcommands(tmp_path):
 
 def test_root_holds_few_scripts():
     assert sorted(p.name for p in ROOT.glob("*.py")) == ["bench.py", "model.py", "sample.py", "train.py"]
+
+
+def test_a_folder_holding_another_model_py_changes_nothing(tmp_path, char_data_dir):
+    # `python -m` puts the current folder first on sys.path: there a nanoGPT checkout's model.py
+    # would stand in for ours if the package imported a top-level `model`.
+    (tmp_path / "model.py").write_text('raise ImportError("the current folder\'s model.py was imported")\n')
+    out = tmp_path / "out"
+    run_script("-m", "gptcraft", "train", *tiny_train_args(char_data_dir, out, max_iters=2, eval_iters=1),
+               cwd=tmp_path)  # fmt: skip
+    sample = run_script("-m", "gptcraft", "sample", f"--out_dir={out}", "--max_new_tokens=5", "--num_samples=1",
+                        "--device=cpu", cwd=tmp_path)  # fmt: skip
+    assert sample.stdout.strip()
+
+
+def test_every_usage_line_names_the_command_people_type():
+    from gptcraft.cli import COMMANDS, PREPARE
+
+    typed = {f"gptcraft {name}": ["-m", "gptcraft", name] for name in COMMANDS}
+    typed |= {f"gptcraft prepare {name}": ["-m", "gptcraft", "prepare", name] for name in PREPARE}
+    typed |= {f"python {script}": [script] for script in ("train.py", "sample.py", "bench.py")}
+    typed |= {f"python prepare/{name}.py": [f"prepare/{name}.py"] for name in PREPARE}
+    usage = [(command, run_here(*args, "--help").stdout.splitlines()[0]) for command, args in typed.items()]
+    # `python -m gptcraft.<module>` runs the same code: its usage names the same command.
+    root = {"train": "python train.py", "sample": "python sample.py", "bench": "python bench.py"}
+    usage += [(root.get(name, f"gptcraft {name}"), run_here("-m", module, "--help").stdout.splitlines()[0])
+              for name, (module, _) in COMMANDS.items()]  # fmt: skip
+    assert [(c, line) for c, line in usage if not line.startswith(f"usage: {c} ")] == []

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptcraft.generate import generate
-from model import GPT, GPTConfig, explicit_attention, sinusoidal_positions
+from gptcraft.model import GPT, GPTConfig, explicit_attention, sinusoidal_positions
 
 SMALL = dict(block_size=16, vocab_size=50, n_layer=2, n_head=4, n_embd=32)
 

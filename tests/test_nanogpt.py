@@ -15,11 +15,11 @@ from gptcraft.data.nanogpt import MetaPickleError, read_meta_pkl
 from gptcraft.data.shards import open_dataset, read_meta
 from gptcraft.errors import GptcraftError
 from gptcraft.evaluate import cli as run
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.prepare import index_shards
 from gptcraft.runs.resume import nanogpt_optimizer_state
 from gptcraft.track.logfile import read_log
 from gptcraft.train import loop
-from model import GPT, GPTConfig
 
 
 def sha(path):

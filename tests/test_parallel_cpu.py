@@ -8,10 +8,10 @@ import torch.distributed as dist
 from conftest import tiny_train_args
 from test_distributed import RUN, torchrun
 
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.system.distributed import Dist
 from gptcraft.train import loop
 from gptcraft.train.parallelize import clip_grad_norm, parallelize
-from model import GPT, GPTConfig
 
 SHORT = {**RUN, "max_iters": 10, "eval_interval": 10}
 # Inductor fuses and reorders float32 sums: after 10 AdamW steps at lr 3e-3 the weights of a

@@ -8,9 +8,9 @@ from conftest import run_here
 from PIL import Image
 
 from gptcraft.config import ConfigError
+from gptcraft.model import sinusoidal_positions
 from gptcraft.runs.checkpoint import load_checkpoint, save_checkpoint
 from gptcraft.visualize import positions
-from model import sinusoidal_positions
 
 
 def offsets_only(similarity):
@@ -91,3 +91,11 @@ def test_help_names_the_gptcraft_command(capsys):
         positions.main(["--help"])
     assert e.value.code == 0
     assert capsys.readouterr().out.startswith("usage: gptcraft positions [CONFIG.py ...] [--key=value ...]")
+
+
+def test_every_axis_has_whole_number_ticks():
+    # rope with head size 4 has 2 channel pairs: matplotlib's own ticks would be 0, 0.5, 1
+    fig = positions.draw(positions.panels(8, 8, 2), "t")
+    fig.canvas.draw()
+    ticks = [t for ax in fig.axes if ax.get_label() != "<colorbar>" for t in [*ax.get_xticks(), *ax.get_yticks()]]
+    assert ticks and all(t == int(t) for t in ticks)

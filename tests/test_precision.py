@@ -4,8 +4,8 @@
 import torch
 from conftest import tiny_train_args
 
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.train import loop
-from model import GPT, GPTConfig
 
 RUN = {"eval_interval": 5, "log_interval": 5, "eval_iters": 2}
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, ROOT, run_script
 
+from gptcraft import files
 from gptcraft.data.shards import open_dataset, open_shard
 from gptcraft.data.tokenizer import GPT2Tokenizer
 from gptcraft.prepare import corpus, fineweb
@@ -147,7 +148,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, m
     with pytest.raises(KeyboardInterrupt):
         run(source, tmp_path / "cut", *settings)
     left = sorted(p.name for p in (tmp_path / "cut.tmp").iterdir())  # built beside --out_dir
-    assert left == ["progress.json", *left_there]
+    assert left == [".gptcraft-folder", "progress.json", *left_there]
     assert not (tmp_path / "cut").exists()
     monkeypatch.setattr(corpus.Pipeline, "on_shard", on_shard)
     run(source, tmp_path / "cut", *settings)
@@ -199,7 +200,7 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path, shakespear
     assert not out.exists()  # a run writes beside it, in out.tmp, until the dataset is complete
     out.mkdir()
     (out / "train_000000.bin").write_bytes(b"someone else's")
-    with pytest.raises(corpus.CorpusError, match="holds token files of an unknown dataset"):
+    with pytest.raises(files.FolderError, match=r"holds files gptcraft did not write \(train_000000.bin\)"):
         run(write_jsonl(tmp_path / "ok.jsonl", ["a", "b"]), out, "--num_proc", "1")
 
 

@@ -146,8 +146,8 @@ def test_gpt2_bpe_run_streams_the_same_text(capsys, tmp_path):
     import torch
 
     from gptcraft.data.shards import write_meta
+    from gptcraft.model import GPT, GPTConfig
     from gptcraft.runs.checkpoint import save_checkpoint
-    from model import GPT, GPTConfig
 
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257)
     torch.manual_seed(0)
@@ -175,8 +175,8 @@ def test_generation_stops_at_end_of_text(capsys, tmp_path):
 
     from gptcraft.data.shards import write_meta
     from gptcraft.data.tokenizer import GPT2_EOT
+    from gptcraft.model import GPT, GPTConfig
     from gptcraft.runs.checkpoint import save_checkpoint
-    from model import GPT, GPTConfig
 
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257, tie_embeddings=False)
     model = GPT(GPTConfig(**args))

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import run_script, tiny_train_args
 
+from gptcraft.model import GPT, GPTConfig, apply_rope, rope_tables
 from gptcraft.train import loop, optimizer
 from gptcraft.train.loop import TrainConfig, learning_rate
 from gptcraft.train.optimizer import Optimizers, make_optimizer
-from model import GPT, GPTConfig, apply_rope, rope_tables
 
 
 def tiny(**kw):

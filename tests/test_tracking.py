@@ -16,6 +16,7 @@ from gptcraft.errors import GptcraftError
 from gptcraft.files import TEMP_PREFIX
 from gptcraft.track.logfile import metric_rows, read_log, read_rows, summarize
 from gptcraft.track.runlog import RunLog
+from gptcraft.train.stops import GracefulStop
 
 TOKENS_PER_ITER = 8 * 32  # tiny_train_args: batch_size 8, block_size 32, one micro-step
 TRAIN_KEYS = {"loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "tokens_seen"}
@@ -339,10 +340,11 @@ def test_an_evaluation_only_run_hides_no_rows(tmp_path):
     assert [r["iter"] for r in read_log(str(tmp_path))] == [10, 20, 10]
 
 
-class StopAfter:
-    """A GracefulStop whose signal arrives while the trainer asks for the n-th time."""
+class StopAfter(GracefulStop):
+    """A GracefulStop whose signal arrives while the trainer asks for the n-th time (twice a
+    step, once before each evaluation batch)."""
 
-    def __init__(self, n):
+    def __init__(self, n):  # no handlers: the loop only reads `requested`
         self.asked, self.n = 0, n
 
     @property
@@ -358,7 +360,7 @@ def test_summary_of_a_stopped_run_counts_every_step_done(char_data_dir, tmp_path
     from gptcraft.train.config import TrainConfig
 
     cfg = parse_config(TrainConfig, tiny_train_args(char_data_dir, tmp_path, max_iters=100, eval_interval=1000))
-    loop.train(cfg, Dist(), "cpu", StopAfter(13))
+    loop.train(cfg, Dist(), "cpu", StopAfter(37))  # after the first evaluation's 10 batches, about 13 steps
     rows = read_rows(str(tmp_path / "log.jsonl"))
     stopped_at = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"]
     assert stopped_at % 10 and [r["iter"] for r in rows if "loss" in r][-1] == stopped_at // 10 * 10

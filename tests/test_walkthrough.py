@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.train.loop import TrainConfig, learning_rate
 from gptcraft.train.optimizer import make_optimizer
-from model import GPT, GPTConfig
 
 WALKTHROUGH = ROOT / "docs" / "walkthrough.md"
 LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")  # [text](target)

@@ -33,12 +33,13 @@ import torch
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.data.shards import read_meta, write_meta, write_tokens
+from gptcraft.files import write_atomic
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token, prefill
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs.lock import check_writable
 from gptcraft.system import hardware
 from gptcraft.train import loop
 from gptcraft.train.config import TrainConfig
-from model import GPT, GPTConfig
 
 KNOWN_VOCAB_SIZES = {"shakespeare_char": 65}  # used when the dataset is not prepared here
 
@@ -121,12 +122,12 @@ def train_args(cfg, **overrides):
     return [f"--{k}={v}" for k, v in values.items()]
 
 
-def timed_run(cfg):
-    """One training run in a fresh interpreter: (seconds from its start to the log line of the last
-    step, the whole-val loss it logged). The final evaluation runs after the clock stops."""
+def timed_run(cfg, out_dir):
+    """One training run into out_dir in a fresh interpreter: (seconds from its start to the log line
+    of the last step, the whole-val loss it logged). The final evaluation runs after the clock stops."""
     last_step = f"iter {cfg.max_iters}:"
     t0 = time.perf_counter()
-    args = train_args(cfg, full_val=True, init_from="scratch", overwrite=True)  # each run a new one
+    args = train_args(cfg, full_val=True, init_from="scratch", overwrite=True, out_dir=out_dir)  # each a new one
     cmd = [sys.executable, "-m", "gptcraft.train.loop", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     seconds = None
@@ -135,13 +136,15 @@ def timed_run(cfg):
             seconds = time.perf_counter() - t0
     if proc.wait() != 0 or seconds is None:
         raise RuntimeError(f"train.py exited with status {proc.returncode} before its last step")
-    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
     return seconds, [r["full_val_loss"] for r in rows if "full_val_loss" in r][-1]
 
 
 def bench_speedrun(cfg):
-    """cfg.speedrun complete runs, one after another, on data already prepared (preparation is not timed)."""
-    runs = [timed_run(cfg) for _ in range(cfg.speedrun)]
+    """cfg.speedrun complete runs, one after another, on data already prepared (preparation is not timed),
+    each into a scratch folder of its own: the config's out_dir, which may hold a real run, is never touched."""
+    with tempfile.TemporaryDirectory(prefix="gptcraft-speedrun-") as tmp:
+        runs = [timed_run(cfg, os.path.join(tmp, "out")) for _ in range(cfg.speedrun)]
     for i, (seconds, loss) in enumerate(runs):
         print(f"run {i + 1}: {seconds:.1f} s to the last step, full val loss {loss:.4f}")
     return {"runs": [{"seconds": s, "full_val_loss": v} for s, v in runs],
@@ -343,8 +346,8 @@ def main(argv=None, reference=None):
         results["sampling"] = bench_sampling(cfg, device, dtype, vocab, results["peak_flops"])
     print(table(results))
     if cfg.json:
-        with open(cfg.json, "w") as f:
-            json.dump(results, f, indent=1)
+        text = json.dumps(results, indent=1).encode()
+        write_atomic(cfg.json, lambda f: f.write(text))
         print(f"wrote {cfg.json}")
     return results
 

@@ -16,6 +16,7 @@ Files are read through numpy memmap, so a corpus never has to fit in memory.
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,10 +80,19 @@ def write_shard(path, ids, version=1):
     write_atomic(path, lambda f: (f.write(shard_header(ids.size, version)), f.write(ids.astype(dtype).tobytes())))
 
 
+def file_size(path):
+    """The size of `path`, which must be a regular file: opening a FIFO someone left in its place
+    would block forever, a device or a folder is no token file either."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise TokenFileError(f"{path} is not a regular file (a FIFO, device or folder); prepare the dataset again")
+    return st.st_size
+
+
 def open_shard(path):
     """Check a shard's header and size against each other; return its TokenFile."""
     try:
-        size = os.path.getsize(path)
+        size = file_size(path)
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
     except OSError as e:
@@ -117,7 +127,7 @@ def open_legacy(path):
     """A legacy flat uint16 token file as a TokenFile."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"token file {path} not found; prepare the dataset first")
-    size = os.path.getsize(path)
+    size = file_size(path)
     if size % 2:
         raise TokenFileError(f"token file {path} has an odd byte count: it is truncated or not a uint16 token file")
     if size == 0:  # nothing to map: numpy's memmap fails on an empty file
@@ -212,6 +222,7 @@ def write_meta(data_dir, meta):
 def read_meta(data_dir):
     path = os.path.join(data_dir, META)
     try:
+        file_size(path)
         with open(path, encoding="utf-8") as f:  # as write_meta wrote it, whatever the locale
             meta = json.load(f)
     except FileNotFoundError:

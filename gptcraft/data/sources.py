@@ -36,6 +36,10 @@ def tiny_shakespeare(path=None):
         return download(TINY_SHAKESPEARE_URL, TINY_SHAKESPEARE_SHA256).decode("utf-8")
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read()
+            text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"cannot read --input {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(text) < 10:  # 90/10: each split needs a character at least
+        raise SourceError(f"--input {path} holds {len(text)} characters, too few for a train and a val split",
+                          "pass a file that holds the text")  # fmt: skip
+    return text

@@ -13,17 +13,20 @@ from gptcraft.system import distributed, hardware
 
 
 @torch.no_grad()
-def sum_over_batches(model, n, score, device, dtype, d, width=1):
+def sum_over_batches(model, n, score, device, dtype, d, width=1, check=None):
     """The sum of score(i) over i in range(n), each a tensor of `width` numbers computed by `model`
     in eval mode under the run's precision. Ranks take every world_size-th i and add up their
     parts (all_sum); every rank runs the same number of forward passes (FSDP's are collective),
-    and a rank's extra pass is not counted. The parts stay on the device and are read once, at the end."""
+    and a rank's extra pass is not counted. The parts stay on the device and are read once, at the end.
+    check: called before each batch on every rank; it may raise to stop (the trainer's stop signal)."""
     was_training = model.training
     model.eval()
     parts = []
     try:
         with hardware.autocast(device, dtype):
             for i, counted in distributed.even_share(n, d):
+                if check is not None:
+                    check()
                 part = score(i)
                 if counted:
                     parts.append(part.detach().reshape(width))
@@ -33,7 +36,7 @@ def sum_over_batches(model, n, score, device, dtype, d, width=1):
     return distributed.all_sum(local, d)
 
 
-def split_loss(model, pieces, block_size, batch_size, device, dtype, d):
+def split_loss(model, pieces, block_size, batch_size, device, dtype, d, check=None):
     """Mean cross-entropy over every target token of a split stored as 1-D token arrays `pieces`.
     Every batch has the shape (batch_size, block_size), the last one padded with targets the loss
     ignores (-1): a compiled model sees one shape and never recompiles."""
@@ -54,4 +57,4 @@ def split_loss(model, pieces, block_size, batch_size, device, dtype, d):
         _, loss = model(x.to(device), y.to(device))  # the mean over the targets that are not -1
         return loss * targets  # back from the mean to a sum
 
-    return sum_over_batches(model, len(batches), batch_loss, device, dtype, d)[0] / n_targets
+    return sum_over_batches(model, len(batches), batch_loss, device, dtype, d, check=check)[0] / n_targets

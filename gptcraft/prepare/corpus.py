@@ -21,13 +21,13 @@ import glob
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import threading
 
 import numpy as np
 from tqdm import tqdm
 
+from gptcraft.config import command_name
 from gptcraft.data.shards import (
     META,
     SPLITS,
@@ -41,7 +41,7 @@ from gptcraft.data.shards import (
 )
 from gptcraft.data.tokenizer import GPT2Tokenizer, TokenizerError
 from gptcraft.errors import GptcraftError
-from gptcraft.files import carry_over, staging_dir, swap_dir, write_atomic
+from gptcraft.files import carry_over, make_dir, remove_dir, replaceable_dir, staging_dir, swap_dir, write_atomic
 
 CHUNK_CHARS = 1 << 20  # documents per task: about a million characters, whatever --num_proc
 PROGRESS = "progress.json"
@@ -196,14 +196,15 @@ def check_out_dir(out_dir, source, force):
     """'done' if out_dir already holds this dataset, else the progress to resume from in the
     staging folder beside it (or None to start afresh there). Refuses to replace other data unless
     force, which also discards an unfinished run; out_dir itself changes only when the new dataset
-    is complete."""
-    staging = staging_dir(out_dir)
+    is complete, and only a folder gptcraft made is ever replaced or deleted."""
     found = our_files(out_dir)
+    if not force and META in found and read_meta(out_dir).get("source") == source:
+        return "done"
+    way_out = "choose another --out_dir"
+    staging = staging_dir(replaceable_dir(out_dir, way_out))
     progress = None
     if not force:  # force: without reading what is there, it may be damaged
         if META in found:
-            if read_meta(out_dir).get("source") == source:
-                return "done"
             refuse(out_dir, "a different dataset")
         if found:
             refuse(out_dir, f"token files of an unknown dataset ({', '.join(sorted(found)[:3])})")
@@ -211,9 +212,9 @@ def check_out_dir(out_dir, source, force):
             progress = read_progress(os.path.join(staging, PROGRESS))
             if progress["source"] != source:
                 refuse(staging, "an unfinished run with other input or settings")
-    if progress is None and os.path.exists(staging):
-        shutil.rmtree(staging)
-    os.makedirs(staging, exist_ok=True)
+    if progress is None:
+        remove_dir(staging, way_out=way_out)
+        make_dir(staging)
     return progress
 
 
@@ -275,7 +276,8 @@ class Pipeline:
 
     def __init__(self, args, tokenizer, source, progress):
         self.args, self.tokenizer, self.source = args, tokenizer, source
-        self.dir = staging_dir(args.out_dir)  # swapped in for args.out_dir when complete
+        self.final = os.path.realpath(args.out_dir)  # a link named as --out_dir is followed
+        self.dir = staging_dir(self.final)  # swapped in for it when complete
         done = progress.get("shards", {})
         # Resume: train goes on from the chunk in which the last train shard ended, dropping
         # what that shard already holds; val starts over (val documents of the chunks before
@@ -376,15 +378,15 @@ class Pipeline:
         for name in our_files(self.dir):
             if name == PROGRESS or name.endswith(".tmp"):
                 os.remove(os.path.join(self.dir, name))
-        carry_over(args.out_dir, self.dir, is_dataset_file)
-        swap_dir(self.dir, args.out_dir)
+        carry_over(self.final, self.dir, is_dataset_file)
+        swap_dir(self.dir, self.final, way_out="choose another --out_dir")
         counts = ", ".join(f"{s} {meta['splits'][s]['tokens']:,} tokens in {len(shards[s])} shard(s)" for s in SPLITS)
         print(f"{args.out_dir}: {counts}")
         return meta
 
 
-def parser(dataset=None, out_dir=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(dataset=None, out_dir=None, script="prepare/corpus.py"):
+    p = argparse.ArgumentParser(prog=command_name(script), description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=dataset is None)
     src.add_argument("--input", nargs="+", help="local .txt, .jsonl/.json or .parquet files, folders or globs")
     default_note = f" (default {dataset})" if dataset else ""
@@ -403,7 +405,7 @@ def parser(dataset=None, out_dir=None):
     p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard")
     p.add_argument("--tokenizer_file", help="local GPT-2 .tiktoken file (offline); or set GPTCRAFT_TIKTOKEN_FILE")
-    p.add_argument("--force", action="store_true", help="replace whatever --out_dir holds")
+    p.add_argument("--force", action="store_true", help="replace the dataset --out_dir holds (a folder gptcraft made)")
     return p
 
 
@@ -415,8 +417,8 @@ def run(args):
         sys.exit(f"error: {e}")
 
 
-def main(argv=None, dataset=None, out_dir=None):
-    run(parser(dataset, out_dir).parse_args(argv))
+def main(argv=None, dataset=None, out_dir=None, script="prepare/corpus.py"):
+    run(parser(dataset, out_dir, script).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ SAMPLE = "sample-10BT"
 
 
 def parser():
-    p = corpus.parser(dataset=SOURCES["edu"][0], out_dir="")
+    p = corpus.parser(dataset=SOURCES["edu"][0], out_dir="", script="prepare/fineweb.py")
     p.description = __doc__.splitlines()[0]
     p.add_argument("--source", choices=SOURCES, default="edu", help="edu: FineWeb-Edu (default); fineweb: FineWeb")
     p.set_defaults(name=SAMPLE, streaming=True)

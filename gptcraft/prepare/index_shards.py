@@ -19,6 +19,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from gptcraft.config import command_name
 from gptcraft.data.nanogpt import MetaPickleError, is_nanogpt_folder, nanogpt_meta
 from gptcraft.data.shards import MAGIC, META, SPLITS, TokenFileError, open_legacy, open_shard, shard_meta, write_meta
 from gptcraft.data.tokenizer import GPT2_META
@@ -82,7 +83,7 @@ def index(data_dir, force=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=command_name("prepare/index_shards.py"), description=__doc__.splitlines()[0])
     p.add_argument("--dir", required=True, help="the folder of .bin shards")
     p.add_argument("--force", action="store_true", help="replace an existing meta.json")
     args = p.parse_args(argv)

@@ -10,7 +10,9 @@ from gptcraft.prepare import corpus
 
 
 def main(argv=None):
-    corpus.main(argv, dataset="openwebtext", out_dir=os.path.join("data", "openwebtext"))
+    corpus.main(
+        argv, dataset="openwebtext", out_dir=os.path.join("data", "openwebtext"), script="prepare/openwebtext.py"
+    )
 
 
 if __name__ == "__main__":

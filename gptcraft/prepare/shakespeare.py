@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from gptcraft.config import command_name
 from gptcraft.data.shards import is_dataset_file, shard_meta, shard_version, write_meta, write_shard
 from gptcraft.data.sources import SourceError, tiny_shakespeare
 from gptcraft.data.tokenizer import GPT2Tokenizer, TokenizerError
@@ -33,7 +34,7 @@ def prepare(out_dir, input_path=None, tokenizer_file=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=command_name("prepare/shakespeare.py"), description=__doc__.splitlines()[0])
     p.add_argument("--input", help="local copy of tinyshakespeare.txt (default: download it)")
     p.add_argument("--tokenizer_file", help="local GPT-2 .tiktoken file (offline); or set GPTCRAFT_TIKTOKEN_FILE")
     p.add_argument("--out_dir", default=os.path.join("data", "shakespeare"))

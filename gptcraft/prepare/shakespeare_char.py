@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from gptcraft.config import command_name
 from gptcraft.data.shards import is_dataset_file, write_meta, write_tokens
 from gptcraft.data.sources import SourceError, tiny_shakespeare
 from gptcraft.data.tokenizer import CharTokenizer, TokenizerError
@@ -36,7 +37,7 @@ def prepare(out_dir, input_path=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=command_name("prepare/shakespeare_char.py"), description=__doc__.splitlines()[0])
     p.add_argument("--input", help="local copy of tinyshakespeare.txt (default: download it)")
     p.add_argument("--out_dir", default=os.path.join("data", "shakespeare_char"))
     args = p.parse_args(argv)

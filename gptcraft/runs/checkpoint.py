@@ -17,7 +17,6 @@ state (is_nanogpt).
 
 import os
 import pickle
-import shutil
 import sys
 
 import torch
@@ -122,6 +121,26 @@ def sampling_path(out_dir):
     return best if os.path.exists(best) else os.path.join(out_dir, LATEST)
 
 
+def is_sharded_file(name):
+    """A name torch.distributed.checkpoint or save_sharded writes into ckpt.dcp/: what makes a
+    folder without gptcraft's marker (saved before it had one) gptcraft's to replace."""
+    return (
+        name in (SHARDED_STATE, files.MARKER)
+        or name.startswith((".metadata", files.TEMP_PREFIX))
+        or (name.endswith(".distcp"))
+    )
+
+
+def check_sharded_names(out_dir):
+    """Refuse, with one line, a link or another's folder where a sharded save would go or a run would
+    delete one (ckpt.dcp, ckpt.dcp.tmp, ckpt.dcp.old): never followed, never deleted."""
+    for name in (SHARDED, SHARDED + ".tmp", SHARDED + ".old"):
+        files.check_own_dir(os.path.join(out_dir, name), is_sharded_file, SHARDED_WAY_OUT)
+
+
+SHARDED_WAY_OUT = "move it out of the run folder, or choose another --out_dir"
+
+
 def save_sharded(out_dir, tensors, state, master):
     """Collective: write `tensors` (a state dict of sharded tensors) with torch.distributed.checkpoint
     and `state` (plain values, written by rank 0) into a new directory, then swap it in."""
@@ -129,13 +148,15 @@ def save_sharded(out_dir, tensors, state, master):
 
     final = os.path.join(out_dir, SHARDED)
     tmp = final + ".tmp"
-    if master and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left by a crash in an earlier save
     try:
+        if master:
+            check_sharded_names(out_dir)
+            files.remove_dir(tmp, is_sharded_file, SHARDED_WAY_OUT)  # left by a crash in an earlier save
+            files.make_dir(tmp)
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         if master:
             save_checkpoint(os.path.join(tmp, SHARDED_STATE), state)  # written last: it marks the directory complete
-            swap_dir(tmp, final)
+            swap_dir(tmp, final, is_sharded_file, SHARDED_WAY_OUT)
             remove_file(os.path.join(out_dir, LATEST))
     except (*WRITE_ERRORS, dcp.CheckpointException) as e:
         raise CheckpointError(f"could not write {final} ({reason(e)}); the previous checkpoint is intact") from None
@@ -173,14 +194,13 @@ def save_full(out_dir, state):
 
 
 def remove_sharded(out_dir):
-    """Delete the sharded checkpoint directories in out_dir."""
+    """Delete the sharded checkpoint directories in out_dir (gptcraft's only: never through a link)."""
     for name in (SHARDED, SHARDED + ".old"):
         path = os.path.join(out_dir, name)
         try:
-            if os.path.exists(path):
-                shutil.rmtree(path)
+            files.remove_dir(path, is_sharded_file, SHARDED_WAY_OUT)
         except OSError as e:
-            raise CheckpointError(f"saved {LATEST} but could not remove {path} ({reason(e)}); remove it") from None
+            raise CheckpointError(f"saved {LATEST} but could not remove {path} ({reason(e)})") from None
 
 
 def remove_file(path):
@@ -192,9 +212,7 @@ def remove_file(path):
 def clear_killed_saves(out_dir):
     """Delete the temporary files and folder that a killed save left behind (rank 0, holding the lock)."""
     files.remove_stale_temps(out_dir)
-    tmp = os.path.join(out_dir, SHARDED + ".tmp")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    files.remove_dir(os.path.join(out_dir, SHARDED + ".tmp"), is_sharded_file, SHARDED_WAY_OUT)
 
 
 def shape_mismatch(expected, found):

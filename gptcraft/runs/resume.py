@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from gptcraft.hf import check_size
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs import checkpoint
 from gptcraft.runs.checkpoint import CheckpointError
 from gptcraft.runs.start import MAY_CHANGE
 from gptcraft.system import distributed
-from model import GPT, GPTConfig
 
 
 def state_dicts():

@@ -10,9 +10,9 @@ work with one line naming the way out, unless overwrite=True replaces it.
 import os
 from dataclasses import fields
 
+from gptcraft.model import GPTConfig
 from gptcraft.runs import checkpoint
 from gptcraft.runs.lock import OutDirError
-from model import GPTConfig
 
 # Files a new run replaces under overwrite=True: everything a run writes but meta.json, rewritten at start.
 RUN_FILES = (checkpoint.LATEST, checkpoint.BEST, "log.jsonl", "loss.png")
@@ -56,12 +56,20 @@ def decide_start(config):
     """'resume' or 'new': how a run with `config` (TrainConfig as a dict) starts in its out_dir.
     Raises OutDirError, before anything is written, when it would overwrite another run."""
     out_dir, init_from = config["out_dir"], config["init_from"]
+    checkpoint.check_sharded_names(out_dir)  # on every rank, before a collective save could meet it
     found = previous_run(out_dir, config["fsdp"])
     if init_from == "resume":
         if config["overwrite"]:
             raise OutDirError("overwrite=True starts a new run; it cannot go with init_from=resume")
         return "resume"
-    if found is None or config["overwrite"]:
+    if config["overwrite"]:
+        return "new"
+    if found is None:
+        left = [n for n in (*RUN_FILES, checkpoint.SHARDED, checkpoint.SHARDED + ".old")
+                if os.path.lexists(os.path.join(out_dir, n))]  # fmt: skip
+        if left:
+            raise OutDirError(f"out_dir {out_dir} holds {', '.join(left)} but no checkpoint of a run; a new run "
+                              "replaces them only with --overwrite=True, or choose another --out_dir")  # fmt: skip
         return "new"
     if init_from != "auto":
         raise OutDirError(f"out_dir {out_dir} holds {os.path.basename(found)} of an earlier run and "

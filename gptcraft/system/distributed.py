@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from gptcraft.errors import GptcraftError
+from gptcraft.files import open_new
 
 
 class DistributedError(GptcraftError):
@@ -154,7 +155,7 @@ def check_shared(path, d, what):
         return
     marker = os.path.join(path, f".shared_check.{all_gather(uuid.uuid4().hex, d)[0]}")
     if d.master:
-        open(marker, "w").close()
+        open_new(marker).close()
     barrier(d)
     missing = [rank for rank, seen in enumerate(all_gather(os.path.exists(marker), d)) if not seen]
     barrier(d)

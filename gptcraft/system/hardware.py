@@ -10,6 +10,7 @@ import time
 import torch
 
 from gptcraft.errors import GptcraftError
+from gptcraft.files import write_atomic
 
 
 class DeviceError(GptcraftError):
@@ -68,6 +69,12 @@ def resolve_dtype(name, device):
     return name
 
 
+def resolve_compile(compile, device):
+    """None (auto): torch.compile on CUDA only. On the CPU recipe it took about 37 s to compile and
+    ran no faster per iteration."""
+    return device.startswith("cuda") if compile is None else compile
+
+
 def autocast(device, dtype):
     """Mixed-precision context for forward passes; a no-op for float32."""
     if dtype == "float32":
@@ -75,17 +82,23 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
 
 
-def measured_cpu_peak(n=2048, repeats=5):
-    """Best fp32 matmul FLOP/s of this CPU in `repeats` large square matmuls."""
+def measured_cpu_peak(n=2048, repeats=5, threads=None):
+    """Best fp32 matmul FLOP/s of this CPU in `repeats` large square matmuls, on `threads`
+    threads (None: torch's current number)."""
     # Its own generator: whether a run measures (see cpu_peak) must not change its random streams.
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    a @ b  # warm up the thread pool
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        a @ b  # warm up the thread pool
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
     return 2 * n**3 / best
 
 
@@ -117,16 +130,31 @@ def cpu_peak_cache():
     return os.path.join(root, "gptcraft", "cpu_peak_calibration.json")
 
 
-# Runs that measure the CPU peak before it is trusted: the best of them is the calibration.
+# Runs that measure the CPU peak before it is trusted: the best of them is the calibration. Runs
+# on a busy machine do not count, but a machine that is always busy stops measuring after MAX_TRIES.
 CALIBRATION_RUNS = 5
+MAX_TRIES = 20
 _MEASURED = {}  # (path, key) -> what this process measured: one process measures once
+
+
+def calibration_measurement():
+    """(what one thread measured, what all of torch's threads measured or None if the machine
+    was busy). A busy measurement is no peak: other processes held cores while it ran, which
+    shows as a load average that fills every core or as all the threads together measuring
+    less than one alone."""
+    one = measured_cpu_peak(n=1024, threads=1)
+    together = measured_cpu_peak() if torch.get_num_threads() > 1 else one
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = together < one or load >= (os.cpu_count() or 1)
+    return one, None if busy else together
 
 
 def cpu_peak(path=None):
     """The CPU's fp32 matmul peak for this CPU, thread count and torch: the best of the first
-    CALIBRATION_RUNS measurements (one per process, kept in `path`), then read without measuring.
-    One measurement on a busy machine comes out low (and MFU above 100%); the best of several
-    does not. Deleting the file starts a new calibration."""
+    CALIBRATION_RUNS measurements on an idle machine (one per process, kept in `path`), then read
+    without measuring; never below what one thread measured. A run on a busy machine would
+    measure a low peak (and MFU above 100%): it keeps its one-thread figure as a floor and does
+    not count. Deleting the file starts a new calibration."""
     path = path or cpu_peak_cache()
     key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
     try:
@@ -137,19 +165,20 @@ def cpu_peak(path=None):
     if not isinstance(cached, dict):
         cached = {}
     entry = cached.get(key)
-    if not (isinstance(entry, dict) and isinstance(entry.get("flop_s"), float) and isinstance(entry.get("runs"), int)):
-        entry = {"flop_s": 0.0, "runs": 0}
+    counts, figures = ("runs", "tries"), ("flop_s", "one_thread_flop_s")
+    if not (isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in counts)
+            and all(isinstance(entry.get(k), float) for k in figures)):  # fmt: skip
+        entry = {"flop_s": 0.0, "one_thread_flop_s": 0.0, "runs": 0, "tries": 0}  # also an older entry: no floor
     here = _MEASURED.get((path, key))
-    if entry["runs"] >= CALIBRATION_RUNS or here is not None:
+    if entry["runs"] >= CALIBRATION_RUNS or entry["tries"] >= MAX_TRIES or here is not None:
         return max(entry["flop_s"], here or 0.0)  # calibrated, or measured already by this process
-    entry = {"flop_s": max(measured_cpu_peak(), entry["flop_s"]), "runs": entry["runs"] + 1}
+    one, together = calibration_measurement()
+    entry = {"flop_s": max(together or one, entry["flop_s"]), "one_thread_flop_s": max(one, entry["one_thread_flop_s"]),
+             "runs": entry["runs"] + (together is not None), "tries": entry["tries"] + 1}  # fmt: skip
     _MEASURED[(path, key)] = entry["flop_s"]
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({**cached, key: entry}, f, indent=1)
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write(json.dumps({**cached, key: entry}, indent=1).encode()))
     except OSError:
         pass  # a read-only home: the figure of this run alone
     return entry["flop_s"]

@@ -106,7 +106,9 @@ def default_output(out_dirs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot train and val loss of train.py runs from their log.jsonl.")
+    parser = argparse.ArgumentParser(
+        prog="gptcraft plot", description="Plot train and val loss of train.py runs from their log.jsonl."
+    )
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="out_dir of a train.py run")
     parser.add_argument("--x", choices=sorted(X_AXES), default="iter", help="x axis (default: iter)")
     parser.add_argument("-o", "--output", help="PNG file to write (default: OUT_DIR/loss.png for one run, "

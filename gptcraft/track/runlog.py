@@ -22,6 +22,7 @@ from tqdm import tqdm
 from gptcraft.errors import GptcraftError
 from gptcraft.files import LinkError, open_append, open_new
 from gptcraft.system import distributed
+from gptcraft.system.hardware import cpu_peak_cache
 from gptcraft.track.logfile import ends_a_line, read_log, read_rows, summarize
 
 
@@ -60,7 +61,8 @@ def train_line(row, eta_s):
     if row.get("mfu") is not None:
         text += f", mfu {100 * row['mfu']:.1f}%"
         if row["mfu"] > 1:
-            text += " (cannot be: the peak it is measured against is too low)"
+            text += (" (cannot be: the peak it is measured against is too low; on a CPU, delete "
+                     f"{cpu_peak_cache()} to measure it again while the machine is idle)")  # fmt: skip
     if row.get("grad_norm") is not None:
         text += f", grad norm {row['grad_norm']:.3f}"
     if eta_s is not None:

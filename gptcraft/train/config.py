@@ -8,9 +8,9 @@ from dataclasses import dataclass, fields, make_dataclass
 
 from gptcraft.config import check_ranges, check_seed, option, options_of, refuse
 from gptcraft.load import check_init_from, device_option, dtype_option
+from gptcraft.model import GPTConfig
 from gptcraft.track.runlog import require_wandb
 from gptcraft.train.optimizer import OPTIMIZERS
-from model import GPTConfig
 
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 
@@ -65,7 +65,7 @@ class TrainConfig(ModelSettings):
     decay_lr: bool = option(True, "cosine decay after warmup; False keeps learning_rate constant")
     warmup_iters: int = option(2000, "linear warmup steps")
     lr_decay_iters: int = option(600000, "step at which the cosine reaches min_lr (about max_iters)")
-    min_lr: float = option(6e-5, "floor of the schedule (about learning_rate / 10)")
+    min_lr: float | None = option(None, "floor of the schedule; auto: learning_rate / 10")
     warmdown_iters: int = option(0, "> 0: instead of the cosine, hold learning_rate, then decay linearly to "
                                     "min_lr over the last warmdown_iters steps before max_iters")  # fmt: skip
     # system
@@ -75,7 +75,8 @@ class TrainConfig(ModelSettings):
                                  "large ckpt.pt takes long; torch's default is 600)")  # fmt: skip
     device: str = device_option()
     dtype: str = dtype_option()
-    compile: bool = option(True, "torch.compile the model (pays off on GPUs, not on small CPU runs)")
+    compile: bool | None = option(None, "torch.compile the model; auto: on CUDA only (on the CPU compiling "
+                                  "took longer than it saved)")  # fmt: skip
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state across ranks (FSDP2) instead of DDP")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
     max_nonfinite_steps: int = option(10, "stop after this many steps in a row with a NaN/Inf loss or gradient norm")
@@ -90,6 +91,10 @@ class TrainConfig(ModelSettings):
 
     def __post_init__(self):
         check_init_from(self.init_from, ("auto", "scratch", "resume"))
+        if self.min_lr is None:  # follows a learning rate lowered for finetuning
+            # A tenth, written as a person would (6e-4 gives 6e-5, not 5.9999999999999995e-05): a run
+            # made with the value spelled out is the same run.
+            self.min_lr = float(f"{self.learning_rate / 10:.12g}")
         problems = []
         try:
             GPTConfig(**self.model_args())  # the model's own checks, on this run's values

@@ -22,12 +22,13 @@ from gptcraft.evaluate.loss import split_loss, sum_over_batches
 from gptcraft.runs import checkpoint, resume
 from gptcraft.runs.lock import locked
 from gptcraft.system import distributed, hardware
+from gptcraft.train import pace
 from gptcraft.train.config import TrainConfig
 from gptcraft.train.optimizer import learning_rate, set_learning_rate
 from gptcraft.train.parallelize import clip_grad_norm, grad_sync
 from gptcraft.train.schedule import Schedule, StepFlags
 from gptcraft.train.setup import setup
-from gptcraft.train.stops import DivergenceGuard, GracefulStop, nonfinite, weights_finite
+from gptcraft.train.stops import DivergenceGuard, GracefulStop, StopRequested, nonfinite, weights_finite
 
 
 def main(argv=None):
@@ -54,11 +55,17 @@ def train(cfg, d, device, stop):
     while True:
         due = run.due
         at_end, evaluates = due.at_end(run.iter_num), due.evaluates(run.iter_num)
-        # The last step's flags are read before its weights are evaluated or saved.
-        must_read = due.eval_due(run.iter_num) or at_end or due.checkpoint_due(run.iter_num)
-        stopping = read_flags(job, run) if must_read else False
+        # The last step's flags are read before its weights are evaluated or saved. One process
+        # needs no agreement with others: a signal stops it before its next step.
+        alone_stopped = stop.requested is not None and not d.enabled
+        must_read = due.eval_due(run.iter_num) or at_end or due.checkpoint_due(run.iter_num) or alone_stopped
+        stopping = (read_flags(job, run) or alone_stopped) if must_read else False
         if not stopping:
-            saved = evaluate(job, run) if evaluates else False
+            try:
+                saved = evaluate(job, run, lambda: stop.check(d)) if evaluates else False
+            except StopRequested:  # the evaluation is dropped; the resumed run does it again
+                stopping = True
+        if not stopping:
             if at_end:
                 break
             if not saved and due.checkpoint_due(run.iter_num):
@@ -102,19 +109,22 @@ class Run:
         self.t_last, self.iters_since_log = time.time(), 0
 
 
-def evaluate(job, run):
+def evaluate(job, run, check=None):
     """Estimate train and val loss (and the whole val split at the end, with full_val; HellaSwag,
     with hellaswag_file), log them, and save when the run has moved since its start; returns
-    whether it saved."""
+    whether it saved. check: called before each loss batch, raises StopRequested to drop the
+    evaluation."""
     cfg = job.cfg
+    if job.forecast is not None and (note := pace.eval_note(job.forecast, cfg.eval_iters)):
+        job.log.print(note)
     eval_samplers = {"train": job.samplers["eval_train"], "val": job.samplers["val"]}
-    losses = estimate_loss(job.model, eval_samplers, cfg, job.device, job.dtype, job.d)
+    losses = estimate_loss(job.model, eval_samplers, cfg, job.device, job.dtype, job.d, check)
     row = {"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
            "tokens_seen": job.tokens_seen(run.iter_num)}  # fmt: skip
     if cfg.full_val and (run.iter_num == cfg.max_iters or cfg.eval_only):
         val_data = [f.memmap() for f in job.dataset.splits["val"]]
         row["full_val_loss"] = split_loss(job.model, val_data, job.model_args["block_size"], cfg.batch_size,
-                                          job.device, job.dtype, job.d)  # fmt: skip
+                                          job.device, job.dtype, job.d, check)  # fmt: skip
     if job.hellaswag is not None:
         scores = hellaswag.score(job.model, *job.hellaswag, job.model_args["block_size"], job.device, job.dtype,
                                  job.d, cfg.batch_size)  # fmt: skip
@@ -135,11 +145,13 @@ def evaluate(job, run):
     return saving
 
 
-def estimate_loss(model, samplers, cfg, device, dtype, d):
-    """Mean loss over eval_iters fixed batches per split, shared out across ranks."""
+def estimate_loss(model, samplers, cfg, device, dtype, d, check=None):
+    """Mean loss over eval_iters fixed batches per split, shared out across ranks. check: called
+    before each batch on every rank; it may raise to stop the evaluation."""
     out = {}
     for split, sampler in samplers.items():
-        (total,) = sum_over_batches(model, cfg.eval_iters, lambda j, s=sampler: model(*s.batch(j))[1], device, dtype, d)
+        (total,) = sum_over_batches(model, cfg.eval_iters, lambda j, s=sampler: model(*s.batch(j))[1], device, dtype, d,
+                                    check=check)  # fmt: skip
         out[split] = total / cfg.eval_iters
     return out
 

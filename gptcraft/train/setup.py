@@ -21,15 +21,16 @@ from gptcraft.data.shards import META, TokenFileError, is_dataset, open_dataset,
 from gptcraft.data.tokenizer import load_tokenizer
 from gptcraft.evaluate import hellaswag
 from gptcraft.hf import from_pretrained, hub_name
+from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs import checkpoint, start
 from gptcraft.runs.lock import job_id
 from gptcraft.runs.resume import Resume
 from gptcraft.system import distributed, hardware
 from gptcraft.track.runlog import RunLog
+from gptcraft.train import pace
 from gptcraft.train.config import TrainConfig
 from gptcraft.train.optimizer import make_optimizer
 from gptcraft.train.parallelize import parallelize
-from model import GPT, GPTConfig
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Job:
     # processes, which changed), so that it goes on from the checkpoint's next batch
     tokens_per_iter: int
     peak: float | None  # FLOP/s that MFU is measured against (rank 0)
+    forecast: pace.Forecast | None  # times at the CPU's peak (rank 0, on a CPU)
     hellaswag: tuple | None  # (tokenizer, examples) with hellaswag_file
     start: Start
 
@@ -144,7 +146,8 @@ def setup(cfg, d, device):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, which FSDP relies on
     raw_model = (pretrained if pretrained is not None else GPT(GPTConfig(**model_args))).to(device)
     torch.manual_seed(cfg.seed + d.rank)  # then each rank its own dropout masks
-    model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, cfg.compile, dtype)
+    compile_model = hardware.resolve_compile(cfg.compile, device)
+    model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, compile_model, dtype)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     begin = Start()
@@ -175,12 +178,18 @@ def setup(cfg, d, device):
         log.guarded(os.path.join(cfg.out_dir, META), lambda: write_meta(cfg.out_dir, dataset.meta))
     log.stop_on_failure(d)
     peak = hardware.peak_flops(device, dtype) if d.master else None  # on the CPU, maybe a timed matmul
+    forecast = None
+    if device == "cpu" and peak:  # a config sized for GPUs says so before its first evaluation
+        forecast = pace.for_run(cfg, raw_model, accum, d.world_size, begin.iter_num, peak)
+        if note := pace.start_note(forecast, cfg.max_iters):
+            log.print(note)
     if resume is not None:
         resume.restore_rng(d, device)  # last, so that nothing above draws from the restored streams
     return Job(
         cfg=cfg, d=d, device=device, dtype=dtype, raw_model=raw_model, model=model, model_args=model_args,
         optimizer=optimizer, scaler=scaler, samplers=samplers, dataset=dataset, log=log, accum=accum,
         first_batch=first_batch, tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"], peak=peak,
+        forecast=forecast,
         hellaswag=hellaswag_set, start=begin,
     )  # fmt: skip
 

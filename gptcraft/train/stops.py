@@ -1,20 +1,28 @@
 """Two ways a run stops early without losing work.
 
-Signals: SIGTERM (preemption, torchrun shutting down) or SIGINT (Ctrl-C) only record the request;
-the trainer finishes the step, saves and exits 0. A second signal of the same kind is handled
-the default way, so Ctrl-C twice still stops at once.
+Signals: SIGTERM (preemption, torchrun shutting down) or SIGINT (Ctrl-C) only record the request,
+and say so at once; the trainer finishes the step, or drops the evaluation at its next batch,
+saves and exits 0. A second signal of the same kind is handled the default way, so Ctrl-C twice
+still stops at once (the command prints one line, see gptcraft.config.run_cli).
 Divergence: a step whose loss or gradient norm is NaN or Inf is not applied, and too many such
 steps in a row stop the run before it wastes more compute.
 """
 
+import os
 import signal
 
 import torch
 
 from gptcraft.errors import GptcraftError
-from gptcraft.system.distributed import is_dtensor
+from gptcraft.system.distributed import any_rank, is_dtensor
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+NOTICE = {"SIGINT": "Ctrl-C: stopping after this step or evaluation batch, then saving; Ctrl-C again to stop now",
+          "SIGTERM": "SIGTERM: stopping after this step or evaluation batch, then saving"}  # fmt: skip
+
+
+class StopRequested(Exception):
+    """A stop signal reached some rank during an evaluation: its result is dropped."""
 
 
 class GracefulStop:
@@ -27,6 +35,15 @@ class GracefulStop:
     def _handle(self, signum, frame):
         self.requested = signal.Signals(signum).name
         signal.signal(signum, self.previous[signum])
+        if os.environ.get("RANK", "0") == "0":  # torchrun's workers all get the terminal's Ctrl-C
+            # os.write, not print: the handler may run in the middle of a print to the same stream.
+            os.write(2, f"\n{NOTICE[self.requested]}\n".encode())
+
+    def check(self, d):
+        """Collective under torchrun, called by every rank before each evaluation batch: raise
+        StopRequested once a signal has reached any rank."""
+        if any_rank(torch.tensor([self.requested is not None]), d)[0]:
+            raise StopRequested
 
     def __enter__(self):
         for sig in SIGNALS:

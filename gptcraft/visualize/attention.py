@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import torch
 
-from gptcraft.config import ConfigError, option, parse_config
+from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.load import ModelOptions
+from gptcraft.model import attention_weights, causal_mask
 from gptcraft.prompt import encode_prompt, read_prompt
 from gptcraft.system import hardware
 from gptcraft.visualize import png
-from model import attention_weights, causal_mask
 
 MAX_TOKENS = 128  # one readable label per token
 MAX_PIXELS = 12000  # per side of the PNG; a larger grid asks for fewer layers or heads
@@ -89,10 +89,17 @@ def token_labels(tok, ids):
     return labels
 
 
-def figure_inches(rows, cols, T):
-    """(width, height) of a grid of rows x cols maps of T tokens, room for the colour bar and title included."""
+def figure_title(source):
+    return f"{source}\nattention weights (rows: queries, columns: keys)"
+
+
+def figure_inches(rows, cols, T, title=""):
+    """(width, height) of a grid of rows x cols maps of T tokens, room for the colour bar and title
+    included: a single small map is widened to its title's longest line (12-point text, about
+    0.1 inch a character), which would otherwise be cut at both edges."""
     panel = max(2.0, 0.8 + 0.15 * T)
-    return cols * panel + 1.0, rows * panel + 0.6
+    title_width = 0.1 * max(map(len, title.splitlines()), default=0) + 0.4
+    return max(cols * panel + 1.0, title_width), rows * panel + 0.4 + 0.2 * len(title.splitlines())
 
 
 def draw(maps, labels, layers, heads, title):
@@ -100,7 +107,7 @@ def draw(maps, labels, layers, heads, title):
     T = maps.size(-1)
     future = ~causal_mask(torch.arange(T, device=maps.device), T)  # (T, T): the keys a query may not see
     fig, axes = plt.subplots(len(layers), len(heads), squeeze=False, layout="constrained",
-                             figsize=figure_inches(len(layers), len(heads), T))  # fmt: skip
+                             figsize=figure_inches(len(layers), len(heads), T, title))  # fmt: skip
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # NaN: the masked entries
     for r, layer in enumerate(layers):
         for c, head in enumerate(heads):
@@ -130,7 +137,9 @@ def main(argv=None):
                           f"and no more than the model's block_size); shorten --start")  # fmt: skip
     layers = parse_indices(cfg.layers, model.config.n_layer, "layers")
     heads = parse_indices(cfg.heads, model.config.n_head, "heads")
-    width, height = (round(side * png.DPI) for side in figure_inches(len(layers), len(heads), len(ids)))
+    source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    title = figure_title(source)
+    width, height = (round(side * png.DPI) for side in figure_inches(len(layers), len(heads), len(ids), title))
     if max(width, height) > MAX_PIXELS:
         raise ConfigError(
             f"{len(layers)} layers x {len(heads)} heads of {len(ids)} tokens would be a "
@@ -138,9 +147,11 @@ def main(argv=None):
         )
     with hardware.autocast(device, dtype):
         maps = attention_maps(model, torch.tensor([ids], device=device)).float().cpu()
-    source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
-    title = f"{source}: attention weights (rows: queries, columns: keys)"
     fig = draw(maps, token_labels(tok, ids), layers, heads, title)
     output = png.output_path(cfg.output, "attention.png", cfg.out_dir if cfg.init_from == "resume" else None)
     png.save(fig, output)
     print(f"wrote {output} ({len(layers)} layers x {len(heads)} heads, {len(ids)} tokens)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from gptcraft.config import ConfigError  # noqa: E402
 from gptcraft.errors import GptcraftError  # noqa: E402
+from gptcraft.files import write_atomic  # noqa: E402
 
 DPI = 100  # a figure of w x h inches is a PNG of 100w x 100h pixels
 
@@ -29,10 +30,11 @@ def output_path(output, name, run_dir=None):
 
 
 def save(fig, path):
-    """Write fig to path and free it; an unwritable path is a PictureError."""
+    """Write fig to path (atomically: a link there is replaced, never written through) and free
+    it; an unwritable path is a PictureError."""
     try:
-        fig.savefig(path, dpi=DPI)
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     except OSError as e:
-        raise PictureError(f"cannot write {path}: {e.strerror}") from None
+        raise PictureError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
 
-from gptcraft.config import ConfigError, option, parse_config
+from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.hf import HUB_MODELS, from_pretrained
 from gptcraft.load import RunFolder, check_init_from, load_run
+from gptcraft.model import apply_rope, rope_tables, sinusoidal_positions
 from gptcraft.visualize import png
-from model import apply_rope, rope_tables, sinusoidal_positions
 
 DEFAULT_SIZES = dict(block_size=64, n_embd=128, n_head=4)  # configs/train_shakespeare_char_cpu.py
 
@@ -115,6 +116,8 @@ def draw(columns, title):
         image = bottom.imshow(similarity.numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
         bottom.set(title="cosine similarity of positions", xlabel="position n", ylabel="position m")
         fig.colorbar(image, ax=bottom, shrink=0.8)
+        for axis in (top.xaxis, top.yaxis, bottom.xaxis, bottom.yaxis):  # channels and positions are whole numbers
+            axis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     return fig
 
@@ -128,3 +131,7 @@ def main(argv=None):
     output = png.output_path(cfg.output, "positions.png", cfg.out_dir if cfg.init_from == "resume" else None)
     png.save(fig, output)
     print(f"wrote {output} ({'; '.join(column[0] for column in columns)})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
