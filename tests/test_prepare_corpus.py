@@ -172,11 +172,12 @@ DAMAGED_PROGRESS = [{**GOOD_PROGRESS, "shards": []}, {**GOOD_PROGRESS, "resume":
 def test_a_damaged_progress_json_is_one_line_and_nothing_is_touched(tmp_path, shakespeare_path, damage):
     source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 5))
     staging = tmp_path / "out.tmp"
-    staging.mkdir()
+    files.make_dir(str(staging))  # an interrupted preparation's folder, with gptcraft's marker
     (staging / "progress.json").write_bytes(damage)
     with pytest.raises(corpus.CorpusError, match=r"out.tmp/progress.json is damaged; pass --force to prepare afresh"):
         run(source, tmp_path / "out")
-    assert [p.name for p in staging.iterdir()] == ["progress.json"] and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in staging.iterdir()) == [files.MARKER, "progress.json"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path, shakespeare_path):
