@@ -65,8 +65,8 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope rotates pairs of channels: head size {self.n_embd // self.n_head} must be even")
-        if self.logit_softcap < 0:
-            raise ValueError(f"logit_softcap must be >= 0 (0 disables it), got {self.logit_softcap}")
+        if not 0 <= self.logit_softcap < math.inf:  # written so that nan fails too
+            raise ValueError(f"logit_softcap must be finite and >= 0 (0 disables it), got {self.logit_softcap}")
 
 
 def sinusoidal_positions(block_size: int, n_embd: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ overrides, checking every key and every type.
 """
 
 import difflib
+import math
 import os
 import sys
 import traceback
@@ -76,6 +77,8 @@ def _convert(key, raw, tp, choices, from_text):
             value, ok = float(value), True
         if not ok:
             raise ConfigError(f"{key} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):  # nan passes every comparison, inf trains NaN
+        raise ConfigError(f"{key} must be a finite number, got {value}")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value
@@ -95,10 +98,12 @@ def _unknown_key_error(key, known):
 def _read_config_file(path):
     """Run a config file and return the names it assigns (modules and _private names left out)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             source = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     namespace = {}
     try:
         exec(compile(source, path, "exec"), namespace)  # config files are Python, as in nanoGPT
@@ -134,12 +139,15 @@ def parse_config(cls, argv, prog="train.py"):
     """Build a `cls` from config files and --key=value overrides, in the order given."""
     types_ = _field_types(cls)
     meta = {f.name: f.metadata for f in fields(cls)}
-    values = {}
+    values, problems = {}, []
 
-    def set_value(key, raw, from_text):
-        if key not in types_:
-            raise _unknown_key_error(key, list(types_))
-        values[key] = _convert(key, raw, types_[key], meta[key].get("choices"), from_text)
+    def set_value(key, raw, from_text):  # every mistake is reported, one line each
+        try:
+            if key not in types_:
+                raise _unknown_key_error(key, list(types_))
+            values[key] = _convert(key, raw, types_[key], meta[key].get("choices"), from_text)
+        except ConfigError as e:
+            problems.append(str(e))
 
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -155,21 +163,44 @@ def parse_config(cls, argv, prog="train.py"):
                 set_value(key, raw, from_text=False)
         else:
             raise ConfigError(f"cannot read argument {arg!r}: give config files (*.py) or --key=value")
-    for f in fields(cls):
-        if f.name not in values and f.default is MISSING:
-            raise ConfigError(f"{f.name} is required: pass --{f.name}=VALUE")
+    problems += [f"{f.name} is required: pass --{f.name}=VALUE" for f in fields(cls)
+                 if f.name not in values and f.default is MISSING]  # fmt: skip
+    refuse(problems)
     return cls(**values)
 
 
+def refuse(problems):
+    """Raise one ConfigError naming every problem in the list, one line each; nothing if it is empty."""
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def check_ranges(cfg, positive=(), nonnegative=(), fraction=()):
+    """The problems (one line each) of `cfg`'s numeric fields: each named in `positive` must be > 0,
+    in `nonnegative` >= 0, in `fraction` in [0, 1)."""
+    values = {key: getattr(cfg, key) for key in (*positive, *nonnegative, *fraction)}
+    return ([f"{k} must be positive, got {values[k]}" for k in positive if not values[k] > 0]
+            + [f"{k} must not be negative, got {values[k]}" for k in nonnegative if not values[k] >= 0]
+            + [f"{k} must be in [0, 1), got {values[k]}" for k in fraction if not 0 <= values[k] < 1])  # fmt: skip
+
+
+SEEDS = range(2**32)  # numpy's generators take seeds in [0, 2**32)
+
+
+def check_seed(seed):
+    return [] if seed in SEEDS else [f"seed must be in [0, 2**32), got {seed}"]
+
+
 def run_cli(main):
-    """Call main(), turning any GptcraftError into a one-line message and exit status 2, and
-    Ctrl-C (the second, in train.py) into one line and status 130. Under torchrun every rank
-    meets the same error: only rank 0 prints it."""
+    """Call main(), turning any GptcraftError into a one-line message (one per mistake) and exit
+    status 2, and Ctrl-C (the second, in train.py) into one line and status 130. Under torchrun
+    every rank meets the same error: only rank 0 prints it."""
     try:
         return main()
     except GptcraftError as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+            for line in str(e).splitlines() or [""]:  # a config with several mistakes: one line each
+                print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":

@@ -59,6 +59,12 @@ def open_append(path, mode="a"):
     return os.fdopen(_open_flags(os.O_WRONLY | os.O_CREAT | os.O_APPEND, path), mode)
 
 
+def open_lock_file(path):
+    """Open (creating when missing) `path` for reading and writing as a raw descriptor, for a lock
+    file held with flock; a symbolic link there is refused."""
+    return _open_flags(os.O_RDWR | os.O_CREAT, path)
+
+
 def fsync_dir(path):
     """Make renames inside directory `path` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -25,6 +25,14 @@ from gptcraft.model import GPT, GPTConfig
 # OpenAI's GPT-2 checkpoints on the Hugging Face hub: 124M, 350M, 774M and 1558M parameters.
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 HUB_PREFIX = "hub:"  # hub:gpt2 is the hub model even where a folder ./gpt2 exists
+# Each is fetched at a pinned commit, so that what --init_from=gpt2 means cannot change upstream;
+# hub:gpt2@REVISION fetches another (a commit, branch or tag: hub:gpt2@main is the newest).
+HUB_REVISIONS = {
+    "gpt2": "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+    "gpt2-medium": "6dcaa7a952f72f9298047fd5137cd6e4f05f41da",
+    "gpt2-large": "32b71b12589c2f8d625668d2335a01cac3249519",
+    "gpt2-xl": "15ea56dee5df4983c59b2538573817e1667135e2",
+}
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -36,7 +44,7 @@ def hub_name(name_or_path):
     """The hub model that name_or_path names (hub:gpt2, or gpt2 where no file or folder has that
     name), or None for a local folder. A bare name that is both is refused: neither silently wins."""
     if name_or_path.startswith(HUB_PREFIX):
-        name = name_or_path.removeprefix(HUB_PREFIX)
+        name = name_or_path.removeprefix(HUB_PREFIX).partition("@")[0]
         if name not in HUB_MODELS:
             raise HFFormatError(f"{name_or_path!r} is not a hub model; use one of "
                                 f"{', '.join(HUB_PREFIX + n for n in HUB_MODELS)}")  # fmt: skip
@@ -49,6 +57,12 @@ def hub_name(name_or_path):
     return name_or_path
 
 
+def hub_revision(name_or_path):
+    """The revision the hub model of name_or_path is fetched at: its @REVISION, else the pinned one."""
+    revision = name_or_path.partition("@")[2] if name_or_path.startswith(HUB_PREFIX) else ""
+    return revision or HUB_REVISIONS[hub_name(name_or_path)]
+
+
 def fetch(name_or_path):
     """The local folder of a Hugging Face GPT-2 checkpoint: the path itself, or a hub download
     (kept in the Hugging Face cache, which is used again when offline)."""
@@ -59,12 +73,13 @@ def fetch(name_or_path):
         raise HFFormatError(f"{name_or_path!r} is neither a folder nor one of {', '.join(HUB_MODELS)}")
     from huggingface_hub import snapshot_download
 
-    repo = HUB_MODELS[name]
+    repo, revision = HUB_MODELS[name], hub_revision(name_or_path)
     try:
-        return snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"])
+        return snapshot_download(repo, revision=revision, allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:  # no network, or no cached copy: the hub's errors are many
         raise HFFormatError(
-            f"cannot get {repo} from the Hugging Face hub ({type(e).__name__}); on a machine without internet, "
+            f"cannot get {repo} at revision {revision} from the Hugging Face hub ({type(e).__name__}); "
+            f"another revision: --init_from=hub:{name}@REVISION; on a machine without internet, "
             f"download config.json and model.safetensors from huggingface.co/{repo} elsewhere and pass their folder"
         ) from None
 
@@ -88,6 +103,18 @@ def read_config(folder):
     if bad:
         raise HFFormatError(f"{path}: {', '.join(f'{k}={hf.get(k)!r}' for k in bad)} must be positive integers")
     return hf
+
+
+def check_size(args, where):
+    """Refuse GPTConfig arguments whose float32 weights would not fit this machine's memory (an
+    absurd n_layer=10**9 in a config.json or a checkpoint's model_args), before building anything."""
+    d, per_block = args["n_embd"], 12 * args["n_embd"] ** 2 + 13 * args["n_embd"]  # attention 4d^2, MLP 8d^2
+    params = args["n_layer"] * per_block + (2 * args["vocab_size"] + args["block_size"]) * d  # + embeddings, head
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 4 * params > memory:
+        raise HFFormatError(f"{where}: its sizes make a model of about {params:.3g} parameters, "
+                            f"{4 * params / 2**30:,.0f} GiB in float32, more than this machine's "
+                            f"{memory / 2**30:,.0f} GiB of memory")  # fmt: skip
 
 
 def config_from_hf(hf):
@@ -148,6 +175,7 @@ def from_pretrained(name_or_path, block_size=None, dropout=0.0):
     smaller than the checkpoint's, keeps only the first block_size position embeddings."""
     folder = fetch(name_or_path)
     args = config_from_hf(read_config(folder))
+    check_size(args, os.path.join(folder, "config.json"))  # before reading any weights
     sd = from_hf_state_dict(read_weights(folder), args["tie_embeddings"])
     if block_size is not None:
         if block_size > args["block_size"]:

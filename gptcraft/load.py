@@ -10,7 +10,7 @@ from gptcraft.data.nanogpt import META_PKL, read_meta_pkl
 from gptcraft.data.shards import META, read_meta
 from gptcraft.data.tokenizer import GPT2_META, load_tokenizer
 from gptcraft.errors import GptcraftError
-from gptcraft.hf import HUB_MODELS, from_pretrained, hub_name
+from gptcraft.hf import HUB_MODELS, check_size, from_pretrained, hub_name
 from gptcraft.model import GPT, GPTConfig
 from gptcraft.quantize import check_scheme, for_inference, quantize_option
 from gptcraft.runs.checkpoint import load_checkpoint, sampling_path
@@ -18,8 +18,8 @@ from gptcraft.system import hardware
 from gptcraft.system.hardware import DTYPES
 
 INIT_FROM_HELP = ("resume: the checkpoint in out_dir; gpt2, gpt2-medium, gpt2-large or gpt2-xl (or hub:gpt2, ...): "
-                  "OpenAI's weights from the Hugging Face hub; or a local folder in Hugging Face's GPT-2 format "
-                  "(./gpt2 where the names meet)")  # fmt: skip
+                  "OpenAI's weights from the Hugging Face hub, at a pinned revision (hub:gpt2@REV: another); "
+                  "or a local folder in Hugging Face's GPT-2 format (./gpt2 where the names meet)")  # fmt: skip
 
 
 class InitFromError(GptcraftError):
@@ -104,10 +104,16 @@ def load_run(out_dir, device):
     path = sampling_path(out_dir)
     ckpt = load_checkpoint(path, map_location=device)
     try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
+        config = GPTConfig(**ckpt["model_args"])
     except (TypeError, ValueError) as e:
         raise InitFromError(f"{path}: its model_args do not describe a GPT ({e})") from None
-    model.load_state_dict(ckpt["model"])
+    check_size(ckpt["model_args"] | {"vocab_size": config.vocab_size}, path)
+    model = GPT(config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing, unexpected or wrong-shaped weights
+        detail = str(e).strip().splitlines()[-1].strip()[:300]
+        raise InitFromError(f"{path}: the weights do not fit its model_args ({detail})") from None
     return model, run_meta(out_dir, ckpt, model.config.vocab_size)
 
 

@@ -8,15 +8,22 @@ from gptcraft.config import ConfigError
 def read_prompt(start):
     """The prompt text: --start itself, a file's content (FILE:path) or standard input (-)."""
     if start == "-":
-        return sys.stdin.read()
+        return _text(sys.stdin.buffer.read(), "standard input")
     if start.startswith("FILE:"):
         path = start[len("FILE:") :]
         try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
+            with open(path, "rb") as f:
+                return _text(f.read(), f"prompt file {path}")
         except OSError as e:
             raise ConfigError(f"cannot read prompt file {path}: {e.strerror}") from None
     return start
+
+
+def _text(data, name):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{name} is not UTF-8 text (byte {e.start}): give a text prompt") from None
 
 
 def end_of_text(tok):

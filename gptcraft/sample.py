@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gptcraft.config import ConfigError, option, parse_config, run_cli
+from gptcraft import terminal
+from gptcraft.config import ConfigError, check_seed, option, parse_config, refuse, run_cli
 from gptcraft.generate import compile_decoder, decode_n_tokens, decode_one_token
 from gptcraft.load import ModelOptions
 from gptcraft.prompt import encode_prompt, end_of_text, read_prompt
@@ -55,6 +56,7 @@ class SampleConfig(ModelOptions):
             raise ConfigError("compile=True compiles the KV-cache decoding step: it needs use_cache=True")
         if self.window_keep < 0:
             raise ConfigError(f"window_keep must be >= 0 (0 means block_size // 2), got {self.window_keep}")
+        refuse(check_seed(self.seed))
 
 
 def free_memory(device):
@@ -127,22 +129,22 @@ def main(argv=None):
                             top_p=cfg.top_p, generator=generator, use_cache=cfg.use_cache,
                             keep=cfg.window_keep or None, eos_id=eot, decode=decode)  # fmt: skip
     streaming = cfg.stream and cfg.num_samples == 1
-    stream = TextStream(tok)
+    stream, shown = TextStream(tok), terminal.for_stdout()
     if streaming:
-        print(prompt, end="", flush=True)
+        print(shown(prompt), end="", flush=True)
     new_tokens, t0, t_first = [], time.perf_counter(), None
     for token in steps:
         t_first = t_first or time.perf_counter()
         new_tokens.append(token)
         if streaming and token.item() != eot:
-            print(stream.push([token.item()]), end="", flush=True)
+            print(shown(stream.push([token.item()])), end="", flush=True)
     elapsed = time.perf_counter() - t0
     if streaming:
-        print(stream.flush())
+        print(shown(stream.flush()))
         print("---------------")
     else:
         for row in torch.cat(new_tokens, dim=1).tolist():
-            print(prompt + tok.decode(until_eot(row, eot)))
+            print(shown(prompt + tok.decode(until_eot(row, eot))))
             print("---------------")
     n = len(new_tokens)
     rate = n * cfg.num_samples / elapsed

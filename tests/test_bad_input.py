@@ -80,6 +80,14 @@ def test_checkpoint_with_weights_that_do_not_fit_its_model_args(char_data_dir, t
             init_from="resume")  # fmt: skip
 
 
+def test_checkpoint_whose_model_args_are_absurd(char_data_dir, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "model_args": {**ckpt["model_args"], "n_layer": 10**9}}, out / "ckpt.pt")
+    refuses(char_data_dir, out, r"ckpt.pt: its sizes make a model of about .* parameters, .* more than this machine's",
+            init_from="resume", max_iters=RUN["max_iters"] + 2)  # fmt: skip
+
+
 def test_truncated_checkpoint(char_data_dir, trained, tmp_path):
     out = copy_of(trained, tmp_path)
     data = (out / "ckpt.pt").read_bytes()

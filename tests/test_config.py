@@ -5,7 +5,11 @@ from dataclasses import dataclass
 import pytest
 from conftest import ROOT, run_here, run_script
 
+from gptcraft.bench.speed import BenchConfig
 from gptcraft.config import ConfigError, option, parse_config
+from gptcraft.evaluate.cli import EvaluateConfig
+from gptcraft.evaluate.hellaswag import HellaSwagConfig
+from gptcraft.sample import SampleConfig
 from gptcraft.system.hardware import resolve_compile
 from gptcraft.train.loop import TrainConfig
 
@@ -70,6 +74,13 @@ def test_a_config_file_that_fails_names_its_line(tmp_path, source, message):
         parse_config(Toy, [str(path)])
 
 
+def test_a_config_file_that_is_not_text_is_one_line(tmp_path):
+    (tmp_path / "c.py").write_bytes(b"batch_size = 8\n\xff\xfe\n")
+    result = run_here("train.py", str(tmp_path / "c.py"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: config file {tmp_path / 'c.py'} is not UTF-8 text (byte 15)\n"
+
+
 def test_train_config_checks_values():
     with pytest.raises(ConfigError, match="n_embd .* divisible by n_head"):
         parse_config(TrainConfig, ["--n_embd=100", "--n_head=3"])
@@ -86,6 +97,51 @@ def test_train_cli_errors_exit_nonzero_with_one_line():
     assert "max_iters expects int, got 'ten'" in result.stderr
     result = run_here("sample.py", "--temprature=0.5")
     assert result.returncode == 2 and "did you mean temperature?" in result.stderr
+
+
+def test_every_numeric_mistake_is_one_line_of_its_own():
+    """nan passes every comparison and inf trains NaN: both are refused at parse time, and every
+    mistake on the command line gets its line."""
+    result = run_here("train.py", "--learning_rate=nan", "--grad_clip=nan", "--logit_softcap=nan",
+                      "--checkpoint_minutes=nan", "--min_lr=inf", "--max_iters=ten")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        *(f"error: {key} must be a finite number, got nan"
+          for key in ("learning_rate", "grad_clip", "logit_softcap", "checkpoint_minutes")),
+        "error: min_lr must be a finite number, got inf",
+        "error: max_iters expects int, got 'ten'",
+    ]  # fmt: skip
+    result = run_here("train.py", "--beta1=5", "--beta2=1", "--muon_momentum=-0.1", "--seed=-1", "--batch_size=0")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: batch_size must be positive, got 0",
+        "error: beta1 must be in [0, 1), got 5.0",
+        "error: beta2 must be in [0, 1), got 1.0",
+        "error: muon_momentum must be in [0, 1), got -0.1",
+        "error: seed must be in [0, 2**32), got -1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "cls, args, message",
+    [(SampleConfig, ["--seed=-1"], r"seed must be in \[0, 2\*\*32\), got -1"),
+     (SampleConfig, ["--top_p=nan"], "top_p must be a finite number, got nan"),
+     (SampleConfig, ["--temperature=inf"], "temperature must be a finite number, got inf"),
+     (BenchConfig, ["--learning_rate=inf"], "learning_rate must be a finite number, got inf"),
+     (BenchConfig, ["--beta1=1.5", "--seed=4294967296"], r"beta1 must be in \[0, 1\), got 1.5\nseed must be in"),
+     (EvaluateConfig, ["--text=x.txt", "--batch_size=0"], "batch_size positive"),
+     (HellaSwagConfig, ["--max_examples=-1"], "max_examples must be >= 0")],
+)  # fmt: skip
+def test_every_command_checks_its_numbers(cls, args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(cls, args)
+
+
+def test_a_config_file_cannot_slip_a_nan_past_the_checks(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("learning_rate = float('inf')\ngrad_clip = float('nan')\n")
+    with pytest.raises(ConfigError, match="learning_rate must be a finite number, got inf\ngrad_clip must be a finite"):
+        parse_config(TrainConfig, [str(path)])
 
 
 def test_help_lists_every_key_with_default():

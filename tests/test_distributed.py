@@ -113,6 +113,22 @@ def test_a_full_checkpoint_resumes_under_fsdp_on_two_processes(one_process, char
     assert len(list((out / "ckpt.dcp").glob("*.distcp"))) == 2 and not (out / "ckpt.pt").exists()
 
 
+def test_one_micro_batch_per_step_resumes_on_two_processes_from_the_next_batch(char_data_dir, tmp_path):
+    """gradient_accumulation_steps=1: one process draws one micro-batch per step, two draw two
+    (one each). Resumed on two, the run goes on from the batch the checkpoint was to draw next:
+    none drawn twice, none skipped, every token counted once."""
+    out = tmp_path / "run"
+    one = {**RUN, "gradient_accumulation_steps": 1, "max_iters": 10}
+    loop.main(tiny_train_args(char_data_dir, out, **one))
+    result = torchrun(*tiny_train_args(char_data_dir, out, backend="gloo", **{**one, "max_iters": 14,
+                                                                               "eval_interval": 14}))  # fmt: skip
+    assert "each does one micro-batch, 2 per step" in result.stdout
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["loader"]["next_batch"] == 10 + 4 * 2
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    seen = {r["iter"]: r["tokens_seen"] for r in rows if "loss" in r}
+    assert [seen[i] // (8 * 32) for i in range(9, 15)] == [9, 10, 12, 14, 16, 18]
+
+
 def test_a_missing_shard_of_a_sharded_checkpoint_is_named(fsdp_at_10, char_data_dir, tmp_path):
     out = tmp_path / "torn"
     shutil.copytree(fsdp_at_10, out)

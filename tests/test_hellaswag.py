@@ -195,3 +195,43 @@ def test_training_scores_hellaswag_at_each_evaluation(char_data_dir, tmp_path, c
     with pytest.raises(hellaswag.HellaSwagError, match="bad.jsonl, line 1"):
         loop.main(tiny_train_args(char_data_dir, tmp_path / "out2", hellaswag_file=tmp_path / "bad.jsonl"))
     assert not (tmp_path / "out2" / "log.jsonl").exists()  # refused before the run started
+
+
+def test_the_download_is_pinned_by_the_sha256_recorded_at_first_download(run_dir, tmp_path, monkeypatch, capsys):
+    """No public record of the official file's sha256 was found: the first download's is kept beside
+    it, and a cached file that changed since (or differs from --sha256) is refused."""
+    import hashlib
+    import io
+    import urllib.request
+
+    fixture = write_fixture(tmp_path / "official.jsonl").read_bytes()
+    monkeypatch.setattr(hellaswag, "VAL_EXAMPLES", len(fixture.splitlines()))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(fixture))
+    cache = tmp_path / "cache"
+    args = [f"--out_dir={run_dir}", "--device=cpu", f"--cache_dir={cache}"]
+    hellaswag.main(args)
+    digest = hashlib.sha256(fixture).hexdigest()
+    assert (cache / "hellaswag_val.jsonl.sha256").read_text() == f"{digest}  hellaswag_val.jsonl\n"
+    assert f"sha256 {digest}, recorded in" in capsys.readouterr().out
+    hellaswag.main([*args, f"--sha256={digest.upper()}"])
+    with pytest.raises(hellaswag.HellaSwagError, match=rf"has sha256 \w+, not {'0' * 64} \(--sha256\)"):
+        hellaswag.main([*args, f"--sha256={'0' * 64}"])
+    (cache / "hellaswag_val.jsonl").write_bytes(fixture.replace(b'"label": 0', b'"label": 1', 1))  # tampered
+    with pytest.raises(hellaswag.HellaSwagError, match=rf"not {digest} \(recorded in .*sha256 at its download\)"):
+        hellaswag.main(args)
+    (cache / "hellaswag_val.jsonl.sha256").unlink()
+    with pytest.raises(hellaswag.HellaSwagError, match="no readable .*sha256 recorded at its download: delete"):
+        hellaswag.main(args)
+
+
+def test_text_outside_a_character_vocabulary_is_one_line_before_any_compute(run_dir, char_data_dir, tmp_path):
+    """A character model knows only its training text's characters: HellaSwag text with others
+    (here a tab, which neither vocabulary holds) is refused up front, by the
+    command and by a training run, which then writes nothing."""
+    fixture = write_fixture(tmp_path / "val.jsonl", [(SCENES[0][0] + "\t", SCENES[0][1], 0), *SCENES[1:]])
+    with pytest.raises(hellaswag.HellaSwagError, match=r"val.jsonl: characters not in the vocabulary: '\\t'"):
+        hellaswag.main([f"--out_dir={run_dir}", f"--file={fixture}", "--device=cpu"])
+    out = tmp_path / "out"
+    with pytest.raises(hellaswag.HellaSwagError, match=r"val.jsonl: characters not in the vocabulary: '\\t'"):
+        loop.main(tiny_train_args(char_data_dir, out, max_iters=2, hellaswag_file=fixture))
+    assert not out.exists() or not list(out.iterdir())

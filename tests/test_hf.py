@@ -144,7 +144,7 @@ def test_gpt2_offline_and_wrong_dataset_errors(tmp_path, char_data_dir):
     result = run_script("train.py", *tiny_train_args(char_data_dir, tmp_path / "out", init_from="gpt2"),
                         check=False, env=env)  # fmt: skip
     assert result.returncode == 2
-    assert "cannot get openai-community/gpt2 from the Hugging Face hub" in result.stderr
+    assert "cannot get openai-community/gpt2 at revision 607a30d7" in result.stderr
     assert "pass their folder" in result.stderr
     with pytest.raises(GptcraftError, match="init_from='gpt-3' is none of auto, scratch, resume, gpt2"):
         loop.main(tiny_train_args(char_data_dir, tmp_path / "out", init_from="gpt-3"))

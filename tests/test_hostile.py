@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN, ROOT, run_script, tiny_train_args
+from conftest import GPT2_TIKTOKEN, ROOT, run_here, run_script, tiny_train_args
 from safetensors.torch import save_file
 
 from gptcraft import generate, hf, sample
@@ -59,7 +59,7 @@ def test_the_pins_exclude_versions_that_run_code_from_files():
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_a_temperature_that_is_not_finite_is_refused(tiny_run_dir, value):
-    with pytest.raises(ConfigError, match="temperature must be >= 0 and finite"):
+    with pytest.raises(ConfigError, match="temperature must be a finite number"):
         sample.main([f"--out_dir={tiny_run_dir}", "--device=cpu", f"--temperature={value}"])
 
 
@@ -210,6 +210,29 @@ def test_a_bad_config_json_or_truncated_safetensors_is_named_in_one_line(tmp_pat
     with pytest.raises(HFFormatError, match=r"model.safetensors is truncated, corrupt or not plain tensors") as e:
         hf.from_pretrained(str(folder))
     assert "\n" not in str(e.value)
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 10**9}))
+    with pytest.raises(
+        HFFormatError, match=r"config.json: its sizes make a model of about 2.44e\+11 parameters, 909 GiB"
+    ):
+        hf.from_pretrained(str(folder))  # refused before building, at once
+
+
+def test_a_checkpoint_with_absurd_sizes_or_wrong_shaped_weights_is_one_line(tiny_run_dir):
+    ckpt = torch.load(tiny_run_dir / "ckpt.pt", weights_only=True)
+    args = [f"--out_dir={tiny_run_dir}", "--device=cpu", "--max_new_tokens=2"]
+    checkpoint.save_checkpoint(
+        tiny_run_dir / "ckpt.pt", {**ckpt, "model_args": {**ckpt["model_args"], "n_layer": 10**9}}
+    )
+    result = run_here("sample.py", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "ckpt.pt: its sizes make a model of about 1.27e+13 parameters, 47,326 GiB" in result.stderr
+    wte = ckpt["model"]["transformer.wte.weight"]
+    checkpoint.save_checkpoint(
+        tiny_run_dir / "ckpt.pt", {**ckpt, "model": {**ckpt["model"], "transformer.wte.weight": wte.t()}}
+    )
+    result = run_here("sample.py", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "ckpt.pt: the weights do not fit its model_args (size mismatch for transformer.wte.weight" in result.stderr
 
 
 def test_a_local_folder_named_like_a_hub_model_must_be_said_which(tmp_path, monkeypatch):
@@ -221,6 +244,35 @@ def test_a_local_folder_named_like_a_hub_model_must_be_said_which(tmp_path, monk
     assert hf.hub_name("./gpt2") is None and hf.hub_name("hub:gpt2") == "gpt2"
     with pytest.raises(HFFormatError, match="'hub:gpt3' is not a hub model; use one of hub:gpt2"):
         check_init_from("hub:gpt3")
+
+
+def test_hub_models_and_datasets_are_fetched_at_a_pinned_revision_the_user_can_override(tmp_path, monkeypatch):
+    """docs/gpt2.md, docs/data.md: what a name means cannot change upstream; @REVISION and
+    --revision ask for another."""
+    import datasets
+    import huggingface_hub
+
+    asked = []
+
+    def offline(*args, **kwargs):
+        asked.append(kwargs["revision"])
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HFFormatError, match=r"at revision 607a30d7\w+ .*another revision: --init_from=hub:gpt2@"):
+        hf.fetch("gpt2")
+    for name in ("hub:gpt2-xl", "hub:gpt2@main", "hub:gpt2@"):
+        with pytest.raises(HFFormatError):
+            hf.fetch(name)
+    assert asked == [hf.HUB_REVISIONS["gpt2"], hf.HUB_REVISIONS["gpt2-xl"], "main", hf.HUB_REVISIONS["gpt2"]]
+    asked.clear()
+    for extra in ([], ["--revision=v1"], ["--dataset=someone/corpus"]):
+        args = corpus.parser(dataset="openwebtext", out_dir=str(tmp_path / "owt")).parse_args(extra)
+        with pytest.raises(corpus.CorpusError, match="cannot open dataset .* at revision"):
+            corpus.open_corpus(args, [], None)
+    assert asked == [corpus.DATASET_REVISIONS["openwebtext"], "v1", "main"]
 
 
 def snapshot(folder):

@@ -10,7 +10,7 @@ from conftest import ROOT, run_here, run_script, tiny_train_args
 # The layers, from the bottom up: a module imports only from its own layer and those below it.
 LAYERS = (
     ("model", "gptcraft.model"),  # gptcraft/model.py is a link to model.py
-    ("gptcraft.errors", "gptcraft.files", "gptcraft.config"),
+    ("gptcraft.errors", "gptcraft.files", "gptcraft.config", "gptcraft.terminal"),
     ("gptcraft.system", "gptcraft.data"),
     ("gptcraft.prepare", "gptcraft.hf", "gptcraft.track", "gptcraft.quantize"),
     ("gptcraft.runs",),  # run folders: checkpoints, resume, the lock, how a run starts

@@ -174,3 +174,9 @@ def test_generate_extends_past_block_size_with_tokens_in_vocab():
     seeded = [generate(model, torch.zeros(2, 1, dtype=torch.long), 20, top_k=5,
                        generator=torch.Generator().manual_seed(3)) for _ in range(2)]  # fmt: skip
     assert torch.equal(*seeded)
+
+
+def test_the_model_config_refuses_a_softcap_that_is_not_a_number():
+    """A checkpoint's model_args reach GPTConfig without the command line's parsing."""
+    with pytest.raises(ValueError, match="logit_softcap must be finite and >= 0"):
+        GPTConfig(logit_softcap=float("nan"))

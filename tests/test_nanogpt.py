@@ -111,6 +111,14 @@ def test_meta_pkl_ids_keep_their_characters_in_any_order(tmp_path):
     assert read_meta_pkl(tmp_path / "meta.pkl") == {"tokenizer": "char", "vocab_size": 3, "chars": ["z", "a", "m"]}
 
 
+@pytest.mark.parametrize("itos", [{0: "a", "1": "b"}, {0: "a", 1.0: "b"}, {0: "a", 2: "b"}, {0: "a", 1: 5}])
+def test_meta_pkl_ids_of_other_types_are_one_line(tmp_path, itos):
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 2, "itos": itos}, f)
+    with pytest.raises(MetaPickleError, match=r"itos must map each id 0 .. 1 \(vocab_size - 1\) to a string"):
+        read_meta_pkl(tmp_path / "meta.pkl")
+
+
 def nanogpt_checkpoint(out_dir, vocab_size, iter_num=10):
     """What nanoGPT's train.py saves: a compiled model's weights, with the causal-mask buffers
     of its non-flash attention, its AdamW (two groups) after a step, model_args and config."""

@@ -4,13 +4,16 @@ cleared, and nothing is written through a symbolic link."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+from conftest import ROOT as ROOT_DIR
 from conftest import tiny_train_args
-from test_resume import start, wait_for_line
+from test_resume import ENV, start, wait_for_line
 
 from gptcraft import files
 from gptcraft.files import LinkError
@@ -128,6 +131,83 @@ def test_a_lock_from_another_host_is_refused_unless_it_is_this_very_job(tmp_path
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "42")  # torchrun's id of this job, the same after a restart
     with RunLock(tmp_path):
         assert json.loads((tmp_path / lock.LOCK).read_text())["host"] == socket.gethostname()
+
+
+HOLD = """
+import sys, time
+from gptcraft.runs.lock import RunLock
+with RunLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold_lock(out, seconds=600.0, at=None):
+    """A child process holding out's lock for `seconds` (from wall time `at`, when given)."""
+    code = HOLD if at is None else f"import time; time.sleep(max(0, {at} - time.time()))\n{HOLD}"
+    return subprocess.Popen([sys.executable, "-c", code, str(out), str(seconds)], cwd=ROOT_DIR, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def test_the_lock_tells_a_live_owner_from_a_dead_one_by_its_flock_not_its_pid(tmp_path):
+    """A container's entrypoint is pid 1 and its host name the container's: what its lock records
+    says nothing about it in the next container. The flock does: refused while the owner lives,
+    taken over once it was killed with SIGKILL."""
+    owner = hold_lock(tmp_path)
+    assert owner.stdout.readline() == "held\n"
+    record = json.loads((tmp_path / lock.LOCK).read_text())
+    (tmp_path / lock.LOCK).write_text(json.dumps({**record, "pid": 1, "host": "container-a"}))
+    with pytest.raises(OutDirError, match=r"in use by another run \(pid 1 on container-a, .*delete .*gptcraft-lock"):
+        RunLock(tmp_path).__enter__()
+    owner.kill()
+    owner.wait()
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / lock.LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_runs_that_find_one_stale_lock_at_once_never_both_take_it(tmp_path):
+    write_lock(tmp_path, dead_pid(), socket.gethostname())
+    at = time.time() + 3  # the children start together, after their imports
+    children = [hold_lock(tmp_path, seconds=2, at=at) for _ in range(4)]
+    outputs = [child.communicate(timeout=60)[0] for child in children]
+    assert sum(out == "held\n" for out in outputs) == 1, outputs
+    assert sum("is in use by another run" in out for out in outputs) == 3, outputs
+
+
+@pytest.mark.parametrize("record", ['{"pid": 1e400, "host": "h"}', '{"pid": 99999999999999999999999, "host": "h"}',
+                                    '{"pid": "1", "host": "h"}', "[]", "\x00\xff"])  # fmt: skip
+def test_a_damaged_lock_is_one_line_that_says_how_to_clear_it(tmp_path, record):
+    (tmp_path / lock.LOCK).write_text(record, errors="surrogateescape")
+    with pytest.raises(OutDirError, match=rf"the lock {tmp_path}/.gptcraft-lock is damaged; if no run uses out_dir "
+                                          rf"{tmp_path}, delete {tmp_path}/.gptcraft-lock"):  # fmt: skip
+        RunLock(tmp_path).__enter__()
+
+
+def in_container(name, *command):
+    """`command` as pid 1 of a fresh pid namespace with host name `name`, as a container entrypoint
+    runs; killing the returned process kills it with SIGKILL."""
+    return ["unshare", "--pid", "--fork", "--mount-proc", "--uts", "--kill-child", "sh", "-c",
+            'hostname "$0" && exec "$@"', name, *command]  # fmt: skip
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "--pid", "--fork", "--uts", "true"], capture_output=True).returncode != 0
+                    if shutil.which("unshare") else True, reason="needs unshare (root or user namespaces)")  # fmt: skip
+def test_a_run_that_was_pid_1_resumes_after_kill_9_in_the_next_container(char_data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_train_args(char_data_dir, out, max_iters=100000, eval_interval=2, eval_iters=1, log_interval=1)
+    first = subprocess.Popen(in_container("container-a", sys.executable, "train.py", *args), cwd=ROOT_DIR, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    wait_for_line(first, "eval 2")
+    wait_for_line(first, "iter 3")  # ckpt.pt of iteration 2 is written
+    first.kill()
+    first.wait()
+    assert json.loads((out / lock.LOCK).read_text())["pid"] == 1  # the lock a kill -9 leaves behind
+    resume = tiny_train_args(char_data_dir, out, max_iters=4, eval_interval=2, eval_iters=1, init_from="resume")
+    second = subprocess.run(in_container("container-b", sys.executable, "train.py", *resume), cwd=ROOT_DIR, env=ENV,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 4
+    assert not (out / lock.LOCK).exists()
 
 
 def test_a_second_run_into_a_busy_out_dir_is_refused_and_the_first_finishes(char_data_dir, tmp_path):

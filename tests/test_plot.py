@@ -92,6 +92,22 @@ def test_truncated_log_plots_what_is_there(tmp_path, capsys):
     assert "line 15 is incomplete" in capsys.readouterr().err
 
 
+BAD_ROWS = [b'{"iter": "5", "loss": 1.0}', b'{"iter": 7, "loss": "low"}', b'{"event": "start", "iter": null}',
+            b'{"event": 3, "iter": 1}', b"[1, 2]", b'{"iter": 8, "loss": true}', b'{"time_s": "x", "iter": 9}',
+            b'{"event": "start", "iter": 0, "wandb_id": 5}', b'{"iter": 9, "loss": "\xff"}', b"\xff\xfe"]  # fmt: skip
+
+
+def test_rows_of_the_wrong_types_are_skipped_with_a_warning(tmp_path, capsys):
+    """A damaged or hand-edited log.jsonl: each row a reader cannot compute with is one warning."""
+    run = write_log(tmp_path / "run")
+    with open(run / "log.jsonl", "ab") as f:
+        f.write(b"\n".join(BAD_ROWS) + b"\n")
+    out = tmp_path / "loss.png"
+    plot.main([str(run), "-o", str(out), "--x", "time"])
+    check_png(out)
+    assert capsys.readouterr().err.count("is incomplete, corrupt or of the wrong types") == len(BAD_ROWS)
+
+
 def test_default_output_is_the_runs_folder_for_one_run_and_the_working_directory_for_several(tmp_path, monkeypatch):
     a, b = write_log(tmp_path / "a"), write_log(tmp_path / "b")
     monkeypatch.chdir(tmp_path)

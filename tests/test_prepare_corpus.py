@@ -159,6 +159,27 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, shakespeare_path, m
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes(), name
 
 
+GOOD_PROGRESS = {"source": {}, "shards": {"train": [{"file": "train_000000.bin", "tokens": 5}]}, "resume": [0, 0],
+                 "max_token": {"train": 0, "val": 0}}  # fmt: skip
+
+
+DAMAGED_PROGRESS = [{**GOOD_PROGRESS, "shards": []}, {**GOOD_PROGRESS, "resume": ["0", 0]},
+                    {**GOOD_PROGRESS, "max_token": {"train": 0}},
+                    {**GOOD_PROGRESS, "shards": {"val": [{"file": "../x", "tokens": 1}]}}]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", [b"{", b"\xff", b"[]", *(json.dumps(p).encode() for p in DAMAGED_PROGRESS)])
+def test_a_damaged_progress_json_is_one_line_and_nothing_is_touched(tmp_path, shakespeare_path, damage):
+    source = write_jsonl(tmp_path / "c.jsonl", documents(shakespeare_path, 5))
+    staging = tmp_path / "out.tmp"
+    files.make_dir(str(staging))  # an interrupted preparation's folder, with gptcraft's marker
+    (staging / "progress.json").write_bytes(damage)
+    with pytest.raises(corpus.CorpusError, match=r"out.tmp/progress.json is damaged; pass --force to prepare afresh"):
+        run(source, tmp_path / "out")
+    assert sorted(p.name for p in staging.iterdir()) == [files.MARKER, "progress.json"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path, shakespeare_path):
     out = tmp_path / "out"
     cases = {

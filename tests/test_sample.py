@@ -1,12 +1,14 @@
 """sample.py: prompts, streaming, batches, and the bad inputs it refuses with a clear message."""
 
 import io
+import json
 import os
+import sys
 
 import pytest
 from conftest import GPT2_TIKTOKEN, run_here, run_script
 
-from gptcraft import sample
+from gptcraft import sample, terminal
 from gptcraft.data.tokenizer import gpt2_encoding
 from gptcraft.errors import GptcraftError
 
@@ -44,9 +46,47 @@ def test_prompt_from_file_and_stdin(capsys, tiny_run_dir, tmp_path, monkeypatch)
     (tmp_path / "prompt.txt").write_text("JULIET:\n")
     common = ["--num_samples=1", "--max_new_tokens=5", "--temperature=0"]
     from_file = run(capsys, tiny_run_dir, f"--start=FILE:{tmp_path / 'prompt.txt'}", *common)
-    monkeypatch.setattr("sys.stdin", io.StringIO("JULIET:\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"JULIET:\n")))
     from_stdin = run(capsys, tiny_run_dir, "--start=-", *common)
     assert from_file.out == from_stdin.out and from_file.out.startswith("JULIET:\n")
+
+
+@pytest.mark.parametrize("command", ["sample.py", "-m gptcraft attention"])
+def test_a_prompt_that_is_not_text_is_one_line(tiny_run_dir, tmp_path, command):
+    (tmp_path / "prompt.bin").write_bytes(b"ROMEO\xff\xfe\x00")
+    result = run_here(*command.split(), f"--out_dir={tiny_run_dir}", "--device=cpu",
+                      f"--start=FILE:{tmp_path / 'prompt.bin'}")  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == f"error: prompt file {tmp_path / 'prompt.bin'} is not UTF-8 text (byte 5): give a text prompt\n"
+    )
+    assert sorted(os.listdir(tiny_run_dir)) == ["ckpt.pt", "meta.json"]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_control_characters_of_the_vocabulary_reach_a_terminal_escaped_and_a_pipe_unchanged(tiny_run_dir, monkeypatch):
+    """meta.json is the run folder's: its vocabulary may hold ESC and C1 controls (here in place of
+    '$' and '&'), which printed raw would drive the terminal."""
+    meta = json.loads((tiny_run_dir / "meta.json").read_text())
+    meta["chars"] = [{"$": "\x1b", "&": "\x9b"}.get(c, c) for c in meta["chars"]]
+    (tiny_run_dir / "meta.json").write_text(json.dumps(meta))
+    args = [f"--out_dir={tiny_run_dir}", "--device=cpu", "--start=\x1bH\x9b3m A\n", "--max_new_tokens=3"]
+    for stream in (True, False):
+        monkeypatch.setattr("sys.stdout", Terminal())
+        sample.main([*args, "--num_samples=1", f"--stream={stream}"])
+        shown = sys.stdout.getvalue()
+        assert shown.startswith("\\x1bH\\x9b3m A\n") and not set(shown) & {"\x1b", "\x9b"}, shown
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # a pipe gets the text as it is
+    sample.main([*args, "--num_samples=1"])
+    assert sys.stdout.getvalue().startswith("\x1bH\x9b3m A\n")
+    assert terminal.escape_controls("".join(map(chr, range(0xA0)))) == "".join(
+        "\n" if c == 10 else "\t" if c == 9 else chr(c) if 0x20 <= c < 0x7F else f"\\x{c:02x}" for c in range(0xA0)
+    )
 
 
 def test_empty_prompt_starts_from_a_newline(capsys, tiny_run_dir):

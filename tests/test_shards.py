@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_here
 
 from gptcraft.data.shards import (
     HEADER_BYTES,
@@ -124,6 +125,20 @@ def test_legacy_train_and_val_bin_stay_readable(tmp_path):
     (tmp_path / "val.bin").write_bytes(b"\0" * 41)
     with pytest.raises(TokenFileError, match="val.bin has an odd byte count"):
         open_dataset(tmp_path)
+
+
+def test_an_empty_train_bin_is_one_line_before_anything_is_written(tmp_path):
+    data = tmp_path / "data" / "x"
+    data.mkdir(parents=True)
+    write_tokens(data / "val.bin", np.arange(100) % 3)
+    (data / "train.bin").write_bytes(b"")
+    write_meta(data, {"tokenizer": "char", "vocab_size": 3, "chars": ["a", "b", "c"]})
+    out = tmp_path / "out"
+    result = run_here("train.py", "--dataset=x", f"--data_dir={data.parent}", f"--out_dir={out}", "--device=cpu",
+                      "--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--compile=False")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == f"error: token file {data / 'train.bin'} is empty: prepare the dataset again\n"
+    assert not out.exists() or not list(out.iterdir())
 
 
 def test_foreign_llmc_shards_are_indexed_and_load(tmp_path):

@@ -318,7 +318,7 @@ def test_resume_after_a_killed_run(char_data_dir, tmp_path, capfd):
         f.write('{"time_s": 99.0, "iter": 30, "loss": 9.9}\n{"time_s": 99.5, "it')
     capfd.readouterr()
     loop.main(tiny_train_args(char_data_dir, out_dir, max_iters=40, init_from="resume", plot_loss=True))
-    assert capfd.readouterr().err.count("is incomplete or corrupt") == 1  # reported once, at the start
+    assert capfd.readouterr().err.count("is incomplete, corrupt") == 1  # reported once, at the start
     rows = read_log(out_dir)
     assert [r["iter"] for r in rows if "loss" in r] == [10, 20, 30, 40]
     assert all(r["loss"] < 9 for r in rows if "loss" in r)  # the killed run's row at 30 is gone
@@ -366,3 +366,14 @@ def test_summary_of_a_stopped_run_counts_every_step_done(char_data_dir, tmp_path
     assert stopped_at % 10 and [r["iter"] for r in rows if "loss" in r][-1] == stopped_at // 10 * 10
     assert rows[-1]["event"] == "summary" and rows[-1]["iters"] == stopped_at
     assert rows[-1]["tokens_seen"] == stopped_at * TOKENS_PER_ITER
+
+
+def test_a_resumed_run_reads_past_rows_of_the_wrong_types(tmp_path, capsys):
+    from test_plot import BAD_ROWS
+
+    good = b'{"time_s": 3.0, "event": "start", "iter": 0}\n'
+    (tmp_path / "log.jsonl").write_bytes(good + b"\n".join(BAD_ROWS) + b"\n")
+    log = RunLog(str(tmp_path), enabled=True, start_iter=4, max_iters=8, resumed=True, config={"wandb_log": False})
+    log.close()
+    assert time.time() - log.t0 >= 3.0  # the clock carries on from the last good row
+    assert capsys.readouterr().err.count("of the wrong types") == len(BAD_ROWS)

@@ -4,7 +4,8 @@ Batch number g is drawn from its own generator, seeded by (seed, stream, g): the
 stream of batches is a pure function of the seed and the data, so a resumed run continues
 with exactly the batches an uninterrupted one would have seen, and ranks split the global
 batches between them without talking to each other. state() names that stream (dataset
-fingerprint, seed, shapes) for the checkpoint; check_state() refuses to continue another.
+fingerprint, seed, shapes, the next batch) for the checkpoint; check_state() refuses to continue
+another.
 
 Each batch maps the files it reads afresh and drops the maps afterwards: pages read through
 a long-lived memmap count as the process's resident memory, which would then grow towards
@@ -82,8 +83,9 @@ class WindowSampler:
             "next_batch": next_batch,
         }
 
-    def check_state(self, state, next_batch):
-        """Refuse to resume a batch stream other than the one the checkpoint was drawing."""
+    def check_state(self, state):
+        """Refuse to resume a batch stream other than the one the checkpoint was drawing; return the
+        number of the batch it was to draw next."""
         if not state:
             raise LoaderStateError("the checkpoint records no loader state; start a new run (init_from=scratch)")
         if state["dataset"] != self.fingerprint:
@@ -91,11 +93,11 @@ class WindowSampler:
                 "the checkpoint was trained on other data: the dataset's token files differ from those it "
                 "recorded; resume with the same dataset, or start a new run (init_from=scratch)"
             )
-        mine = self.state(next_batch)
-        changed = [f"{k} {state[k]} -> {mine[k]}" for k in ("seed", "batch_size", "block_size", "next_batch")
-                   if state[k] != mine[k]]  # fmt: skip
+        mine = self.state(state["next_batch"])
+        changed = [f"{k} {state[k]} -> {mine[k]}" for k in ("seed", "batch_size", "block_size") if state[k] != mine[k]]
         if changed:
             raise LoaderStateError(
                 f"resuming would draw other batches than the interrupted run ({', '.join(changed)}); "
-                "keep seed, batch_size and gradient_accumulation_steps as they were"
+                "keep seed and batch_size as they were"
             )
+        return state["next_batch"]

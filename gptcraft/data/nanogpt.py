@@ -49,7 +49,8 @@ def read_meta_pkl(path):
     ):
         raise MetaPickleError(f"{path} holds no nanoGPT vocabulary (a dict with vocab_size and itos)")
     n, itos = meta["vocab_size"], meta["itos"]
-    if sorted(itos) != list(range(n)) or not all(isinstance(s, str) for s in itos.values()):
+    ids_ok = len(itos) == n and all(type(i) is int and 0 <= i < n for i in itos)  # keys of any type may come
+    if not ids_ok or not all(isinstance(s, str) for s in itos.values()):
         raise MetaPickleError(f"{path}: itos must map each id 0 .. {n - 1} (vocab_size - 1) to a string")
     return {"tokenizer": "char", "vocab_size": n, "chars": [itos[i] for i in range(n)]}
 

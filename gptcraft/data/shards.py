@@ -130,6 +130,8 @@ def open_legacy(path):
     size = file_size(path)
     if size % 2:
         raise TokenFileError(f"token file {path} has an odd byte count: it is truncated or not a uint16 token file")
+    if size == 0:  # nothing to map: numpy's memmap fails on an empty file
+        raise TokenFileError(f"token file {path} is empty: prepare the dataset again")
     return TokenFile(path, 0, size // 2, np.dtype("<u2"))
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from gptcraft.config import ConfigError, option, parse_config, run_cli
 from gptcraft.errors import GptcraftError
 from gptcraft.evaluate.loss import sum_over_batches
-from gptcraft.files import write_atomic
+from gptcraft.files import file_sha256, write_atomic
 from gptcraft.load import ModelOptions, load_model
 from gptcraft.quantize import check_scheme, for_inference
 from gptcraft.system import distributed, hardware
@@ -67,8 +67,27 @@ def read_examples(path):
     return examples
 
 
+def recorded_sha256(path):
+    """The sha256 recorded beside the cached file at its first download (`path.sha256`, in
+    sha256sum's format). No public record of the official file's hash was found to pin here."""
+    try:
+        with open(path + ".sha256") as f:
+            return f.read().split()[0]
+    except (OSError, ValueError, IndexError):
+        raise HellaSwagError(f"{path} has no readable {path}.sha256 recorded at its download: delete {path} to "
+                             f"download it again, or pass --sha256=HASH of a copy you trust") from None  # fmt: skip
+
+
+def check_sha256(path, expected, whose):
+    actual = file_sha256(path)
+    if actual != expected.lower():
+        raise HellaSwagError(f"{path} has sha256 {actual}, not {expected} ({whose}): it changed; delete it to "
+                             f"download it again, or pass --file=PATH to a copy you trust")  # fmt: skip
+
+
 def download_val(path):
-    """Fetch the official validation file to `path`; keep it only when it holds all 10,042 examples."""
+    """Fetch the official validation file to `path`; keep it only when it holds all 10,042 examples,
+    and record its sha256 beside it."""
     try:
         with urllib.request.urlopen(VAL_URL, timeout=60) as response:
             data = response.read()
@@ -80,7 +99,19 @@ def download_val(path):
     if count != VAL_EXAMPLES:
         os.remove(path)
         raise HellaSwagError(f"{VAL_URL} holds {count} examples, not {VAL_EXAMPLES}; pass --file=PATH to a good copy")
-    print(f"downloaded {path} ({len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()})")
+    digest = hashlib.sha256(data).hexdigest()
+    write_atomic(path + ".sha256", lambda f: f.write(f"{digest}  {os.path.basename(path)}\n".encode()))
+    print(f"downloaded {path} ({len(data):,} bytes, sha256 {digest}, recorded in {path}.sha256)")
+
+
+def check_encodable(examples, tok, path):
+    """Refuse, before any compute, examples that the tokenizer cannot encode: a character
+    vocabulary lacking some of their characters (GPT-2 BPE encodes any text)."""
+    chars = {c for ctx, endings, _ in examples for text in (ctx, " ", *endings) for c in text}
+    try:
+        tok.encode("".join(sorted(chars)))
+    except ValueError as e:
+        raise HellaSwagError(f"{path}: {e}") from None
 
 
 def render(example, tok, block_size):
@@ -136,6 +167,7 @@ def score(model, tok, examples, block_size, device, dtype, d, batch_size=8):
 class HellaSwagConfig(ModelOptions):
     file: str = option("", "the official hellaswag_val.jsonl (or any file in its format); empty: download it")
     cache_dir: str = option(os.path.join("data", "hellaswag"), "where the downloaded hellaswag_val.jsonl is kept")
+    sha256: str = option("", "the file's expected sha256; empty: the one recorded at its download (none for --file)")
     max_examples: int = option(0, "score only the first this many examples; 0 scores all")
     batch_size: int = option(8, "examples per forward pass (4 endings each)")
     backend: str = option("auto", "torch.distributed backend under torchrun", ("auto", "nccl", "gloo"))
@@ -148,12 +180,15 @@ class HellaSwagConfig(ModelOptions):
 
 def examples_file(cfg, d):
     """--file, else the cached official file, downloaded by rank 0 when it is missing."""
-    if cfg.file:
-        return cfg.file
-    path = os.path.join(cfg.cache_dir, "hellaswag_val.jsonl")
-    if d.master and not os.path.exists(path):
-        download_val(path)
-    distributed.barrier(d)
+    path = cfg.file or os.path.join(cfg.cache_dir, "hellaswag_val.jsonl")
+    if not cfg.file:
+        if d.master and not os.path.exists(path):
+            download_val(path)
+        distributed.barrier(d)
+    if cfg.sha256:
+        check_sha256(path, cfg.sha256, "--sha256")
+    elif not cfg.file:
+        check_sha256(path, recorded_sha256(path), f"recorded in {path}.sha256 at its download")
     return path
 
 
@@ -162,11 +197,13 @@ def main(argv=None):
     d, device = distributed.init(hardware.resolve_device(cfg.device), cfg.backend)
     try:
         check_scheme(cfg.quantize, device)  # before loading a model it could not run
-        examples = read_examples(examples_file(cfg, d))
+        path = examples_file(cfg, d)
+        examples = read_examples(path)
         model, tok = load_model(cfg.init_from, cfg.out_dir, device, cfg.tokenizer_file)
         model, _ = for_inference(model, device, cfg.dtype, cfg.quantize)  # cast: no autocast below
         if cfg.max_examples:
             examples = examples[: cfg.max_examples]
+        check_encodable(examples, tok, path)
         result = score(model, tok, examples, model.config.block_size, device, None, d, cfg.batch_size)
         if d.master:
             print(f"hellaswag: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} (per character, as "

@@ -83,12 +83,24 @@ def local_files(patterns):
     return [os.path.abspath(f) for f in files], kinds.pop()
 
 
+# Hub datasets are read at a pinned commit where one is known, so that preparing again reads the same
+# documents; --revision reads another (a commit, branch or tag; main: the newest).
+DATASET_REVISIONS = {
+    "openwebtext": "b4325f019c648b1641a1784748667e8b74e5e064",
+    "HuggingFaceFW/fineweb-edu": "87f09149ef4734204d70ed1d046ddc9ca3f2b8f9",
+}
+
+
+def dataset_revision(args):
+    return args.revision or DATASET_REVISIONS.get(args.dataset, "main")
+
+
 def describe_source(args, files):
     """What the output is made of: stored in meta.json, compared on every later run."""
     if args.input:
         source = {"files": [[f, os.path.getsize(f)] for f in files], "txt_sample_by": args.txt_sample_by}
     else:
-        source = {"dataset": args.dataset, "name": args.name, "split": args.split}
+        source = {"dataset": args.dataset, "revision": dataset_revision(args), "name": args.name, "split": args.split}
     return {**source, "text_column": args.text_column, "val_fraction": args.val_fraction, "seed": args.seed,
             "shard_tokens": args.shard_tokens, "tokenizer": "gpt2"}  # fmt: skip
 
@@ -102,7 +114,7 @@ def open_corpus(args, files, builder):
     if args.input:
         where = files[0] if len(files) == 1 else f"{len(files)} {builder} files"
     else:
-        where = f"dataset {args.dataset}"
+        where = f"dataset {args.dataset} at revision {dataset_revision(args)}"
     try:
         if args.input:
             # json: read 1 MB blocks, not datasets' default 10 MB, which costs about 60 MB resident.
@@ -110,7 +122,8 @@ def open_corpus(args, files, builder):
             # Local files are always streamed: bounded memory, no copy in the datasets cache.
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **options)
         else:
-            ds = datasets.load_dataset(args.dataset, args.name, split=args.split, streaming=args.streaming)
+            ds = datasets.load_dataset(args.dataset, args.name, split=args.split, streaming=args.streaming,
+                                       revision=dataset_revision(args))  # fmt: skip
     except Exception as e:  # datasets raises many kinds: missing dataset, bad split, no network
         raise CorpusError(f"cannot open {where}: {type(e).__name__}: {e}") from None
     return ds, where
@@ -196,13 +209,37 @@ def check_out_dir(out_dir, source, force):
         if found:
             refuse(out_dir, f"token files of an unknown dataset ({', '.join(sorted(found)[:3])})")
         if os.path.exists(os.path.join(staging, PROGRESS)):
-            with open(os.path.join(staging, PROGRESS)) as f:
-                progress = json.load(f)
+            progress = read_progress(os.path.join(staging, PROGRESS))
             if progress["source"] != source:
                 refuse(staging, "an unfinished run with other input or settings")
     if progress is None:
         remove_dir(staging, way_out=way_out)
         make_dir(staging)
+    return progress
+
+
+def read_progress(path):
+    """An unfinished run's progress.json (written by Pipeline.on_shard), checked field by field."""
+
+    def count(v):
+        return type(v) is int and v >= 0
+
+    def shard(entry):  # a finished shard: a plain file name in the staging folder, and its tokens
+        name = entry["file"]
+        plain = isinstance(name, str) and name == os.path.basename(name) not in ("", ".", "..")
+        return plain and count(entry["tokens"])
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            progress = json.load(f)
+        shards, resume, max_token = progress["shards"], progress["resume"], progress["max_token"]
+        ok = (isinstance(progress["source"], dict) and isinstance(resume, list) and len(resume) == 2
+              and all(map(count, resume)) and all(count(max_token[s]) for s in SPLITS)
+              and all(shard(e) for s in SPLITS for e in shards.get(s, ())))  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # UnicodeDecodeError is a ValueError
+        ok = False
+    if not ok:
+        raise CorpusError(f"{path} is damaged; pass --force to prepare afresh (the unfinished run is discarded)")
     return progress
 
 
@@ -356,6 +393,8 @@ def parser(dataset=None, out_dir=None, script="prepare/corpus.py"):
     src.add_argument("--dataset", default=dataset, help=f"Hugging Face dataset name{default_note}")
     p.add_argument("--name", help="the Hugging Face dataset's configuration name, if it has several")
     p.add_argument("--split", default="train", help="the Hugging Face dataset's split to read")
+    p.add_argument("--revision", help="the Hugging Face dataset's commit, branch or tag (default: the pinned commit "
+                                      "of openwebtext and fineweb-edu, else main)")  # fmt: skip
     p.add_argument("--streaming", action="store_true", help="stream the Hugging Face dataset, no full download")
     p.add_argument("--text_column", default="text", help="column that holds the documents (jsonl key)")
     p.add_argument("--txt_sample_by", default="document", choices=("document", "paragraph", "line"),

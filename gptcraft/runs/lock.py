@@ -1,13 +1,21 @@
 """One run at a time in an out_dir: the lock file out_dir/.gptcraft-lock.
 
-It holds the owner's pid, host and scheduler job id (SLURM_JOB_ID or torchrun's
-TORCHELASTIC_RUN_ID). A second run meets it with one line; a lock whose owner is dead on this
-host, or was the same job before a requeue or restart on another host, is taken over.
+Rank 0 holds an flock on the lock file for the run's life and writes its owner there: pid, host,
+the kernel's boot id, and the scheduler's job id (SLURM_JOB_ID or torchrun's TORCHELASTIC_RUN_ID).
+The kernel drops an flock when its holder dies, however it dies and whatever pid namespace
+(container) it ran in: on one machine a free flock proves the owner dead, a pid cannot (pid 1 is
+alive in every container). Whoever gets the flock owns the lock, so two runs that find one stale
+lock at once never both take it. A lock written on another machine (another boot id and host) is
+taken over only by the same job, after a requeue or a torchrun restart; every refusal says how to
+clear the lock by hand.
 """
 
+import errno
+import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from contextlib import contextmanager
 
@@ -16,6 +24,7 @@ from gptcraft.errors import GptcraftError
 from gptcraft.system import distributed
 
 LOCK = ".gptcraft-lock"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # the same in every container of one running kernel
 
 
 class OutDirError(GptcraftError):
@@ -38,14 +47,48 @@ def job_id():
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
 
 
-def pid_alive(pid):
+def boot_id():
     try:
-        os.kill(pid, 0)
+        with open(BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _flock(fd):
+    """Try to take the flock: True when taken, False when a live process holds it, None where the
+    filesystem has no flock (then the owner's record alone is judged, see _stale)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
+
+
+def _is_current(fd, path):
+    """Whether `fd` is still the file at `path`: a releasing owner unlinks it, and the flock we got
+    on the unlinked file must not count."""
+    try:
+        here = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    there = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _alive_here(owner):
+    """Without flock: whether the owner's pid runs on this kernel, in our pid namespace."""
+    try:
+        os.kill(owner["pid"], 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    return owner["boot"] == boot_id()
 
 
 class RunLock:
@@ -53,42 +96,82 @@ class RunLock:
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, LOCK)
-        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "job": job_id(), "since": time.time()}
-        self.held = False
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "boot": boot_id(), "job": job_id(),
+                      "since": time.time()}  # fmt: skip
+        self.fd = None
 
     def __enter__(self):
-        for _ in range(3):  # a stale lock is removed, then taken like a free one
+        for _ in range(3):  # the file was released (unlinked) under us: open the new one
             try:
-                with files.open_new(self.path, "w") as f:
-                    json.dump(self.owner, f)
-                self.held = True
-                return self
-            except FileExistsError:
-                self._take_over_stale()
+                fd = files.open_lock_file(self.path)
+            except OSError as e:
+                raise OutDirError(f"cannot open the lock {self.path} ({e.strerror or e}){self._by_hand()}") from None
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OutDirError(f"the lock {self.path} is not a regular file{self._by_hand()}")
+                got = _flock(fd)
+                if got is False:
+                    raise self._refusal(self._read(fd))
+                if _is_current(fd, self.path):
+                    self._take(fd, got)
+                    self.fd, fd = fd, None
+                    return self
+            finally:
+                if fd is not None:
+                    os.close(fd)
         raise OutDirError(f"could not take the lock {self.path}: other runs keep taking it")
 
-    def _take_over_stale(self):
+    def _by_hand(self):
+        return f"; if no run uses out_dir {os.path.dirname(self.path)}, delete {self.path}"
+
+    def _read(self, fd):
+        """The owner's record, or None when empty (an owner between creating the file and writing)."""
+        raw = os.pread(fd, 4096, 0)
+        if not raw:
+            return None
         try:
-            with open(self.path) as f:
-                other = json.load(f)
-            pid, host, job = int(other["pid"]), str(other["host"]), other.get("job")
-        except FileNotFoundError:
-            return  # released meanwhile
-        except (OSError, ValueError, KeyError, TypeError):
-            raise OutDirError(f"{self.path} is damaged; if no run uses this out_dir, delete it") from None
-        same_host = host == self.owner["host"]
-        if (same_host and not pid_alive(pid)) or (not same_host and job is not None and job == self.owner["job"]):
-            os.remove(self.path)
-            return
-        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(other.get("since", 0)))
-        hint = "" if same_host else f"; if that run is dead, delete {self.path}"
-        raise OutDirError(f"out_dir {os.path.dirname(self.path)} is in use by another run (pid {pid} on {host}, "
-                          f"since {started}): wait for it, or pass another --out_dir{hint}")  # fmt: skip
+            other = json.loads(raw)
+            pid, host, boot, job = other["pid"], other["host"], other.get("boot"), other.get("job")
+            text_or_none = (str, type(None))
+            ok = (type(pid) is int and 0 < pid < 2**31 and isinstance(host, str) and isinstance(boot, text_or_none)
+                  and isinstance(job, text_or_none) and isinstance(other.get("since", 0), (int, float)))  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise OutDirError(f"the lock {self.path} is damaged{self._by_hand()}")
+        return {"pid": pid, "host": host, "boot": boot, "job": job, "since": other.get("since", 0)}
+
+    def _take(self, fd, flocked):
+        """We hold the flock (or the filesystem has none): take the lock unless its record names a
+        live owner, or one on another machine that is not this same job."""
+        other = self._read(fd)
+        if other is not None and not self._stale(other, flocked):
+            raise self._refusal(other)
+        record = json.dumps(self.owner).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+
+    def _stale(self, other, flocked):
+        same_machine = other["boot"] == self.owner["boot"] or other["host"] == self.owner["host"]
+        if same_machine:  # same kernel, or the same host rebooted since
+            return flocked or other["boot"] != self.owner["boot"] or not _alive_here(other)
+        return other["job"] is not None and other["job"] == self.owner["job"]  # a requeued or restarted job
+
+    def _refusal(self, other):
+        if other is None:
+            who = "another run, just starting"
+        else:
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(other["since"]))
+            who = f"another run (pid {other['pid']} on {other['host']}, since {started})"
+        return OutDirError(f"out_dir {os.path.dirname(self.path)} is in use by {who}: wait for it, "
+                           f"or pass another --out_dir; if that run is dead, delete {self.path}")  # fmt: skip
 
     def __exit__(self, *exc):
-        if self.held:
-            os.remove(self.path)
-            self.held = False
+        if self.fd is not None:
+            if _is_current(self.fd, self.path):  # unlinked while we hold the flock, then released
+                os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
 
 
 @contextmanager

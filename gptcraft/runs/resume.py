@@ -9,6 +9,7 @@ import random
 import numpy as np
 import torch
 
+from gptcraft.hf import check_size
 from gptcraft.model import GPT, GPTConfig
 from gptcraft.runs import checkpoint
 from gptcraft.runs.checkpoint import CheckpointError
@@ -72,6 +73,7 @@ class Resume:
         # The checkpoint's model, with this run's choice of the settings that may change.
         free = {k: v for k, v in model_keys.items() if k in MAY_CHANGE}
         self.model_args = {**self.state["model_args"], **free}
+        check_size(self.model_args, path)  # before a model of these sizes is built, even on the meta device
         self.iter_num = self.state["iter_num"]
         self.best_val_loss = self.state["best_val_loss"]
         self.loader = self.state.get("loader")

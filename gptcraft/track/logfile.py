@@ -13,11 +13,30 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
+# The fields readers compute with (runlog.py lists the rows), each a number or null where present.
+NUMBERS = ("time_s", "loss", "lr", "ms_per_iter", "tokens_per_s", "mfu", "grad_norm", "tokens_seen", "train_loss",
+           "val_loss", "full_val_loss", "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_acc_norm_tokens")  # fmt: skip
+
+
+def _is_number(value):
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def well_typed(row):
+    """Whether a parsed row can be read: an object whose iter (where present, and in a start row) is
+    an integer, whose event and wandb_id are text, and whose NUMBERS are numbers."""
+    if not isinstance(row, dict) or not isinstance(row.get("event", ""), str):
+        return False
+    if ("iter" in row or row.get("event") == "start") and type(row.get("iter")) is not int:
+        return False
+    return isinstance(row.get("wandb_id"), str | None) and all(_is_number(row[k]) for k in NUMBERS if k in row)
+
+
 def read_rows(path, quiet=False):
-    """Every row of a log.jsonl that parses; a line that does not (the last line of a killed run)
-    is skipped, with a warning unless quiet."""
+    """Every row of a log.jsonl that parses and is well typed; a line that is not (the last line of a
+    killed run, a damaged file) is skipped, with a warning unless quiet."""
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bytes that are not UTF-8 fail to parse
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -25,10 +44,11 @@ def read_rows(path, quiet=False):
                 row = json.loads(line)
             except json.JSONDecodeError:
                 row = None
-            if isinstance(row, dict):
+            if well_typed(row):
                 rows.append(row)
             elif not quiet:
-                warn(f"{path}: line {number} is incomplete or corrupt (a run killed while writing?); skipped")
+                warn(f"{path}: line {number} is incomplete, corrupt or of the wrong types (a run killed while "
+                     f"writing?); skipped")  # fmt: skip
     return rows
 
 

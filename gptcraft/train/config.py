@@ -6,7 +6,7 @@ taken from model.py with their help and choices: they are defined there once and
 
 from dataclasses import dataclass, fields, make_dataclass
 
-from gptcraft.config import ConfigError, option, options_of
+from gptcraft.config import check_ranges, check_seed, option, options_of, refuse
 from gptcraft.load import check_init_from, device_option, dtype_option
 from gptcraft.model import GPTConfig
 from gptcraft.track.runlog import require_wandb
@@ -95,22 +95,23 @@ class TrainConfig(ModelSettings):
             # A tenth, written as a person would (6e-4 gives 6e-5, not 5.9999999999999995e-05): a run
             # made with the value spelled out is the same run.
             self.min_lr = float(f"{self.learning_rate / 10:.12g}")
+        problems = []
         try:
             GPTConfig(**self.model_args())  # the model's own checks, on this run's values
         except ValueError as e:
-            raise ConfigError(str(e)) from None
-        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "lr_decay_iters", "max_nonfinite_steps", "learning_rate", "muon_lr", "dist_timeout_s")  # fmt: skip
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        nonnegative = ("max_iters", "checkpoint_interval", "checkpoint_minutes", "warmup_iters", "weight_decay",
-                       "grad_clip", "min_lr", "warmdown_iters")  # fmt: skip
-        for key in nonnegative:
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
+            problems.append(str(e))
+        problems += check_ranges(
+            self,
+            positive=("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                      "lr_decay_iters", "max_nonfinite_steps", "learning_rate", "muon_lr", "dist_timeout_s"),
+            nonnegative=("max_iters", "checkpoint_interval", "checkpoint_minutes", "warmup_iters", "weight_decay",
+                         "grad_clip", "min_lr", "warmdown_iters"),
+            fraction=("beta1", "beta2", "muon_momentum"),
+        )  # fmt: skip
+        problems += check_seed(self.seed)
         if self.min_lr > self.learning_rate:
-            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+            problems.append(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        refuse(problems)
         if self.wandb_log:
             require_wandb()
 

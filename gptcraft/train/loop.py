@@ -81,7 +81,7 @@ def train(cfg, d, device, stop):
                           f"continue with --init_from=auto (the default) --out_dir={cfg.out_dir}")  # fmt: skip
             break
     saved = [os.path.join(cfg.out_dir, name) for name in (checkpoint.LATEST, checkpoint.SHARDED, checkpoint.BEST)]
-    job.log.summary(saved, run.iter_num, run.iter_num * job.tokens_per_iter)
+    job.log.summary(saved, run.iter_num, job.tokens_seen(run.iter_num))
     job.log.stop_on_failure(d)
     job.log.close()
     return run.best_val_loss
@@ -120,7 +120,7 @@ def evaluate(job, run, check=None):
     eval_samplers = {"train": job.samplers["eval_train"], "val": job.samplers["val"]}
     losses = estimate_loss(job.model, eval_samplers, cfg, job.device, job.dtype, job.d, check)
     row = {"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-           "tokens_seen": run.iter_num * job.tokens_per_iter}  # fmt: skip
+           "tokens_seen": job.tokens_seen(run.iter_num)}  # fmt: skip
     if cfg.full_val and (run.iter_num == cfg.max_iters or cfg.eval_only):
         val_data = [f.memmap() for f in job.dataset.splits["val"]]
         row["full_val_loss"] = split_loss(job.model, val_data, job.model_args["block_size"], cfg.batch_size,
@@ -163,7 +163,7 @@ def save(job, run, new_best=False, evaluated=True):
     if distributed.any_rank_says(not weights_finite(job.model), d):
         job.log.print(f"checkpoint not saved at iter {run.iter_num}: the weights are not finite")
         return
-    drawn = run.iter_num * job.accum * d.world_size  # global micro-batches so far
+    drawn = job.batches_drawn(run.iter_num)
     progress = {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "config": asdict(cfg),
                 "loader": job.samplers["train"].state(drawn), "evaluated": evaluated,
                 "nonfinite_in_a_row": run.guard.in_a_row}  # fmt: skip
@@ -249,7 +249,7 @@ def log_step(job, run, step):
     mfu = job.raw_model.estimate_mfu(tokens_per_s / job.d.world_size, job.peak) if job.peak else None
     job.log.record({"iter": run.iter_num, "loss": train_loss, "lr": step["lr"], "ms_per_iter": 1000 * dt,
                     "tokens_per_s": tokens_per_s, "mfu": mfu, "grad_norm": step["grad_norm"].item(),
-                    "tokens_seen": run.iter_num * job.tokens_per_iter})  # fmt: skip
+                    "tokens_seen": job.tokens_seen(run.iter_num)})  # fmt: skip
     run.restart_pace()
 
 

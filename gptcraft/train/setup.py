@@ -63,6 +63,9 @@ class Job:
     dataset: object
     log: RunLog
     accum: int  # micro-steps per optimizer step on this rank
+    first_batch: int  # global micro-batch number of iteration 0: nonzero where a resumed run draws more or
+    # fewer micro-batches per step than its checkpoint's (gradient_accumulation_steps below the number of
+    # processes, which changed), so that it goes on from the checkpoint's next batch
     tokens_per_iter: int
     peak: float | None  # FLOP/s that MFU is measured against (rank 0)
     forecast: pace.Forecast | None  # times at the CPU's peak (rank 0, on a CPU)
@@ -71,7 +74,16 @@ class Job:
 
     def next_batch(self, it, micro):
         # Global micro-batch number: ranks take consecutive slices of each step's batches.
-        return self.samplers["train"].batch((it * self.d.world_size + self.d.rank) * self.accum + micro)
+        return self.samplers["train"].batch(
+            self.first_batch + (it * self.d.world_size + self.d.rank) * self.accum + micro
+        )
+
+    def batches_drawn(self, it):
+        """Global micro-batches drawn before iteration `it`."""
+        return self.first_batch + it * self.d.world_size * self.accum
+
+    def tokens_seen(self, it):
+        return self.batches_drawn(it) * self.tokens_per_iter // (self.d.world_size * self.accum)
 
 
 def setup(cfg, d, device):
@@ -99,7 +111,9 @@ def setup(cfg, d, device):
     model_args["vocab_size"] = dataset.meta.get("vocab_size", 50304)
     hellaswag_set = None
     if cfg.hellaswag_file:  # read now: a bad file stops the run before any compute
-        hellaswag_set = (load_tokenizer(dataset.meta), hellaswag.read_examples(cfg.hellaswag_file))
+        tok, examples = load_tokenizer(dataset.meta), hellaswag.read_examples(cfg.hellaswag_file)
+        hellaswag.check_encodable(examples, tok, cfg.hellaswag_file)
+        hellaswag_set = (tok, examples)
     if resume is not None:
         model_args = resume.model_args
     pretrained = None
@@ -116,8 +130,9 @@ def setup(cfg, d, device):
             for name, split, stream in (("train", "train", TRAIN_STREAM), ("val", "val", VAL_STREAM),
                                         ("eval_train", "train", TRAIN_EVAL_STREAM))
         }  # fmt: skip
+        first_batch = 0
         if resume is not None and not resume.nanogpt:
-            samplers["train"].check_state(resume.loader, resume.iter_num * global_accum)
+            first_batch = samplers["train"].check_state(resume.loader) - resume.iter_num * global_accum
     except (TokenFileError, LoaderStateError, WindowError) as e:
         raise type(e)(f"dataset {cfg.dataset}: {e}") from None
     if d.master:
@@ -173,7 +188,8 @@ def setup(cfg, d, device):
     return Job(
         cfg=cfg, d=d, device=device, dtype=dtype, raw_model=raw_model, model=model, model_args=model_args,
         optimizer=optimizer, scaler=scaler, samplers=samplers, dataset=dataset, log=log, accum=accum,
-        tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"], peak=peak, forecast=forecast,
+        first_batch=first_batch, tokens_per_iter=global_accum * cfg.batch_size * model_args["block_size"], peak=peak,
+        forecast=forecast,
         hellaswag=hellaswag_set, start=begin,
     )  # fmt: skip
 
