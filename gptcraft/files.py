@@ -110,6 +110,7 @@ MARKER_TEXT = b"gptcraft made this folder and may replace it as a whole; it keep
 def make_dir(path):
     """Create the directory `path` with gptcraft's marker in it. It may exist as an empty folder (a
     torch.distributed.checkpoint rank makes it as it starts a save), never as a link or a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # the folders the user named above it
     try:
         os.mkdir(path)
     except FileExistsError:
