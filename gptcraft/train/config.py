@@ -20,7 +20,7 @@ class RunSettings:
     # I/O
     out_dir: str = option("out", "directory for ckpt.pt, log.jsonl and meta.json")
     eval_interval: int = option(2000, "evaluate train and val loss every this many iterations")
-    log_interval: int = option(1, "print and log the training loss every this many iterations")
+    log_interval: int = option(10, "print and log the training loss every this many iterations")
     eval_iters: int = option(200, "batches per split in each evaluation")
     eval_only: bool = option(False, "evaluate once and exit")
     full_val: bool = option(False, "at the last iteration also score the whole val split (log.jsonl: full_val_loss)")
@@ -106,6 +106,9 @@ class TrainConfig(ModelSettings):
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        if self.fsdp and self.optimizer == "muon":
+            # Newton-Schulz needs whole matrices; FSDP holds shards of them.
+            raise ConfigError("optimizer=muon does not run under fsdp=True (it needs whole matrices); use DDP")
         if self.wandb_log:
             require_wandb()
 

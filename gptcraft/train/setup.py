@@ -130,7 +130,7 @@ def setup(cfg, d, device):
     raw_model = (pretrained if pretrained is not None else GPT(GPTConfig(**model_args))).to(device)
     torch.manual_seed(cfg.seed + d.rank)  # then each rank its own dropout masks
     model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, cfg.compile, dtype)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg, device, d.world_size, d.rank)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     begin = Start()
     if resume is not None:
