@@ -142,3 +142,12 @@ def test_the_pace_after_a_checkpoint_leaves_the_save_out(char_data_dir, tmp_path
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if "loss" in r] == [5, 10]
     assert [r["ms_per_iter"] for r in rows if r.get("iter") == 10 and "loss" in r][0] < 100_000
+
+
+def test_hellaswag_rows_come_in_a_few_widths():
+    """HellaSwag in training pads its rows to a few widths (a compiled model recompiles per width)."""
+    from gptcraft.evaluate.hellaswag import padded_width
+
+    widths = {padded_width(w, 1024) for w in range(2, 1026)}
+    assert widths == {65, 129, 257, 513, 1025}
+    assert padded_width(30, 1024) == 65 and padded_width(66, 1024) == 129 and padded_width(300, 256) == 257
