@@ -87,6 +87,8 @@ class TrainConfig(ModelSettings):
     hellaswag_file: str = option("", "HellaSwag jsonl (hellaswag_val.jsonl) to score at every evaluation, logged "
                                  "as hellaswag_acc, hellaswag_acc_norm and hellaswag_acc_norm_tokens; "
                                  "empty: none")  # fmt: skip
+    hellaswag_batch_size: int = option(8, "HellaSwag examples per forward pass (4 rows each), apart from batch_size: "
+                                       "its rows are only as wide as the longest ending needs")  # fmt: skip
 
     def __post_init__(self):
         check_init_from(self.init_from, ("auto", "scratch", "resume"))
@@ -95,7 +97,8 @@ class TrainConfig(ModelSettings):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "lr_decay_iters", "max_nonfinite_steps", "learning_rate", "muon_lr", "dist_timeout_s")  # fmt: skip
+                    "lr_decay_iters", "max_nonfinite_steps", "learning_rate", "muon_lr", "dist_timeout_s",
+                    "hellaswag_batch_size")  # fmt: skip
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")

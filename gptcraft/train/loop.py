@@ -117,7 +117,7 @@ def evaluate(job, run):
                                           job.device, job.dtype, job.d)  # fmt: skip
     if job.hellaswag is not None:
         scores = hellaswag.score(job.model, *job.hellaswag, job.model_args["block_size"], job.device, job.dtype,
-                                 job.d, cfg.batch_size)  # fmt: skip
+                                 job.d, cfg.hellaswag_batch_size)  # fmt: skip
         row.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"],
                    hellaswag_acc_norm_tokens=scores["acc_norm_tokens"])  # fmt: skip
     job.log.record(row)
