@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script, tiny_train_args
+from test_loader import shards
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gptcraft.data.batches import WindowSampler
 from gptcraft.evaluate.loss import split_loss
 from gptcraft.model import GPT, GPTConfig
 from gptcraft.system.distributed import Dist
@@ -64,3 +66,12 @@ def test_fsdp_compiled_mixed_precision_on_one_gpu(char_data_dir, tmp_path, dtype
     assert "skipped step" not in result.stdout
     saved = torch.load(out / "best.pt", weights_only=True)
     assert saved["iter_num"] == 20 and all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_batches_reach_the_gpu_as_on_the_cpu(tmp_path):
+    """The GPU's batch is one int32 window copied from pinned memory and cut on the device: the
+    same tokens as the CPU's."""
+    files = shards(tmp_path, [500, 3000])
+    cpu, gpu = (WindowSampler(files, 32, 4, 1337, 0, device) for device in ("cpu", "cuda"))
+    (x, y), (gx, gy) = cpu.batch(3), gpu.batch(3)
+    assert gx.dtype == torch.int64 and torch.equal(x, gx.cpu()) and torch.equal(y, gy.cpu())

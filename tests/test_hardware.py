@@ -62,7 +62,9 @@ def test_dtype_auto_counts_only_native_bf16(monkeypatch, native_bf16, expected):
      ("NVIDIA H100 NVL", "float16", 835e12), ("NVIDIA H100 80GB HBM3", "float32", 495e12),
      ("NVIDIA L40", "bfloat16", 181e12), ("NVIDIA L40S", "bfloat16", 362e12), ("NVIDIA L4", "bfloat16", 121e12),
      ("NVIDIA A100-SXM4-80GB", "float32", 156e12), ("Tesla V100-SXM2-16GB", "float16", 125e12),
-     ("NVIDIA GeForce RTX 4090", "bfloat16", 165e12), ("Some Future GPU", "bfloat16", None)],
+     ("NVIDIA GeForce RTX 4090", "bfloat16", 165e12), ("NVIDIA GH200 480GB", "bfloat16", 989e12),
+     ("NVIDIA H800", "float32", 495e12), ("NVIDIA H800 PCIe", "bfloat16", 756e12),
+     ("Some Future GPU", "bfloat16", None)],
 )  # fmt: skip
 def test_gpu_peak_by_name_and_dtype(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)

@@ -82,7 +82,7 @@ def test_batched_scores_equal_a_direct_computation(tok, tmp_path):
             means.append(token_losses.mean().item())
             per_char.append(token_losses.sum().item() / len(ending))
         rows, lengths = hellaswag.render((ctx, endings, label), tok, 64)
-        batched_sums, batched_means = hellaswag.ending_losses(model, rows, lengths, "cpu")
+        batched_sums, batched_means = hellaswag.ending_losses(model, rows, lengths, "cpu", 64)
         assert batched_sums.tolist() == pytest.approx(sums, rel=1e-5)
         assert batched_means.tolist() == pytest.approx(means, rel=1e-5)
         picks.append([min(range(4), key=scores.__getitem__) == label for scores in (sums, per_char, means)])
@@ -122,7 +122,7 @@ def test_the_three_normalisations_by_hand(tmp_path):
     scenes = [("c", ["a", "aa", "aaaa", "b"], 0), ("c", ["b", "aaa", "aaaaaaaa", "cccccc"], 1)]
     examples = hellaswag.read_examples(write_fixture(tmp_path / "two.jsonl", scenes))
     tok, model = CharTokenizer([" ", "a", "b", "c"]), Unigram([1 / 2, 1 / 4, 1 / 8, 1 / 8])
-    sums, means = hellaswag.ending_losses(model, *hellaswag.render(examples[0], tok, 64), "cpu")
+    sums, means = hellaswag.ending_losses(model, *hellaswag.render(examples[0], tok, 64), "cpu", 64)
     assert sums.tolist() == pytest.approx([3 * math.log(2), 5 * math.log(2), 9 * math.log(2), 4 * math.log(2)])
     assert means.tolist() == pytest.approx([1.5 * math.log(2), 5 / 3 * math.log(2), 1.8 * math.log(2), 2 * math.log(2)])
     result = hellaswag.score(model, tok, examples, 64, "cpu", "float32", Dist())

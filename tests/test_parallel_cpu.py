@@ -65,8 +65,9 @@ def test_fsdp_gathers_parameters_in_the_run_dtype(one_process_group):
     assert linear.weight.dtype == linear.weight.grad.dtype == torch.float32  # sharded master weights and grads
 
 
-def test_ddp_does_not_broadcast_the_fixed_tables(one_process_group):
-    assert parallelize(tiny_model(), one_process_group, "cpu").broadcast_buffers is False
+def test_ddp_neither_broadcasts_the_fixed_tables_nor_copies_the_gradients(one_process_group):
+    ddp = parallelize(tiny_model(), one_process_group, "cpu")
+    assert ddp.broadcast_buffers is False and ddp.gradient_as_bucket_view  # no second copy of the gradients
 
 
 def test_grad_clip_0_measures_the_norm_without_clipping(monkeypatch):

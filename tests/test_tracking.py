@@ -212,6 +212,7 @@ def test_ms_per_iter_counts_the_steps_since_an_evaluation_not_before_it(char_dat
     """Every step takes one second on a fake clock and evaluations none: every logged row says
     1000 ms/iter, also where an evaluation fell between two logged steps."""
     from gptcraft.train import loop
+    from gptcraft.train import schedule as schedule_module
 
     clock, schedule = [0.0], loop.learning_rate
 
@@ -220,7 +221,8 @@ def test_ms_per_iter_counts_the_steps_since_an_evaluation_not_before_it(char_dat
         return schedule(cfg, it)
 
     monkeypatch.setattr(loop, "learning_rate", one_second_per_step)
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    for module in (loop, schedule_module):  # the loop's clock and the one stamping the end of each step
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(time=lambda: clock[0]))
     loop.main(tiny_train_args(char_data_dir, tmp_path, max_iters=8, eval_interval=3, log_interval=2))
     steps = [r for r in read_log(str(tmp_path)) if "loss" in r]
     assert [(r["iter"], r["ms_per_iter"]) for r in steps] == [(2, 1000.0), (4, 1000.0), (6, 1000.0), (8, 1000.0)]

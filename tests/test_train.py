@@ -77,8 +77,8 @@ def test_the_step_applies_gradients_clipped_to_grad_clip(char_data_dir, tmp_path
     """The optimizer steps with the gradient scaled down to norm grad_clip; the log keeps the norm before."""
     at_step, make_optimizer = [], setup.make_optimizer
 
-    def recording(model, cfg, device):
-        optimizer = make_optimizer(model, cfg, device)
+    def recording(model, cfg, *where):
+        optimizer = make_optimizer(model, cfg, *where)
         params = [p for group in optimizer.param_groups for p in group["params"]]
 
         def record_norm(*_):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from gptcraft.config import ConfigError, option, parse_config, run_cli
+from gptcraft.data.batches import to_device
 from gptcraft.errors import GptcraftError
 from gptcraft.evaluate.loss import sum_over_batches
 from gptcraft.files import file_sha256, write_atomic
@@ -128,15 +129,22 @@ def render(example, tok, block_size):
     return rows, lengths
 
 
-def ending_losses(model, rows, lengths, device):
+def padded_width(width, block_size):
+    """Rows of `width` tokens (inputs + 1) padded to one of a few widths, so that a compiled model
+    sees few shapes: the next power of two of inputs, at least 64, at most block_size."""
+    inputs = max(64, 1 << (width - 2).bit_length())
+    return min(inputs, block_size) + 1
+
+
+def ending_losses(model, rows, lengths, device, block_size):
     """(sum, mean) of each row's cross-entropy over its last lengths[i] tokens, each of shape (R,)."""
-    width = max(len(r) for r in rows)
+    width = padded_width(max(len(r) for r in rows), block_size)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
     targets = torch.full((len(rows), width - 1), -1, dtype=torch.long)  # -1: not scored
     for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
         tokens[i, : len(row)] = torch.tensor(row)
         targets[i, len(row) - 1 - n : len(row) - 1] = tokens[i, len(row) - n : len(row)]
-    x, y = tokens[:, :-1].to(device), targets.to(device)  # (R, L), right-padded
+    x, y = to_device(tokens[:, :-1], device), to_device(targets, device)  # (R, L), right-padded
     logits, _ = model(x, y)  # (R, L, V)
     losses = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (R, L)
     sums = losses.sum(dim=1)
@@ -152,7 +160,7 @@ def score(model, tok, examples, block_size, device, dtype, d, batch_size=8):
         rendered = [render(example, tok, block_size) for example in batches[i]]
         rows = [row for rows, _ in rendered for row in rows]
         lengths = [n for _, ns in rendered for n in ns]
-        sums, means = (t.view(-1, ENDINGS) for t in ending_losses(model, rows, lengths, device))
+        sums, means = (t.view(-1, ENDINGS) for t in ending_losses(model, rows, lengths, device, block_size))
         chars = torch.tensor([[len(ending) for ending in example[1]] for example in batches[i]], device=sums.device)
         labels = torch.tensor([example[2] for example in batches[i]], device=sums.device)
         picks = (sums.argmin(1), (sums / chars).argmin(1), means.argmin(1))  # acc, acc_norm, acc_norm_tokens

@@ -9,6 +9,7 @@ last window may be shorter: padded, its padding ignored by the loss). Windows ne
 
 import torch
 
+from gptcraft.data.batches import to_device
 from gptcraft.system import distributed, hardware
 
 
@@ -54,7 +55,7 @@ def split_loss(model, pieces, block_size, batch_size, device, dtype, d, check=No
             window = torch.from_numpy(piece[s : s + T + 1].astype("int64"))  # T + 1 tokens, fewer at the end
             x[row, : len(window) - 1], y[row, : len(window) - 1] = window[:-1], window[1:]
             targets += len(window) - 1
-        _, loss = model(x.to(device), y.to(device))  # the mean over the targets that are not -1
+        _, loss = model(to_device(x, device), to_device(y, device))  # the mean over the targets that are not -1
         return loss * targets  # back from the mean to a sum
 
     return sum_over_batches(model, len(batches), batch_loss, device, dtype, d, check=check)[0] / n_targets

@@ -24,6 +24,7 @@ MAY_CHANGE = frozenset((
     "eval_interval", "log_interval", "eval_iters", "eval_only", "full_val", "always_save_checkpoint",
     "checkpoint_interval", "checkpoint_minutes", "backend", "device", "dtype", "compile", "fsdp",
     "activation_checkpointing", "max_nonfinite_steps", "wandb_log", "wandb_project", "wandb_run_name", "plot_loss",
+    "hellaswag_batch_size",
 ))  # fmt: skip
 
 

@@ -113,24 +113,19 @@ def all_sum(values, d):
     return t.tolist()
 
 
-def all_mean(value, d):
-    """Mean of a float over all ranks (the value itself in a single process)."""
-    return all_sum([value], d)[0] / d.world_size
-
-
-def any_rank_on_device(flags, d):
-    """Element-wise OR of a 1-D tensor of flags over all ranks, as 0/1 floats left where the
-    backend reduces (on the GPU with nccl): nothing waits until they are read."""
-    flags = flags.detach().to(torch.float32)
+def sum_on_device(values, d):
+    """Element-wise sum of a 1-D tensor over all ranks, in float32, left where the backend reduces
+    (on the GPU with nccl): nothing waits until it is read."""
+    values = values.detach().to(torch.float32)
     if d.enabled:
-        flags = _on_backend_device(flags)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return flags
+        values = _on_backend_device(values)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def any_rank(flags, d):
     """Element-wise OR of a 1-D tensor of flags over all ranks, as a list of bools (a host sync)."""
-    return [bool(f) for f in any_rank_on_device(flags, d).tolist()]
+    return [f > 0 for f in sum_on_device(flags, d).tolist()]
 
 
 def any_rank_says(flag, d):

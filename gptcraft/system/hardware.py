@@ -26,6 +26,11 @@ GPU_PEAKS = {
     "H200": (989e12, 495e12),
     "H200 NVL": (835e12, 418e12),
     "H100": (989e12, 495e12),  # SXM
+    # GH200: an H100 (132 SMs at 1980 MHz) beside a Grace CPU, the H100 SXM's figures. H800: the
+    # H100 made for export, its NVLink narrowed and its tensor cores unchanged.
+    "GH200": (989e12, 495e12),
+    "H800": (989e12, 495e12),  # SXM
+    "H800 PCIe": (756e12, 378e12),
     "H100 PCIe": (756e12, 378e12),
     "H100 NVL": (835e12, 418e12),
     "A100": (312e12, 156e12),

@@ -20,7 +20,7 @@ class RunSettings:
     # I/O
     out_dir: str = option("out", "directory for ckpt.pt, log.jsonl and meta.json")
     eval_interval: int = option(2000, "evaluate train and val loss every this many iterations")
-    log_interval: int = option(1, "print and log the training loss every this many iterations")
+    log_interval: int = option(10, "print and log the training loss every this many iterations")
     eval_iters: int = option(200, "batches per split in each evaluation")
     eval_only: bool = option(False, "evaluate once and exit")
     full_val: bool = option(False, "at the last iteration also score the whole val split (log.jsonl: full_val_loss)")
@@ -88,6 +88,8 @@ class TrainConfig(ModelSettings):
     hellaswag_file: str = option("", "HellaSwag jsonl (hellaswag_val.jsonl) to score at every evaluation, logged "
                                  "as hellaswag_acc, hellaswag_acc_norm and hellaswag_acc_norm_tokens; "
                                  "empty: none")  # fmt: skip
+    hellaswag_batch_size: int = option(8, "HellaSwag examples per forward pass (4 rows each), apart from batch_size: "
+                                       "its rows are only as wide as the longest ending needs")  # fmt: skip
 
     def __post_init__(self):
         check_init_from(self.init_from, ("auto", "scratch", "resume"))
@@ -103,7 +105,8 @@ class TrainConfig(ModelSettings):
         problems += check_ranges(
             self,
             positive=("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                      "lr_decay_iters", "max_nonfinite_steps", "learning_rate", "muon_lr", "dist_timeout_s"),
+                      "lr_decay_iters", "max_nonfinite_steps", "learning_rate", "muon_lr", "dist_timeout_s",
+                      "hellaswag_batch_size"),
             nonnegative=("max_iters", "checkpoint_interval", "checkpoint_minutes", "warmup_iters", "weight_decay",
                          "grad_clip", "min_lr", "warmdown_iters"),
             fraction=("beta1", "beta2", "muon_momentum"),
@@ -111,6 +114,9 @@ class TrainConfig(ModelSettings):
         problems += check_seed(self.seed)
         if self.min_lr > self.learning_rate:
             problems.append(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        if self.fsdp and self.optimizer == "muon":
+            # Newton-Schulz needs whole matrices; FSDP holds shards of them.
+            problems.append("optimizer=muon does not run under fsdp=True (it needs whole matrices); use DDP")
         refuse(problems)
         if self.wandb_log:
             require_wandb()

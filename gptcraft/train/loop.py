@@ -22,7 +22,7 @@ from gptcraft.evaluate.loss import split_loss, sum_over_batches
 from gptcraft.runs import checkpoint, resume
 from gptcraft.runs.lock import locked
 from gptcraft.system import distributed, hardware
-from gptcraft.train import pace
+from gptcraft.train import optimizer, pace
 from gptcraft.train.config import TrainConfig
 from gptcraft.train.optimizer import learning_rate, set_learning_rate
 from gptcraft.train.parallelize import clip_grad_norm, grad_sync
@@ -72,10 +72,9 @@ def train(cfg, d, device, stop):
                 save(job, run, evaluated=evaluates)
             x, y, step = train_step(job, run, x, y, stop)
             stopping = read_flags(job, run)  # the previous step's: this one is already queued behind it
-            run.flags.defer(step["flags"], run.iter_num)
-            if run.iter_num % cfg.log_interval == 0:
-                log_step(job, run, step)
+            run.flags.defer(step["sums"], d.world_size, {"iter": run.iter_num, "lr": step["lr"]})
         if stopping:
+            read_flags(job, run)  # the step queued last: logged and counted before the save
             save(job, run, evaluated=False)
             job.log.print(f"stopped by {stop.requested or 'a signal on another rank'} at iteration {run.iter_num}; "
                           f"continue with --init_from=auto (the default) --out_dir={cfg.out_dir}")  # fmt: skip
@@ -97,7 +96,7 @@ class Run:
     due: Schedule  # and the clock of the last save
     flags: StepFlags = field(default_factory=StepFlags)
     t_last: float = field(default_factory=time.time)  # when the pace was last measured
-    iters_since_log: int = 0
+    iters_since_log: int = 0  # steps ended since t_last
 
     @classmethod
     def starting(cls, job):
@@ -127,7 +126,7 @@ def evaluate(job, run, check=None):
                                           job.device, job.dtype, job.d, check)  # fmt: skip
     if job.hellaswag is not None:
         scores = hellaswag.score(job.model, *job.hellaswag, job.model_args["block_size"], job.device, job.dtype,
-                                 job.d, cfg.batch_size)  # fmt: skip
+                                 job.d, cfg.hellaswag_batch_size)  # fmt: skip
         row.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"],
                    hellaswag_acc_norm_tokens=scores["acc_norm_tokens"])  # fmt: skip
     job.log.record(row)
@@ -173,6 +172,7 @@ def save(job, run, new_best=False, evaluated=True):
     resume.save_latest(cfg.out_dir, job.model, job.optimizer, job.scaler, job.model_args, progress, d, job.device,
                        cfg.fsdp)  # fmt: skip
     run.due.saved()
+    run.restart_pace()  # the save's time is not training time
     saved = checkpoint.SHARDED if cfg.fsdp else checkpoint.LATEST
     job.log.print(
         f"saved {saved}{' and ' + checkpoint.BEST if new_best else ''} in {cfg.out_dir} at iter {run.iter_num}"
@@ -181,11 +181,12 @@ def save(job, run, new_best=False, evaluated=True):
 
 def train_step(job, run, x, y, stop):
     """One optimizer step over this rank's micro-batches, starting with (x, y); returns the first
-    batch of the next step and the step's figures: loss, gradient norm and lr, and its flags.
+    batch of the next step and the step's lr and "sums": its flags, loss and gradient norm summed
+    over ranks, still on the device.
 
-    No host sync for the step's NaN and stop flags: they are reduced over ranks on the device,
-    a NaN step's update is masked there (fused AdamW's found_inf), and the host reads them one
-    step later (`read_flags`). Every rank reads the same reduced flags, so all stop at the same step."""
+    No host sync in the step: the flags are reduced over ranks on the device, a NaN step's update
+    is masked there (fused AdamW's found_inf, Muon's skip), and the host reads the sums one step
+    later (`read_flags`). Every rank reads the same sums, so all stop at the same step."""
     lr = learning_rate(job.cfg, run.iter_num)
     set_learning_rate(job.optimizer, lr)
     step_loss = torch.zeros((), device=job.device)  # summed on the device: no host sync per micro-step
@@ -210,47 +211,46 @@ def train_step(job, run, x, y, stop):
     stop_here = torch.full_like(bad, stop.requested is not None)  # a fill: no copy that waits
     log_failed = torch.full_like(bad, job.log.failure is not None)
     minutes_up = torch.full_like(bad, run.due.minutes_passed())
-    flags = distributed.any_rank_on_device(torch.stack([skip, bad, stop_here, log_failed, minutes_up]), job.d)
-    if getattr(job.optimizer, "_step_supports_amp_scaling", False):
-        job.optimizer.found_inf = flags[0].to(grad_norm.device)  # the fused kernel skips when it is 1
-        job.optimizer.step()
-        del job.optimizer.found_inf
-    elif not flags[0].item():  # an optimizer that cannot mask its update (Muon): read the flag now
-        job.optimizer.step()
+    # One all-reduce (a sum) for the flags (any rank's 1 makes the sum > 0), the loss and the norm.
+    sums = torch.stack([skip, bad, stop_here, log_failed, minutes_up, step_loss, grad_norm.to(step_loss.device)])
+    sums = distributed.sum_on_device(sums, job.d)
+    optimizer.step(job.optimizer, sums[0].to(grad_norm.device) > 0)  # skipped on the device when any rank's was NaN
     job.scaler.update()  # fp16: lowers the scale after an overflow, as scaler.step would have
     job.optimizer.zero_grad(set_to_none=True)
     run.iter_num += 1
-    run.iters_since_log += 1
     job.log.step()
-    return x, y, {"loss": step_loss, "grad_norm": grad_norm, "lr": lr, "flags": flags}
+    return x, y, {"lr": lr, "sums": sums}
 
 
 def read_flags(job, run):
-    """Read the flags of the last step not yet read (waiting for it): stop on a failed log write,
-    report a skipped step and count it for the divergence guard; returns whether every rank is to stop."""
+    """Read the sums of the last step not yet read (waiting for that step only): stop on a failed
+    log write, report a skipped step and count it for the divergence guard, log the step at log
+    steps; returns whether every rank is to stop."""
     read = run.flags.read()
     if read is None:
         return False
-    flags, iter_num = read
+    flags, step = read
     job.log.stop_on_failure(job.d, flags["log_failed"])
     run.due.minutes_up = run.due.minutes_up or flags["minutes_up"]
     if flags["bad"]:
-        job.log.print(f"skipped step {iter_num}: loss or gradient norm is NaN/Inf")
-    run.guard.record(flags["bad"], iter_num)
+        job.log.print(f"skipped step {step['iter']}: loss or gradient norm is NaN/Inf")
+    run.guard.record(flags["bad"], step["iter"])
+    run.iters_since_log += 1
+    if step["iter"] % job.cfg.log_interval == 0:
+        log_step(job, run, step)
     return flags["stop"]
 
 
 def log_step(job, run, step):
-    """Log the step's loss (averaged over ranks), pace, MFU and gradient norm. Reading the loss
-    waits for the device: only at log steps."""
-    train_loss = distributed.all_mean(step["loss"].item(), job.d)
-    dt = (time.time() - run.t_last) / run.iters_since_log
+    """Log a step's loss (averaged over ranks), pace, MFU and gradient norm. The pace is measured
+    between the ends of steps (see StepFlags.read), so it holds however far the host runs ahead."""
+    dt = (step["done_at"] - run.t_last) / run.iters_since_log
     tokens_per_s = job.tokens_per_iter / dt
     mfu = job.raw_model.estimate_mfu(tokens_per_s / job.d.world_size, job.peak) if job.peak else None
-    job.log.record({"iter": run.iter_num, "loss": train_loss, "lr": step["lr"], "ms_per_iter": 1000 * dt,
-                    "tokens_per_s": tokens_per_s, "mfu": mfu, "grad_norm": step["grad_norm"].item(),
-                    "tokens_seen": job.tokens_seen(run.iter_num)})  # fmt: skip
-    run.restart_pace()
+    job.log.record({"iter": step["iter"], "loss": step["loss"], "lr": step["lr"], "ms_per_iter": 1000 * dt,
+                    "tokens_per_s": tokens_per_s, "mfu": mfu, "grad_norm": step["grad_norm"],
+                    "tokens_seen": job.tokens_seen(step["iter"])})  # fmt: skip
+    run.t_last, run.iters_since_log = step["done_at"], 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ that the host reads one step late."""
 
 import time
 
+import torch
+
 
 class Schedule:
     """What is due at an iteration. Evaluations come every eval_interval iterations, at max_iters
@@ -47,22 +49,43 @@ class Schedule:
 
 
 class StepFlags:
-    """The flags of the last optimizer step, reduced over ranks on the device (a 0/1 tensor in the
-    order of NAMES). The host reads them one step late, after the next step is queued behind them,
-    or at once before that step's weights are evaluated or saved."""
+    """What the host learns of an optimizer step one step late: its flags (in the order of NAMES)
+    and its loss and gradient norm, summed over ranks on the device into one float32 tensor.
+
+    On a GPU the sums are copied non_blocking into pinned host memory and an event is recorded
+    behind the copy. `read` waits on that event only: the step queued after this one keeps the
+    GPU busy meanwhile, and the host never waits for the work it has just launched. On a CPU the
+    sums are already on the host; the same one-step-late order holds."""
 
     NAMES = ("skip", "bad", "stop", "log_failed", "minutes_up")
 
     def __init__(self):
-        self.pending = None  # (flags, iter_num) of the last step, until read
+        self.pending = None  # (host copy, its event or None, world size, the step's own figures)
 
-    def defer(self, flags, iter_num):
-        self.pending = (flags, iter_num)
+    def defer(self, sums, world_size, step):
+        """sums: NAMES then loss and grad norm, summed over ranks; step: {"iter", "lr"}."""
+        if sums.is_cuda:
+            host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+            host.copy_(sums, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = sums, None
+            step = {**step, "done_at": time.time()}  # computed already
+        self.pending = (host, done, world_size, step)
 
     def read(self):
-        """({name: bool}, iter_num) of the step not read yet, or None; waits for that step."""
+        """({name: bool}, the step's {"iter", "lr", "loss", "grad_norm", "done_at"}) of the step not
+        read yet, or None; waits for that step (and nothing queued after it). done_at: when the step
+        ended (on a GPU: when the wait for it ended, which in a queue that runs ahead is its end)."""
         if self.pending is None:
             return None
-        flags, iter_num = self.pending
+        host, done, world_size, step = self.pending
         self.pending = None
-        return dict(zip(self.NAMES, (bool(f) for f in flags.tolist()), strict=True)), iter_num
+        if done is not None:
+            done.synchronize()
+            step = {**step, "done_at": time.time()}
+        *flags, loss, grad_norm = host.tolist()
+        # The gradient norm is the same on every rank (reduced gradients): its sum over ranks / world_size.
+        figures = {**step, "loss": loss / world_size, "grad_norm": grad_norm / world_size}
+        return dict(zip(self.NAMES, (f > 0 for f in flags), strict=True)), figures

@@ -148,7 +148,7 @@ def setup(cfg, d, device):
     torch.manual_seed(cfg.seed + d.rank)  # then each rank its own dropout masks
     compile_model = hardware.resolve_compile(cfg.compile, device)
     model = parallelize(raw_model, d, device, cfg.fsdp, cfg.activation_checkpointing, compile_model, dtype)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg, device, d.world_size, d.rank)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     begin = Start()
     if resume is not None:
