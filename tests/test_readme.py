@@ -28,6 +28,7 @@ SKIP = {
     "pip install": "installs packages (network); the test runs in the installed environment",
     "configs/train_shakespeare_char.py": "the baby GPT, sized for a GPU: many minutes an evaluation on a CPU",
     "--nproc_per_node=8": "8 GPUs",
+    "--device=cuda": "a GPU",
     "configs/train_gpt2": "GPT-2 124M on OpenWebText or FineWeb: GPUs and a prepared corpus",
     "init_from=gpt2": "downloads GPT-2 from the Hugging Face hub",
     "prepare/fineweb.py": "downloads FineWeb-Edu",
