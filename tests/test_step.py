@@ -17,9 +17,9 @@ from gptcraft.train.config import TrainConfig
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
-def test_a_stop_requested_during_step_k_stops_after_step_k_plus_1(char_data_dir, tmp_path, monkeypatch, capsys):
-    """docs/training-at-scale.md: the host reads step k's flags once step k + 1 is queued, so a
-    stop raised in step 7 (iterations count from 0) saves at iteration 9, every step logged."""
+def test_one_process_stopped_during_step_k_saves_after_it(char_data_dir, tmp_path, monkeypatch, capsys):
+    """docs/training-at-scale.md: one process needs no agreement with others, so a stop raised in
+    step 7 (iterations count from 0) saves at iteration 8, with every step done logged."""
     stops, schedule = [], loop.learning_rate
 
     class RecordedStop(loop.GracefulStop):
@@ -36,10 +36,31 @@ def test_a_stop_requested_during_step_k_stops_after_step_k_plus_1(char_data_dir,
     monkeypatch.setattr(loop, "learning_rate", signal_in_step_7)
     out = tmp_path / "run"
     loop.main(tiny_train_args(char_data_dir, out, max_iters=20, eval_interval=20, log_interval=1))
-    assert "stopped by SIGTERM at iteration 9" in capsys.readouterr().out
-    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 9
+    assert "stopped by SIGTERM at iteration 8" in capsys.readouterr().out
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["iter_num"] == 8
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows if "loss" in r] == list(range(1, 10))  # the last queued step too
+    assert [r["iter"] for r in rows if "loss" in r] == list(range(1, 9))  # the last queued step too
+
+
+def test_the_host_reads_a_steps_flags_once_the_next_step_is_queued(char_data_dir, tmp_path, monkeypatch):
+    """docs/training-at-scale.md: after step k + 1 is launched the host reads step k's flags, never
+    those of the step it has just launched (on a GPU that read would wait for it)."""
+    seen, real_step, real_read, after_step = [], loop.train_step, loop.read_flags, [False]
+
+    def step(*args):
+        after_step[0] = True
+        return real_step(*args)
+
+    def read(job, run):
+        if after_step[0] and run.flags.pending is not None:
+            seen.append((run.iter_num, run.flags.pending[3]["iter"]))  # (steps done, the step read)
+        after_step[0] = False
+        return real_read(job, run)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(loop, "read_flags", read)
+    loop.main(tiny_train_args(char_data_dir, tmp_path / "run", max_iters=6, eval_interval=6, log_interval=1))
+    assert seen == [(k, k - 1) for k in range(2, 7)]
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
